@@ -1,0 +1,98 @@
+"""Labelled image folders -> seeded splits -> tf.data pipelines for training and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from model.preprocessing import decode_and_resize
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+_KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z]+$")
+
+
+@dataclasses.dataclass
+class LabelledImages:
+    paths: list[str]
+    labels: list[int]
+    class_names: list[str]
+
+    def counts(self) -> dict[str, int]:
+        return {name: self.labels.count(i) for i, name in enumerate(self.class_names)}
+
+
+def find_labelled_images(root: str) -> LabelledImages:
+    """Images under ``root/<class>/`` (class = folder name, sorted), or Kaggle's flat
+    ``root/cat.123.jpg`` names (class = the prefix) when ``root`` has no class folders."""
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    pairs: list[tuple[str, str]] = []
+    if folders:
+        for name in folders:
+            for file in sorted(os.listdir(os.path.join(root, name))):
+                if file.lower().endswith(IMAGE_SUFFIXES):
+                    pairs.append((os.path.join(root, name, file), name))
+    else:
+        for file in sorted(os.listdir(root)):
+            match = _KAGGLE_NAME.match(file)
+            if match and file.lower().endswith(IMAGE_SUFFIXES):
+                pairs.append((os.path.join(root, file), match.group(1).lower()))
+    class_names = sorted({name for _, name in pairs})
+    if len(class_names) < 2:
+        raise ValueError(f"{root}: need images of at least two classes, found {class_names or 'none'} "
+                         "(expected <class>/*.jpg folders or cat.1.jpg-style names)")
+    return LabelledImages([p for p, _ in pairs], [class_names.index(n) for _, n in pairs], class_names)
+
+
+def split_train_validation(data: LabelledImages, validation_fraction: float,
+                           seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """Stratified, seeded split: each class contributes the same fraction to validation."""
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    labels = np.array(data.labels)
+    for label in range(len(data.class_names)):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cut = max(1, int(round(len(members) * validation_fraction))) if validation_fraction > 0 else 0
+        val_idx.extend(members[:cut])
+        train_idx.extend(members[cut:])
+
+    def subset(indices):
+        indices = sorted(int(i) for i in indices)
+        return LabelledImages([data.paths[i] for i in indices], [data.labels[i] for i in indices],
+                              data.class_names)
+
+    return subset(train_idx), subset(val_idx)
+
+
+def class_weights(data: LabelledImages) -> dict[int, float] | None:
+    """Balanced weights (n / (k * n_class)) when class counts differ, else None."""
+    counts = np.bincount(data.labels, minlength=len(data.class_names))
+    if counts.min() == counts.max():
+        return None
+    return {i: float(len(data.labels) / (len(counts) * c)) for i, c in enumerate(counts) if c}
+
+
+def image_dataset(data: LabelledImages, size: tuple[int, int], resize_method: str,
+                  batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """Parallel decode (through the shared preprocessing function), cache, shuffle, batch,
+    prefetch. Unreadable images are skipped with a warning rather than ending training."""
+    height, width = size
+
+    def load(path):
+        pixels = tf.numpy_function(
+            lambda p: decode_and_resize(tf.io.gfile.GFile(p.decode(), "rb").read(), (height, width),
+                                        resize_method),
+            [path], tf.uint8, stateful=False)
+        return tf.ensure_shape(pixels, (height, width, 3))
+
+    dataset = tf.data.Dataset.from_tensor_slices((data.paths, data.labels))
+    dataset = dataset.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+    dataset = dataset.ignore_errors(log_warning=True).cache()
+    if shuffle:
+        dataset = dataset.shuffle(len(data.paths), seed=seed, reshuffle_each_iteration=True)
+    return (dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))

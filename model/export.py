@@ -1,0 +1,80 @@
+"""Export a trained Keras classifier under the model contract (see ``model.metadata``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from model.metadata import KERAS_FILE, SAVED_MODEL_DIR, ModelMetadata, saved_model_sha256, write_metadata
+from model.preprocessing import PREPROCESSING_VERSION
+from model.reference import REFERENCE_SEEDS, reference_batch
+from model.serving import ServingModel
+
+
+def export_model(
+    classifier: keras.Model,
+    export_dir: str,
+    *,
+    class_names: list[str],
+    base: str,
+    base_weights: str,
+    model_version: str,
+    resize_method: str = "bilinear",
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> ModelMetadata:
+    """Write ``saved_model/``, ``model.keras`` and ``metadata.json`` into ``export_dir``.
+
+    The SavedModel's ``serving_default`` takes ``images``: uint8 [batch, height, width, 3]
+    and returns ``probabilities``: float32 [batch, classes]. Everything is written to a
+    sibling temporary directory first and moved into place, so a reader never sees half a model.
+    """
+    height, width = classifier.input_shape[1:3]
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        classifier.save(os.path.join(staging, KERAS_FILE))
+        archive = keras.export.ExportArchive()
+        archive.track(classifier)
+        archive.add_endpoint(
+            name="serve",
+            fn=lambda images: {"probabilities": classifier(tf.cast(images, tf.float32), training=False)},
+            input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")],
+        )
+        archive.write_out(os.path.join(staging, SAVED_MODEL_DIR), verbose=False)
+
+        draft = ModelMetadata(
+            model_version=model_version,
+            class_names=list(class_names),
+            input_size=[int(height), int(width)],
+            resize_method=resize_method,
+            preprocessing=PREPROCESSING_VERSION,
+            base=base,
+            base_weights=base_weights,
+            sha256=saved_model_sha256(staging),
+            training=training or {},
+            metrics=metrics or {},
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        # Reference predictions come from the exported artefact itself, as a scorer will load it.
+        probabilities = ServingModel(staging, draft).predict(reference_batch(height, width))
+        metadata = dataclasses.replace(draft, reference_predictions=[
+            {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
+            for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)
+        ])
+        write_metadata(staging, metadata)
+        if os.path.exists(export_dir):
+            shutil.rmtree(export_dir)
+        os.replace(staging, export_dir)
+        return metadata
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)

@@ -1,0 +1,139 @@
+"""The model contract: ``metadata.json`` beside an exported model, read and checked by scorers.
+
+An exported model directory looks like::
+
+    MODEL_DIR/
+      saved_model/     TF SavedModel; signature ``serving_default``: uint8 images -> probabilities
+      model.keras      the Keras model (for fine-tuning and evaluation; optional for scoring)
+      metadata.json    this contract
+
+Paths go through Beam's filesystems so a model directory can live on ``gs://`` as well as disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+
+from model.preprocessing import PREPROCESSING_VERSION, RESIZE_METHODS
+
+METADATA_FILE = "metadata.json"
+SAVED_MODEL_DIR = "saved_model"
+KERAS_FILE = "model.keras"
+FORMAT_VERSION = 1
+
+
+class ModelContractError(ValueError):
+    """The model directory does not honour the contract; raised before any work is done."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMetadata:
+    """What a scorer must know about a model, as written to ``metadata.json``."""
+
+    model_version: str
+    class_names: list[str]
+    input_size: list[int]  # [height, width]
+    resize_method: str
+    preprocessing: str
+    base: str
+    base_weights: str
+    sha256: str
+    signature_input: str = "images"
+    signature_output: str = "probabilities"
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reference_predictions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    created_at: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = METADATA_FILE) -> ModelMetadata:
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelContractError(f"{source} is not valid JSON: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise ModelContractError(f"{source} must hold a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - fields.keys())
+        if missing:
+            raise ModelContractError(f"{source} lacks required fields: {', '.join(missing)}")
+        metadata = cls(**{k: v for k, v in fields.items() if k in known})
+        metadata.validate(source)
+        return metadata
+
+    def validate(self, source: str = METADATA_FILE) -> None:
+        """Check internal consistency and that this scorer supports what the model needs."""
+        problems = []
+        if self.format_version != FORMAT_VERSION:
+            problems.append(f"format_version {self.format_version} is not {FORMAT_VERSION}")
+        if (not isinstance(self.class_names, list) or len(self.class_names) < 2
+                or len(set(self.class_names)) != len(self.class_names)):
+            problems.append(f"class_names must list at least two distinct names, got {self.class_names!r}")
+        if (not isinstance(self.input_size, list) or len(self.input_size) != 2
+                or not all(isinstance(v, int) and v >= 8 for v in self.input_size)):
+            problems.append(f"input_size must be [height, width] of ints >= 8, got {self.input_size!r}")
+        if self.resize_method not in RESIZE_METHODS:
+            problems.append(f"resize_method {self.resize_method!r} is not one of {sorted(RESIZE_METHODS)}")
+        if self.preprocessing != PREPROCESSING_VERSION:
+            problems.append(f"preprocessing {self.preprocessing!r} differs from this scorer's "
+                            f"{PREPROCESSING_VERSION!r} (training/serving skew)")
+        if not self.model_version:
+            problems.append("model_version is empty")
+        for ref in self.reference_predictions:
+            if len(ref.get("probabilities", [])) != len(self.class_names):
+                problems.append(f"reference prediction {ref!r} does not have one probability per class")
+                break
+        if problems:
+            raise ModelContractError(f"{source} is inconsistent: " + "; ".join(problems))
+
+    @property
+    def height(self) -> int:
+        return self.input_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.input_size[1]
+
+
+def read_metadata(model_dir: str) -> ModelMetadata:
+    """Read and validate ``metadata.json``; a missing file is a ``ModelContractError``."""
+    path = FileSystems.join(model_dir, METADATA_FILE)
+    if not FileSystems.exists(path):
+        raise ModelContractError(
+            f"{path} not found: a model directory needs metadata.json beside saved_model/ "
+            "(export models with `python -m model.train`)"
+        )
+    with FileSystems.open(path) as handle:
+        return ModelMetadata.from_json(handle.read().decode("utf-8"), source=path)
+
+
+def write_metadata(model_dir: str, metadata: ModelMetadata) -> None:
+    with FileSystems.create(FileSystems.join(model_dir, METADATA_FILE)) as handle:
+        handle.write(metadata.to_json().encode("utf-8"))
+
+
+def saved_model_sha256(model_dir: str) -> str:
+    """SHA-256 over every file of ``saved_model/`` (relative path and bytes, in sorted order)."""
+    root = FileSystems.join(model_dir, SAVED_MODEL_DIR)
+    pattern = FileSystems.join(root, "**")
+    files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    if not files:
+        raise ModelContractError(f"{root} holds no files: the SavedModel is missing")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path[len(root):].lstrip("/").encode("utf-8"))
+        with FileSystems.open(path) as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

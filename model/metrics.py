@@ -1,0 +1,64 @@
+"""Classification metrics used by evaluation: plain numpy, so they are easy to check by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+
+KAGGLE_EPS = 1e-15
+
+
+def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = KAGGLE_EPS) -> float:
+    """Mean negative log probability of the true class, probabilities clipped to [eps, 1-eps]
+    (for two classes this is exactly Kaggle's dogs-vs-cats metric on P(dog))."""
+    true_class = probabilities[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(true_class, eps, 1 - eps))))
+
+
+def confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows: true class; columns: predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, np.argmax(probabilities, axis=1)), 1)
+    return matrix
+
+
+def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
+    """Confidence (top probability) vs accuracy per equal-width bin, and the expected
+    calibration error (bin-size-weighted mean |accuracy - confidence|)."""
+    confidence = probabilities.max(axis=1)
+    correct = np.argmax(probabilities, axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        members = index == b
+        if not members.any():
+            continue
+        mean_conf, acc = float(confidence[members].mean()), float(correct[members].mean())
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(members.sum()),
+                     "mean_confidence": mean_conf, "accuracy": acc})
+        ece += members.mean() * abs(acc - mean_conf)
+    return {"bins": rows, "expected_calibration_error": float(ece)}
+
+
+def error_analysis(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str],
+                   per_group: int = 6) -> dict[str, dict[str, list[int]]]:
+    """Per true class, indices of the most confident correct, the least confident (closest to a
+    coin toss) and the most confident wrong predictions."""
+    predicted = np.argmax(probabilities, axis=1)
+    true_prob = probabilities[np.arange(len(labels)), labels]
+    result = {}
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(labels == label)
+        right = members[predicted[members] == label]
+        wrong = members[predicted[members] != label]
+        top = probabilities[members].max(axis=1)
+        result[name] = {
+            "most_confident_correct": right[np.argsort(-true_prob[right])][:per_group].tolist(),
+            "least_confident": members[np.argsort(top)][:per_group].tolist(),
+            "most_confident_wrong": wrong[np.argsort(true_prob[wrong])][:per_group].tolist(),
+        }
+    return result

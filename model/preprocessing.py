@@ -1,0 +1,82 @@
+"""Image bytes -> model-ready uint8 RGB array: the one function training and scoring share.
+
+Pillow does the decoding rather than ``tf.io.decode_image`` because TF cannot honour EXIF
+orientation, convert CMYK or palette-with-transparency images faithfully, decode at reduced
+DCT scale (``draft``), or refuse a decompression bomb from the header before decoding.
+Whatever this module does to an image, it does identically at training and scoring time, so
+there is no training/serving skew; its behaviour is versioned by ``PREPROCESSING_VERSION``
+and recorded in each model's metadata.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PREPROCESSING_VERSION = "pillow-rgb-draft-v1"
+RESIZE_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+DEFAULT_MAX_PIXELS = 64_000_000
+# Pillow warns above its own bomb limit; we enforce ours from the header instead.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class EmptyImageError(ValueError):
+    """The file has no bytes at all."""
+
+
+class ImageTooLargeError(ValueError):
+    """The header declares more pixels than the configured cap (a likely decompression bomb)."""
+
+
+def decode_and_resize(
+    data: bytes,
+    size: tuple[int, int],
+    resize_method: str = "bilinear",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode any Pillow-readable image and stretch it to ``size`` = (height, width).
+
+    Contract: returns a ``(height, width, 3)`` uint8 array. EXIF orientation is applied, the
+    first frame of an animation is used, grayscale/CMYK/palette/16-bit images become RGB and
+    transparent pixels are composited over white. Raises on empty, truncated, unknown or
+    oversized input (``ImageTooLargeError``); callers turn that into an error row.
+    """
+    if not data:
+        raise EmptyImageError("empty file (0 bytes)")
+    if resize_method not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {resize_method!r}; known: {sorted(RESIZE_METHODS)}")
+    height, width = size
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = image.width * image.height
+        if pixels > max_pixels:
+            raise ImageTooLargeError(
+                f"{image.width}x{image.height} = {pixels} pixels exceeds the cap of {max_pixels}"
+            )
+        # JPEG only: decode at the smallest DCT scale that still covers the target size on
+        # both sides (whatever the EXIF rotation does to the axes).
+        longest = max(height, width)
+        image.draft("RGB", (longest, longest))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(image)
+        rgb = rgb.resize((width, height), RESIZE_METHODS[resize_method])
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB, compositing transparency over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,31 @@
+"""Reference images: a few deterministic inputs whose predictions travel in the metadata.
+
+A scorer regenerates them from their seeds, predicts, and compares with the exported values;
+a mismatch means the model, its runtime or the preprocessing changed since export.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+REFERENCE_SEEDS = (0, 1, 2, 3)
+REFERENCE_TOLERANCE = 1e-3
+
+
+def reference_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A smooth random colour field (not noise, so it looks like the statistics of a photo)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(4, 4, 3)).astype(np.float64)
+    rows = np.linspace(0, 3, height)
+    cols = np.linspace(0, 3, width)
+    r0 = np.floor(rows).astype(int).clip(0, 2)
+    c0 = np.floor(cols).astype(int).clip(0, 2)
+    fr = (rows - r0)[:, None, None]
+    fc = (cols - c0)[None, :, None]
+    top = coarse[r0][:, c0] * (1 - fc) + coarse[r0][:, c0 + 1] * fc
+    bottom = coarse[r0 + 1][:, c0] * (1 - fc) + coarse[r0 + 1][:, c0 + 1] * fc
+    return np.round(top * (1 - fr) + bottom * fr).astype(np.uint8)
+
+
+def reference_batch(height: int, width: int, seeds=REFERENCE_SEEDS) -> np.ndarray:
+    return np.stack([reference_image(seed, height, width) for seed in seeds])

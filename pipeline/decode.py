@@ -1,0 +1,93 @@
+"""Stage 2: read each file and decode it to the model's input size, in parallel workers.
+
+Permanent problems (missing file, empty or corrupt bytes, unsupported format, oversized image)
+become error rows on the ``errors`` output. Anything else reading storage raises, so that
+the runner retries the bundle instead of recording a transient outage as a bad image.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from model.preprocessing import decode_and_resize
+from pipeline.rows import error_row
+
+ERRORS = "errors"
+METRICS_NAMESPACE = "petscore"
+
+
+def is_permanent_read_error(error: Exception) -> bool:
+    """True for errors a retry cannot fix: the object is absent, forbidden or not a file."""
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return True
+    try:
+        from google.api_core import exceptions as gcs_errors
+    except ImportError:  # google-cloud extras not installed: nothing more to recognise
+        return False
+    return isinstance(error, (gcs_errors.NotFound, gcs_errors.Forbidden))
+
+
+class FileTooLargeError(ValueError):
+    """The file is larger than ``--max-image-bytes``."""
+
+
+class ReadAndDecodeFn(beam.DoFn):
+    """``path -> (path, uint8 array [height, width, 3])``, or an error row tagged ``errors``."""
+
+    def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
+                 max_bytes: int, run_id: str):
+        self._size = tuple(size)
+        self._resize_method = resize_method
+        self._max_pixels = max_pixels
+        self._max_bytes = max_bytes
+        self._run_id = run_id
+        self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
+        self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
+        self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
+
+    def process(self, path: str):
+        try:
+            data = self._read_bytes(path)
+        except Exception as error:  # noqa: BLE001 - classified just below
+            if not is_permanent_read_error(error) and not isinstance(error, FileTooLargeError):
+                raise
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(path, "read", error, self._run_id))
+            return
+        self._read.inc()
+        self._bytes.update(len(data))
+        try:
+            pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels)
+        except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
+            self._failed.inc()
+            yield beam.pvalue.TaggedOutput(ERRORS, error_row(path, "decode", error, self._run_id))
+            return
+        self._decoded.inc()
+        yield path, pixels
+
+    def _read_bytes(self, path: str) -> bytes:
+        # UNCOMPRESSED: an image must never be gunzipped because of its name.
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            data = handle.read(self._max_bytes + 1)
+        if len(data) > self._max_bytes:
+            raise FileTooLargeError(f"file is larger than the {self._max_bytes}-byte cap")
+        return data
+
+
+class DecodeImages(beam.PTransform):
+    """Paths in; ``{'images': (path, pixels), 'errors': error rows}`` out."""
+
+    def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str):
+        super().__init__()
+        self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id)
+
+    def expand(self, paths):
+        # Reshuffle so that decoding fans out across workers even when one task matched the glob.
+        results = (paths
+                   | "Reshuffle" >> beam.Reshuffle()
+                   | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="images"))
+        return {"images": results.images, ERRORS: results[ERRORS]}

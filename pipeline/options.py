@@ -1,0 +1,52 @@
+"""Command-line options of the scoring job; every Beam runner option passes through beside them."""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from model.preprocessing import DEFAULT_MAX_PIXELS
+
+
+class ScoreOptions(PipelineOptions):
+    """Flags are spelled with dashes; the underscore spelling is accepted too (Beam style)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        def flag(name, **kwargs):
+            parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}",
+                                dest=name.replace("-", "_"), **kwargs)
+
+        flag("input", help="Glob of images to score, on any Beam filesystem "
+                           "(e.g. 'data/test/*.jpg', 'gs://bucket/images/**'). "
+                           "Exactly one of --input and --manifest is required.")
+        flag("manifest", help="Text file with one image path per line (blank lines and lines "
+                              "starting with # are ignored).")
+        flag("model-dir", help="Exported model directory (saved_model/ + metadata.json), "
+                               "local or gs://.")
+        flag("output", help="Output prefix (a directory, local or gs://) for submission.csv, "
+                            "predictions/, errors/ and summary.json.")
+        flag("overwrite", action="store_true",
+             help="Replace outputs already under --output (default: refuse to run).")
+        flag("min-batch-size", type=int, default=8, help="Smallest inference batch (default 8).")
+        flag("max-batch-size", type=int, default=64, help="Largest inference batch (default 64).")
+        flag("min-confidence", type=float, default=0.0,
+             help="Rows whose top probability is below this get decision 'uncertain' "
+                  "(default 0: never).")
+        flag("clip", type=float, default=0.0,
+             help="Clip the Kaggle CSV label to [clip, 1 - clip] (log loss punishes confident "
+                  "mistakes; e.g. 0.005). Default 0: no clipping. Parquet keeps raw values.")
+        flag("positive-class", default="dog",
+             help="Class whose probability is the Kaggle CSV label (default 'dog').")
+        flag("max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+             help="Refuse images whose header declares more pixels than this, before decoding "
+                  f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS}).")
+        flag("max-image-bytes", type=int, default=64 * 1024 * 1024,
+             help="Refuse files larger than this many bytes (default 64 MiB).")
+        flag("max-error-rate", type=float, default=0.05,
+             help="Exit non-zero (after writing all outputs) when errors / inputs exceeds this "
+                  "fraction (default 0.05).")
+        flag("share-model-across-processes", action="store_true",
+             help="Load one model per machine instead of one per SDK process (use on GPU "
+                  "workers so several processes do not each claim GPU memory).")
+        flag("run-id", default=None,
+             help="Identifier stored in every row (default: UTC timestamp of the launch).")

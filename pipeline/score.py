@@ -1,0 +1,139 @@
+"""Entry point: ``python -m pipeline.score --input 'images/*.jpg' --model-dir M --output OUT``.
+
+Checks everything that can be checked before work starts (the model honours its contract, the
+input is not empty, the output prefix is free), wires the stages together, runs the pipeline on
+the chosen runner (DirectRunner by default) and reports the run summary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from model.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
+from model.serving import ServingModel
+from pipeline.decode import ERRORS, DecodeImages
+from pipeline.inference import ScoreImages
+from pipeline.options import ScoreOptions
+from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists
+from pipeline.rows import ERROR_SCHEMA, prediction_schema, probability_column
+from pipeline.summary import WriteRunSummary
+from pipeline.write import ERRORS_DIR, PREDICTIONS_DIR, WriteKaggleCsv, WriteParquetRows, output_paths
+
+_LOG = logging.getLogger("petscore")
+EXIT_TOO_MANY_ERRORS = 3
+
+
+class OutputExistsError(FileExistsError):
+    """The output prefix already holds a run's outputs and --overwrite was not given."""
+
+
+def load_checked_model(model_dir: str) -> ModelMetadata:
+    """Read the metadata, verify the SavedModel hash and re-predict the reference images."""
+    metadata = read_metadata(model_dir)
+    actual = saved_model_sha256(model_dir)
+    if actual != metadata.sha256:
+        raise ModelContractError(
+            f"{model_dir}: saved_model/ hashes to {actual}, metadata.json says {metadata.sha256}; "
+            "the model was changed after export")
+    ServingModel(model_dir, metadata).check_reference_predictions()
+    return metadata
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Refuse to mix two runs' files under one prefix; with ``overwrite``, clear the old run."""
+    existing = [m.path for result in FileSystems.match(list(output_paths(output).values()))
+                for m in result.metadata_list]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{output} already holds outputs ({len(existing)} files, e.g. {existing[0]}); "
+            "pass --overwrite to replace them or choose another --output")
+    if existing:
+        _LOG.info("--overwrite: deleting %d files of the previous run under %s", len(existing), output)
+        FileSystems.delete(existing)
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
+                   run_id: str, started: float) -> None:
+    """Wire read -> decode -> score -> write, as in the architecture diagram."""
+    if options.positive_class not in metadata.class_names:
+        raise ModelContractError(f"--positive-class {options.positive_class!r} is not one of the "
+                                 f"model's classes {metadata.class_names}")
+    paths = output_paths(options.output)
+    listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
+    decoded = listed["paths"] | "DecodeImages" >> DecodeImages(
+        metadata.input_size, metadata.resize_method, options.max_image_pixels,
+        options.max_image_bytes, run_id)
+    predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
+        options.model_dir, metadata, min_batch_size=options.min_batch_size,
+        max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
+        run_id=run_id, share_model_across_processes=options.share_model_across_processes)
+    errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
+    inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
+
+    csv_rows = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
+        paths["csv"], probability_column(options.positive_class), options.clip)
+    predictions | "WritePredictions" >> WriteParquetRows(
+        FileSystems.join(options.output, PREDICTIONS_DIR), "predictions",
+        prediction_schema(metadata.class_names))
+    errors | "WriteErrors" >> WriteParquetRows(
+        FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
+    context = {"run_id": run_id, "model_version": metadata.model_version,
+               "model_sha256": metadata.sha256, "input": options.input or options.manifest,
+               "output": options.output}
+    ({"inputs": inputs, "predictions": predictions, "errors": errors, "csv_rows": csv_rows}
+     | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the job; return the run summary. Raises before any work when inputs are wrong."""
+    pipeline_options = PipelineOptions(argv)
+    options = pipeline_options.view_as(ScoreOptions)
+    if not options.model_dir or not options.output:
+        raise ValueError("--model-dir and --output are required (see --help)")
+    started = time.time()
+    run_id = options.run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    check_input_exists(options.input, options.manifest)
+    metadata = load_checked_model(options.model_dir)
+    prepare_output(options.output, options.overwrite)
+    _LOG.info("scoring %s with model %s (%s), run %s -> %s", options.input or options.manifest,
+              metadata.model_version, metadata.base, run_id, options.output)
+    with beam.Pipeline(options=pipeline_options) as pipeline:
+        build_pipeline(pipeline, options, metadata, run_id, started)
+    summary_path = output_paths(options.output)["summary"]
+    with FileSystems.open(summary_path) as handle:
+        summary = json.loads(handle.read())
+    _LOG.info("run summary: %s", json.dumps(summary, sort_keys=True))
+    if not summary["accounted"]:
+        _LOG.error("inputs (%d) != predictions (%d) + errors (%d)", summary["inputs"],
+                   summary["predictions"], summary["errors"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; exit 3 when the error rate is above --max-error-rate."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep our progress lines readable
+    summary = run(argv)
+    options = PipelineOptions(argv).view_as(ScoreOptions)
+    print(f"outputs under {options.output}:")
+    for name, path in output_paths(options.output).items():
+        print(f"  {name:12s} {path}")
+    print(f"{summary['inputs']} inputs: {summary['predictions']} predictions, "
+          f"{summary['errors']} errors, {summary['images_per_second']} images/s")
+    if summary["error_rate"] > options.max_error_rate:
+        _LOG.error("error rate %.3f exceeds --max-error-rate %.3f", summary["error_rate"],
+                   options.max_error_rate)
+        return EXIT_TOO_MANY_ERRORS
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,103 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from model.preprocessing import EmptyImageError, ImageTooLargeError, decode_and_resize
+from tests.corpus import GOOD, write_corpus
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def halves(left=(255, 0, 0), right=(0, 0, 255), size=(40, 20)) -> Image.Image:
+    """Left half one colour, right half another: orientation is easy to see."""
+    image = Image.new("RGB", size, left)
+    image.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def test_every_good_corpus_file_decodes_to_rgb_uint8_of_the_target_size(tmp_path):
+    expected = write_corpus(str(tmp_path))
+    for name, outcome in expected.items():
+        data = (tmp_path / name).read_bytes()
+        if outcome == GOOD:
+            pixels = decode_and_resize(data, (24, 32))
+            assert pixels.shape == (24, 32, 3) and pixels.dtype == np.uint8, name
+        else:
+            with pytest.raises(Exception) as raised:
+                decode_and_resize(data, (24, 32))
+            assert type(raised.value).__name__ == outcome[1], name
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees clockwise
+    data = encode(halves(), "PNG", exif=exif)
+    pixels = decode_and_resize(data, (20, 20)).astype(int)
+    # After a clockwise turn the red left half is on top and the blue right half at the bottom.
+    assert pixels[2, 10, 0] > 200 and pixels[2, 10, 2] < 60
+    assert pixels[17, 10, 2] > 200 and pixels[17, 10, 0] < 60
+
+
+def test_without_exif_the_image_is_not_rotated():
+    pixels = decode_and_resize(encode(halves(), "PNG"), (20, 20)).astype(int)
+    assert pixels[10, 2, 0] > 200 and pixels[10, 17, 2] > 200
+
+
+def test_transparent_pixels_become_white_and_opaque_pixels_keep_their_colour():
+    image = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    image.paste((0, 128, 0, 255), (0, 0, 5, 10))
+    pixels = decode_and_resize(encode(image, "PNG"), (10, 10), resize_method="bilinear")
+    assert tuple(pixels[5, 1]) == (0, 128, 0)
+    assert tuple(pixels[5, 8]) == (255, 255, 255)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    values = np.full((8, 8), 32768, dtype=np.uint16)
+    values[:, 4:] = 65535
+    pixels = decode_and_resize(encode(Image.fromarray(values), "PNG"), (8, 8))
+    assert tuple(pixels[4, 0]) == (128, 128, 128)
+    assert tuple(pixels[4, 7]) == (255, 255, 255)
+
+
+def test_cmyk_jpeg_becomes_rgb_of_the_same_colour():
+    red = Image.new("RGB", (16, 16), (220, 30, 30))
+    pixels = decode_and_resize(encode(red.convert("CMYK"), "JPEG", quality=95), (8, 8)).astype(int)
+    assert np.abs(pixels[4, 4] - np.array([220, 30, 30])).max() < 25
+
+
+def test_first_frame_of_an_animation_is_used():
+    frames = [Image.new("RGB", (8, 8), colour).convert("P") for colour in ((255, 0, 0), (0, 0, 255))]
+    data = io.BytesIO()
+    frames[0].save(data, format="GIF", save_all=True, append_images=frames[1:])
+    pixels = decode_and_resize(data.getvalue(), (8, 8)).astype(int)
+    assert pixels[4, 4, 0] > 200 and pixels[4, 4, 2] < 50
+
+
+def test_jpeg_reduced_scale_decode_stays_close_to_full_decode():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    photo = photo.resize((800, 800), Image.Resampling.BICUBIC)
+    data = encode(photo, "JPEG", quality=92)
+    fast = decode_and_resize(data, (64, 64)).astype(float)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
+        (64, 64), Image.Resampling.BILINEAR)).astype(float)
+    assert np.abs(fast - full).mean() < 4.0
+
+
+def test_pixel_cap_is_enforced_from_the_header():
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="10000 pixels exceeds the cap of 9999"):
+        decode_and_resize(data, (8, 8), max_pixels=9_999)
+    assert decode_and_resize(data, (8, 8), max_pixels=10_000).shape == (8, 8, 3)
+
+
+def test_empty_and_unknown_inputs_are_refused():
+    with pytest.raises(EmptyImageError):
+        decode_and_resize(b"", (8, 8))
+    with pytest.raises(ValueError, match="unknown resize method"):
+        decode_and_resize(encode(Image.new("RGB", (4, 4)), "PNG"), (8, 8), resize_method="magic")

@@ -1,0 +1,112 @@
+"""Train a tiny model, export it, and check everything a scorer relies on."""
+
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import evaluate
+from model.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
+from model.preprocessing import PREPROCESSING_VERSION
+from model.reference import REFERENCE_SEEDS, reference_batch
+from model.serving import ServingModel
+from tests.conftest import TINY_SIZE
+
+
+def test_export_writes_the_contract(trained):
+    metadata = read_metadata(trained["model_dir"])
+    assert metadata.class_names == ["cat", "dog"]
+    assert metadata.input_size == [TINY_SIZE, TINY_SIZE]
+    assert metadata.preprocessing == PREPROCESSING_VERSION
+    assert metadata.base == "mobilenet" and metadata.base_weights == "none"
+    assert metadata.model_version == "tiny-test-1"
+    assert metadata.sha256 == saved_model_sha256(trained["model_dir"])
+    assert metadata.training["train"]["images"] + metadata.training["validation"]["images"] == 48
+    assert metadata.training["validation"]["per_class"] == {"cat": 5, "dog": 5}
+    assert set(metadata.training["phases"]) == {"head", "fine_tune"}
+    assert len(metadata.training["epoch_seconds"]) == len(trained["epoch_seconds"]) >= 2
+    assert 0.0 <= metadata.metrics["val_accuracy"] <= 1.0 and metadata.metrics["val_loss"] > 0
+    assert [ref["seed"] for ref in metadata.reference_predictions] == list(REFERENCE_SEEDS)
+
+
+def test_serving_signature_takes_uint8_images_and_returns_probabilities(trained):
+    loaded = tf.saved_model.load(os.path.join(trained["model_dir"], "saved_model"))
+    signature = loaded.signatures["serving_default"]
+    _, inputs = signature.structured_input_signature
+    assert inputs["images"].dtype == tf.uint8
+    assert inputs["images"].shape.as_list() == [None, TINY_SIZE, TINY_SIZE, 3]
+    probabilities = signature(images=reference_batch(TINY_SIZE, TINY_SIZE))["probabilities"].numpy()
+    assert probabilities.shape == (len(REFERENCE_SEEDS), 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_reference_predictions_reproduce_and_vary(trained):
+    metadata = read_metadata(trained["model_dir"])
+    model = ServingModel(trained["model_dir"], metadata)
+    assert model.check_reference_predictions() < 1e-5
+    dogs = [ref["probabilities"][1] for ref in metadata.reference_predictions]
+    assert max(dogs) - min(dogs) > 1e-4, "a trained model should not answer every image alike"
+
+
+def test_keras_file_loads_in_safe_mode_and_agrees_with_the_saved_model(trained):
+    classifier = keras.saving.load_model(os.path.join(trained["model_dir"], "model.keras"),
+                                         safe_mode=True)
+    images = reference_batch(TINY_SIZE, TINY_SIZE)
+    keras_probs = classifier.predict(images.astype("float32"), verbose=0)
+    serving = ServingModel(trained["model_dir"], read_metadata(trained["model_dir"]))
+    np.testing.assert_allclose(keras_probs, serving.predict(images), atol=1e-5)
+
+
+def test_tampered_reference_predictions_are_detected(trained):
+    metadata = read_metadata(trained["model_dir"])
+    refs = [dict(ref, probabilities=[0.99, 0.01]) for ref in metadata.reference_predictions]
+    model = ServingModel(trained["model_dir"], dataclasses.replace(metadata, reference_predictions=refs))
+    with pytest.raises(ModelContractError, match="reference predictions differ"):
+        model.check_reference_predictions()
+
+
+def test_metadata_promising_another_input_size_is_refused(trained):
+    metadata = dataclasses.replace(read_metadata(trained["model_dir"]), input_size=[64, 64])
+    with pytest.raises(ModelContractError, match=r"metadata promises uint8 \[None, 64, 64, 3\]"):
+        ServingModel(trained["model_dir"], metadata)
+
+
+def test_metadata_naming_more_classes_than_the_model_outputs_is_refused(trained):
+    metadata = dataclasses.replace(read_metadata(trained["model_dir"]),
+                                   class_names=["cat", "dog", "rabbit"], reference_predictions=[])
+    with pytest.raises(ModelContractError, match="outputs 2 classes, the metadata names 3"):
+        ServingModel(trained["model_dir"], metadata)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("class_names"), "lacks required fields: class_names"),
+    (lambda m: m.update(class_names=["dog", "dog"]), "at least two distinct names"),
+    (lambda m: m.update(input_size=[224]), "input_size must be"),
+    (lambda m: m.update(resize_method="lanczos9"), "resize_method 'lanczos9'"),
+    (lambda m: m.update(preprocessing="tf-image-v0"), "training/serving skew"),
+])
+def test_inconsistent_metadata_is_refused(trained, change, message):
+    fields = json.loads(read_metadata(trained["model_dir"]).to_json())
+    change(fields)
+    with pytest.raises(ModelContractError, match=message):
+        ModelMetadata.from_json(json.dumps(fields))
+
+
+def test_evaluate_writes_metrics_and_an_html_report(trained, labelled_images, tmp_path):
+    out = str(tmp_path / "eval")
+    assert evaluate.main(["--model-dir", trained["model_dir"], "--data", labelled_images,
+                          "--output", out]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 48 and metrics["unreadable"] == 0
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.sum() == 48 and matrix.sum(axis=1).tolist() == [24, 24]
+    assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / 48)
+    assert sum(b["count"] for b in metrics["reliability"]["bins"]) == 48
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/jpeg;base64,") >= 6
+    assert "most confident wrong" in html and "least confident" in html

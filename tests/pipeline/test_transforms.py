@@ -1,0 +1,126 @@
+"""Stage-level tests on TestPipeline with assert_that."""
+
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from model.metadata import read_metadata
+from pipeline.decode import ERRORS, DecodeImages
+from pipeline.inference import ScoreImages, ToPredictionRowFn
+from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
+from pipeline.rows import image_id
+from pipeline.write import kaggle_csv
+from tests.corpus import GOOD
+
+
+def test_glob_lists_every_file_once(corpus):
+    root, expected = corpus
+    with TestPipeline() as p:
+        out = p | ReadImagePaths(os.path.join(root, "*"), None, "run")
+        assert_that(out["paths"], equal_to([os.path.join(root, n) for n in expected]))
+        assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
+
+
+def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp_path):
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("# nightly list\n/a/1.jpg\n\n/a/2.jpg\n/a/1.jpg\n  /a/1.jpg  \n")
+    with TestPipeline() as p:
+        out = p | ReadImagePaths(None, str(manifest), "run-7")
+        assert_that(out["paths"], equal_to(["/a/1.jpg", "/a/2.jpg"]))
+        assert_that(out[DUPLICATES] | beam.Map(lambda r: (r["path"], r["error_type"], r["run_id"],
+                                                          r["message"])),
+                    equal_to([("/a/1.jpg", "DuplicatePath", "run-7",
+                               "listed 3 times in the manifest; scored once")] * 2),
+                    label="Duplicates")
+
+
+def test_empty_inputs_are_refused_before_any_work(tmp_path):
+    with pytest.raises(EmptyInputError, match="matches no file"):
+        check_input_exists(str(tmp_path / "*.jpg"), None)
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(EmptyInputError, match="lists no path"):
+        check_input_exists(None, str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="exactly one of --input"):
+        check_input_exists(str(tmp_path / "*"), str(tmp_path / "empty.txt"))
+
+
+def test_decode_sends_good_files_on_and_bad_files_to_error_rows(corpus):
+    root, expected = corpus
+    paths = [os.path.join(root, name) for name in expected] + [os.path.join(root, "missing.jpg")]
+    with TestPipeline() as p:
+        out = p | beam.Create(paths) | DecodeImages((16, 24), "bilinear", 1_000_000, 1 << 20, "run")
+        assert_that(out["images"] | beam.Map(lambda kv: (kv[0], kv[1].shape, str(kv[1].dtype))),
+                    equal_to([(os.path.join(root, n), (16, 24, 3), "uint8")
+                              for n, outcome in expected.items() if outcome == GOOD]))
+        assert_that(out[ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error_type"])),
+                    equal_to([(os.path.join(root, n), *outcome)
+                              for n, outcome in expected.items() if outcome != GOOD]
+                             + [(os.path.join(root, "missing.jpg"), "read", "FileNotFoundError")]),
+                    label="Errors")
+
+
+def test_files_over_the_byte_cap_are_error_rows(corpus):
+    root, _ = corpus
+    path = os.path.join(root, "1.jpg")
+    with TestPipeline() as p:
+        out = p | beam.Create([path]) | DecodeImages((8, 8), "bilinear", 1_000_000, 100, "run")
+        assert_that(out[ERRORS] | beam.Map(lambda r: (r["error_type"], r["message"])),
+                    equal_to([("FileTooLargeError", "file is larger than the 100-byte cap")]))
+
+
+def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows(corpus, monkeypatch):
+    root, _ = corpus
+
+    def unavailable(*args, **kwargs):
+        raise ConnectionResetError("storage briefly unavailable")
+
+    monkeypatch.setattr(FileSystems, "open", unavailable)
+    with pytest.raises(Exception, match="storage briefly unavailable"):
+        with TestPipeline() as p:
+            p | beam.Create([os.path.join(root, "1.jpg")]) | DecodeImages((8, 8), "bilinear", 10**6,
+                                                                           10**6, "run")
+
+
+def test_prediction_rows_carry_probabilities_and_the_uncertain_decision(trained):
+    metadata = read_metadata(trained["model_dir"])
+    fn = ToPredictionRowFn(metadata, min_confidence=0.7, run_id="run-1")
+    fn.setup()
+    sure, = fn.process(("/x/12.jpg", PredictionResult(None, np.array([0.2, 0.8]))))
+    unsure, = fn.process(("/x/cat.jpg", PredictionResult(None, np.array([0.65, 0.35]))))
+    assert (sure["image_id"], sure["predicted_class"], sure["decision"]) == (12, "dog", "dog")
+    assert (sure["prob_cat"], sure["prob_dog"], sure["confidence"]) == (0.2, 0.8, 0.8)
+    assert (unsure["image_id"], unsure["predicted_class"], unsure["decision"]) == (None, "cat", "uncertain")
+    assert sure["model_version"] == "tiny-test-1" and sure["model_sha256"] == metadata.sha256
+
+
+def test_score_images_batches_through_run_inference_and_matches_direct_prediction(trained):
+    from model.reference import reference_batch
+    from model.serving import ServingModel
+
+    metadata = read_metadata(trained["model_dir"])
+    images = reference_batch(metadata.height, metadata.width, seeds=range(10))
+    want = ServingModel(trained["model_dir"], metadata).predict(images)[:, 1]
+    with TestPipeline() as p:
+        rows = (p | beam.Create([(f"/img/{i}.jpg", images[i]) for i in range(10)])
+                | ScoreImages(trained["model_dir"], metadata, min_batch_size=3, max_batch_size=4,
+                              min_confidence=0.0, run_id="r"))
+        assert_that(rows | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
+                    equal_to([(i, round(float(want[i]), 5)) for i in range(10)]))
+
+
+def test_kaggle_csv_is_sorted_by_id_and_optionally_clipped():
+    rows = [(10, 0.5), (2, 0.9999), (1, 0.00001)]
+    assert kaggle_csv(rows, 0.0).decode() == "id,label\n1,0.000010\n2,0.999900\n10,0.500000\n"
+    assert kaggle_csv(rows, 0.005).decode() == "id,label\n1,0.005000\n2,0.995000\n10,0.500000\n"
+
+
+def test_image_id_is_the_integer_stem():
+    assert image_id("gs://b/test/123.jpg") == 123
+    assert image_id("/data/cat.1.jpg") is None
+    assert image_id("/data/12a.png") is None
