@@ -7,6 +7,7 @@ the chosen runner (DirectRunner by default) and reports the run summary.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -15,7 +16,14 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+    WorkerOptions,
+)
 
 from model.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
 from model.serving import ServingModel
@@ -117,8 +125,27 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def print_help() -> None:
+    """``--help``: petscore's flags and the Beam runner options users reach for most."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.score", description=__doc__,
+        usage="%(prog)s (--input GLOB | --manifest FILE) --model-dir DIR --output PREFIX [options]",
+        epilog="Every other Apache Beam pipeline option passes through to the runner as well.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, options_class in (("petscore", ScoreOptions), ("runner", StandardOptions),
+                                 ("local runs (DirectRunner)", DirectOptions),
+                                 ("Google Cloud / Dataflow", GoogleCloudOptions),
+                                 ("Dataflow workers", WorkerOptions), ("packaging", SetupOptions)):
+        options_class._add_argparse_args(parser.add_argument_group(title))
+    parser.print_help()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit 3 when the error rate is above --max-error-rate."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep our progress lines readable
     summary = run(argv)
@@ -136,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The real entry point on generated images, every output read back."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from model.metadata import ModelContractError, read_metadata
+from pipeline import score
+from pipeline.read import EmptyInputError
+from pipeline.rows import ERROR_SCHEMA, prediction_schema
+from tests.corpus import GOOD
+from tests.pipeline.outputs import read_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def score_args(corpus_root, model_dir, output, *extra):
+    return ["--input", os.path.join(corpus_root, "*"), "--model-dir", model_dir,
+            "--output", output, "--run-id", "test-run", *extra]
+
+
+@pytest.fixture(scope="module")
+def scored(corpus, trained, tmp_path_factory):
+    """One run through the real CLI (a subprocess), as a user would start it."""
+    root, expected = corpus
+    output = str(tmp_path_factory.mktemp("run") / "out")
+    process = subprocess.run(
+        [sys.executable, "-m", "pipeline.score", *score_args(root, trained["model_dir"], output)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    return {"process": process, "output": output, "run": read_run(output), "root": root,
+            "expected": expected}
+
+
+def test_cli_exits_3_when_errors_exceed_the_default_rate_but_writes_everything(scored):
+    process = scored["process"]
+    bad = sum(outcome != GOOD for outcome in scored["expected"].values())
+    assert process.returncode == score.EXIT_TOO_MANY_ERRORS, process.stderr[-3000:]
+    assert f"{len(scored['expected'])} inputs: {len(scored['expected']) - bad} predictions, " \
+           f"{bad} errors" in process.stdout
+    assert "exceeds --max-error-rate 0.050" in process.stderr
+
+
+def test_summary_accounts_for_every_input(scored):
+    summary = scored["run"]["summary"]
+    expected = scored["expected"]
+    good = sum(outcome == GOOD for outcome in expected.values())
+    assert summary["inputs"] == len(expected)
+    assert summary["predictions"] == good
+    assert summary["errors"] == len(expected) - good
+    assert summary["accounted"] is True
+    assert summary["errors_by_type"] == {"EmptyImageError": 1, "ImageTooLargeError": 1,
+                                         "OSError": 1, "UnidentifiedImageError": 1}
+    assert summary["model_version"] == "tiny-test-1" and summary["run_id"] == "test-run"
+    assert summary["images_per_second"] > 0 and summary["elapsed_seconds"] > 0
+
+
+def test_parquet_predictions_have_the_schema_and_one_row_per_good_image(scored, trained):
+    table = scored["run"]["predictions"]
+    metadata = read_metadata(trained["model_dir"])
+    assert table.schema.equals(prediction_schema(["cat", "dog"]), check_metadata=False)
+    root, expected = scored["root"], scored["expected"]
+    assert sorted(table.column("path").to_pylist()) == sorted(
+        os.path.join(root, name) for name, outcome in expected.items() if outcome == GOOD)
+    rows = table.to_pylist()
+    for row in rows:
+        assert row["prob_cat"] + row["prob_dog"] == pytest.approx(1.0, abs=1e-5)
+        assert row["confidence"] == max(row["prob_cat"], row["prob_dog"])
+        assert row["decision"] == row["predicted_class"]  # --min-confidence defaults to 0
+        assert row["model_sha256"] == metadata.sha256 and row["run_id"] == "test-run"
+    assert len({round(r["prob_dog"], 6) for r in rows}) > 1, "every image scored the same"
+
+
+def test_error_rows_name_the_file_the_stage_and_the_reason(scored):
+    errors = scored["run"]["errors"]
+    assert errors.schema.equals(ERROR_SCHEMA, check_metadata=False)
+    got = {os.path.basename(r["path"]): (r["stage"], r["error_type"], r["message"])
+           for r in errors.to_pylist()}
+    assert {name: value[:2] for name, value in got.items()} == {
+        name: outcome for name, outcome in scored["expected"].items() if outcome != GOOD}
+    assert got["0.jpg"][2] == "empty file (0 bytes)"
+    assert "truncated" in got["truncated.jpg"][2]
+    assert "cannot identify image file" in got["not_an_image.jpg"][2]
+    assert "10000000000 pixels exceeds the cap" in got["bomb.png"][2]
+
+
+def test_kaggle_csv_has_integer_ids_in_order_with_p_dog(scored):
+    csv_rows = scored["run"]["csv"]
+    assert csv_rows[0] == ["id", "label"]
+    ids = [int(r[0]) for r in csv_rows[1:]]
+    assert ids == sorted(ids) == list(range(1, 15))  # 0.jpg is empty: an error row, not a CSV row
+    by_id = {r["image_id"]: r["prob_dog"] for r in scored["run"]["predictions"].to_pylist()}
+    for image_id, label in csv_rows[1:]:
+        assert float(label) == pytest.approx(by_id[int(image_id)], abs=5e-7)
+    assert scored["run"]["summary"]["csv_rows"] == 14
+
+
+def test_multi_processing_gives_the_same_predictions(scored, trained, tmp_path):
+    output = str(tmp_path / "mp")
+    score.run(score_args(scored["root"], trained["model_dir"], output,
+                         "--direct_running_mode=multi_processing", "--direct_num_workers=2"))
+    multi = {r["path"]: (r["prob_cat"], r["prob_dog"]) for r in read_run(output)["predictions"].to_pylist()}
+    single = {r["path"]: (r["prob_cat"], r["prob_dog"])
+              for r in scored["run"]["predictions"].to_pylist()}
+    assert multi.keys() == single.keys()
+    # Batches form differently across processes, and oneDNN's float sums depend on batch shape:
+    # equal within 1e-5, not to the bit.
+    for path, probabilities in single.items():
+        np.testing.assert_allclose(multi[path], probabilities, atol=1e-5, err_msg=path)
+    multi_csv, single_csv = read_run(output)["csv"], scored["run"]["csv"]
+    assert [r[0] for r in multi_csv] == [r[0] for r in single_csv]
+    np.testing.assert_allclose([float(r[1]) for r in multi_csv[1:]],
+                               [float(r[1]) for r in single_csv[1:]], atol=1e-5)
+
+
+def test_rerun_refuses_an_occupied_output_and_overwrite_replaces_it_without_duplicates(
+        scored, trained, tmp_path):
+    output = str(tmp_path / "rerun")
+    shutil.copytree(scored["output"], output)
+    # A stale shard from an earlier layout must not survive an overwrite.
+    shutil.copy(os.path.join(output, "predictions", os.listdir(os.path.join(output, "predictions"))[0]),
+                os.path.join(output, "predictions", "predictions-00007-of-00009.parquet"))
+    with pytest.raises(score.OutputExistsError, match="pass --overwrite"):
+        score.run(score_args(scored["root"], trained["model_dir"], output))
+    summary = score.run(score_args(scored["root"], trained["model_dir"], output, "--overwrite"))
+    run = read_run(output)
+    assert run["predictions"].num_rows == summary["predictions"] == scored["run"]["predictions"].num_rows
+    assert not [name for name in os.listdir(output) if ".tmp-" in name]
+
+
+def test_manifest_with_missing_and_duplicate_paths_and_uncertain_rows(corpus, trained, tmp_path):
+    root, _ = corpus
+    manifest = tmp_path / "tonight.txt"
+    good = [os.path.join(root, f"{i}.jpg") for i in (1, 2, 3)]
+    manifest.write_text("\n".join([*good, good[0], str(tmp_path / "gone.jpg")]) + "\n")
+    output = str(tmp_path / "out")
+    summary = score.run(["--manifest", str(manifest), "--model-dir", trained["model_dir"],
+                         "--output", output, "--min-confidence", "1.01"])
+    run = read_run(output)
+    assert (summary["inputs"], summary["predictions"], summary["errors"]) == (5, 3, 2)
+    assert summary["uncertain"] == 3
+    assert set(run["predictions"].column("decision").to_pylist()) == {"uncertain"}
+    assert sorted((os.path.basename(r["path"]), r["stage"], r["error_type"])
+                  for r in run["errors"].to_pylist()) == [
+        ("1.jpg", "read", "DuplicatePath"), ("gone.jpg", "read", "FileNotFoundError")]
+
+
+def test_a_run_without_errors_writes_an_empty_error_table(corpus, trained, tmp_path):
+    root, expected = corpus
+    output = str(tmp_path / "clean")
+    summary = score.run(["--input", os.path.join(root, "1?.jpg"), "--model-dir", trained["model_dir"],
+                         "--output", output, "--clip", "0.2"])
+    run = read_run(output)
+    assert summary["errors"] == 0 and run["errors"].num_rows == 0
+    labels = [float(r[1]) for r in run["csv"][1:]]
+    matching = [name for name in expected if len(name) == 6 and name.startswith("1") and name.endswith(".jpg")]
+    assert len(labels) == summary["predictions"] == len(matching) == 4 and all(0.2 <= v <= 0.8 for v in labels)
+
+
+def test_bad_model_directories_are_refused_before_any_work(corpus, trained, tmp_path):
+    root, _ = corpus
+    broken = str(tmp_path / "model")
+    shutil.copytree(trained["model_dir"], broken)
+    args = ["--input", os.path.join(root, "*.jpg"), "--model-dir", broken, "--output", str(tmp_path / "o")]
+    with open(os.path.join(broken, "saved_model", "saved_model.pb"), "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelContractError, match="the model was changed after export"):
+        score.run(args)
+    os.remove(os.path.join(broken, "metadata.json"))
+    with pytest.raises(ModelContractError, match="metadata.json not found"):
+        score.run(args)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_wrong_positive_class_and_empty_input_are_clear_errors(corpus, trained, tmp_path):
+    root, _ = corpus
+    with pytest.raises(ModelContractError, match="--positive-class 'horse'"):
+        score.run(score_args(root, trained["model_dir"], str(tmp_path / "a"), "--positive-class", "horse"))
+    with pytest.raises(EmptyInputError):
+        score.run(["--input", str(tmp_path / "nothing-*.jpg"), "--model-dir", trained["model_dir"],
+                   "--output", str(tmp_path / "b")])
+
+
+def test_help_documents_every_flag():
+    process = subprocess.run([sys.executable, "-m", "pipeline.score", "--help"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0
+    for flag in ("--input", "--manifest", "--model-dir", "--output", "--min-confidence", "--clip",
+                 "--min-batch-size", "--max-batch-size", "--max-error-rate", "--overwrite",
+                 "--share-model-across-processes", "--runner"):
+        assert flag in process.stdout, flag
+
+
+def test_prediction_schema_lists_one_probability_column_per_class():
+    schema = prediction_schema(["cat", "dog", "hot dog"])
+    assert [n for n in schema.names if n.startswith("prob_")] == ["prob_cat", "prob_dog", "prob_hot_dog"]
+    assert schema.field("scored_at").type == pa.timestamp("ms", tz="UTC")
