@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import datetime
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.preprocessing import DEFAULT_MAX_PIXELS
+
+RUN_DATE_PLACEHOLDER = "{run_date}"
+
+
+def parse_bool(text: str) -> bool:
+    """``--flag``, ``--flag=true`` and ``--flag=false`` all work (Flex Templates pass values)."""
+    value = str(text).strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def resolve_run_date(text: str, today: datetime.date | None = None) -> str:
+    """``today``, ``yesterday`` (UTC) or an ISO date -> ``YYYY-MM-DD``."""
+    today = today or datetime.datetime.now(datetime.UTC).date()
+    relative = {"today": today, "yesterday": today - datetime.timedelta(days=1)}
+    if text in relative:
+        return relative[text].isoformat()
+    return datetime.date.fromisoformat(text).isoformat()
 
 
 class ScoreOptions(PipelineOptions):
@@ -25,7 +46,7 @@ class ScoreOptions(PipelineOptions):
                                "local or gs://.")
         flag("output", help="Output prefix (a directory, local or gs://) for submission.csv, "
                             "predictions/, errors/ and summary.json.")
-        flag("overwrite", action="store_true",
+        flag("overwrite", nargs="?", const=True, default=False, type=parse_bool,
              help="Replace outputs already under --output (default: refuse to run).")
         flag("min-batch-size", type=int, default=8, help="Smallest inference batch (default 8).")
         flag("max-batch-size", type=int, default=64, help="Largest inference batch (default 64).")
@@ -45,8 +66,12 @@ class ScoreOptions(PipelineOptions):
         flag("max-error-rate", type=float, default=0.05,
              help="Exit non-zero (after writing all outputs) when errors / inputs exceeds this "
                   "fraction (default 0.05).")
-        flag("share-model-across-processes", action="store_true",
+        flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")
+        flag("run-date", default="today",
+             help=f"Date of this run: 'today', 'yesterday' (UTC) or YYYY-MM-DD (backfills). It "
+                  f"replaces {RUN_DATE_PLACEHOLDER} in --input, --manifest and --output, e.g. "
+                  f"--output gs://bkt/scores/dt={RUN_DATE_PLACEHOLDER} (default: today).")
         flag("run-id", default=None,
              help="Identifier stored in every row (default: UTC timestamp of the launch).")

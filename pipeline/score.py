@@ -29,7 +29,7 @@ from model.metadata import ModelContractError, ModelMetadata, read_metadata, sav
 from model.serving import ServingModel
 from pipeline.decode import ERRORS, DecodeImages
 from pipeline.inference import ScoreImages
-from pipeline.options import ScoreOptions
+from pipeline.options import RUN_DATE_PLACEHOLDER, ScoreOptions, resolve_run_date
 from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists
 from pipeline.rows import ERROR_SCHEMA, prediction_schema, probability_column
 from pipeline.summary import WriteRunSummary
@@ -93,11 +93,21 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         prediction_schema(metadata.class_names))
     errors | "WriteErrors" >> WriteParquetRows(
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
-    context = {"run_id": run_id, "model_version": metadata.model_version,
+    context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
                "output": options.output}
     ({"inputs": inputs, "predictions": predictions, "errors": errors, "csv_rows": csv_rows}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
+
+
+def resolve_date_placeholders(options: ScoreOptions) -> None:
+    """Put the run date into the path flags, so one nightly schedule serves every night."""
+    run_date = resolve_run_date(options.run_date)
+    options.run_date = run_date
+    for name in ("input", "manifest", "output"):
+        value = getattr(options, name)
+        if value:
+            setattr(options, name, value.replace(RUN_DATE_PLACEHOLDER, run_date))
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -106,6 +116,7 @@ def run(argv: list[str] | None = None) -> dict:
     options = pipeline_options.view_as(ScoreOptions)
     if not options.model_dir or not options.output:
         raise ValueError("--model-dir and --output are required (see --help)")
+    resolve_date_placeholders(options)
     started = time.time()
     run_id = options.run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     check_input_exists(options.input, options.manifest)
@@ -150,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep our progress lines readable
     summary = run(argv)
     options = PipelineOptions(argv).view_as(ScoreOptions)
-    print(f"outputs under {options.output}:")
-    for name, path in output_paths(options.output).items():
+    print(f"outputs under {summary['output']}:")
+    for name, path in output_paths(summary["output"]).items():
         print(f"  {name:12s} {path}")
     print(f"{summary['inputs']} inputs: {summary['predictions']} predictions, "
           f"{summary['errors']} errors, {summary['images_per_second']} images/s")

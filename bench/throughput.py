@@ -1,0 +1,165 @@
+"""Throughput benchmark: petscore against the baselines, same files, same model, same run.
+
+    .venv/bin/python bench/throughput.py --model-dir MODEL [--images 2000] [--work bench_output]
+
+Generates reproducible photo-like JPEGs (sides 300-500 px, quality 90, like the Kaggle test set),
+then measures, each mode in its own process so peak RSS is its own:
+  seed       Keras: load_img + predict, one image at a time (the seed notebook's loop)
+  tfdata     tuned single-process tf.data: parallel decode_jpeg + resize, batch, prefetch
+  direct     petscore on the DirectRunner, in-process
+  direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
+and prints images/s, the ratios petscore/seed and petscore/tfdata, peak RSS and model load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def peak_rss_mib() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mib": round(own, 1), "largest_child_rss_mib": round(children, 1)}
+
+
+def generate(folder: str, count: int) -> list[str]:
+    from model.synthetic import write_kaggle_test_folder
+
+    paths = sorted(glob.glob(os.path.join(folder, "*.jpg")))
+    if len(paths) != count:
+        write_kaggle_test_folder(folder, count, seed=7, side_range=(300, 500), quality=90)
+        paths = sorted(glob.glob(os.path.join(folder, "*.jpg")))
+    return paths
+
+
+def run_seed(model_dir: str, paths: list[str]) -> dict:
+    import keras
+    import numpy as np
+
+    from model.metadata import read_metadata
+
+    metadata = read_metadata(model_dir)
+    started = time.monotonic()
+    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
+    load = time.monotonic() - started
+    started = time.monotonic()
+    for path in paths:
+        image = keras.utils.load_img(path, target_size=tuple(metadata.input_size))
+        model.predict(np.asarray(image, dtype="float32")[None], verbose=0)
+    return {"seconds": time.monotonic() - started, "model_load_seconds": load}
+
+
+def run_tfdata(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
+    import tensorflow as tf
+
+    from model.metadata import read_metadata
+    from model.serving import ServingModel
+
+    metadata = read_metadata(model_dir)
+    started = time.monotonic()
+    model = ServingModel(model_dir, metadata)
+    load = time.monotonic() - started
+    size = tuple(metadata.input_size)
+
+    def decode(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        return tf.cast(tf.clip_by_value(tf.image.resize(image, size), 0, 255), tf.uint8)
+
+    dataset = (tf.data.Dataset.from_tensor_slices(paths)
+               .map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    predict = model._signature  # the same concrete function petscore calls
+    started = time.monotonic()
+    for batch in dataset:
+        predict(images=batch)
+    return {"seconds": time.monotonic() - started, "model_load_seconds": load}
+
+
+def run_direct(model_dir: str, pattern: str, output: str, extra: list[str]) -> dict:
+    from pipeline import score
+
+    started = time.monotonic()
+    summary = score.run(["--input", pattern, "--model-dir", model_dir, "--output", output,
+                         "--overwrite", *extra])
+    assert summary["accounted"] and summary["errors"] == 0, summary
+    return {"seconds": time.monotonic() - started, "summary_images_per_second": summary["images_per_second"]}
+
+
+def child(args) -> None:
+    """One mode, in this process; prints a JSON line."""
+    paths = sorted(glob.glob(os.path.join(args.images_dir, "*.jpg")))
+    if args.mode == "seed":
+        result = run_seed(args.model_dir, paths)
+    elif args.mode == "tfdata":
+        result = run_tfdata(args.model_dir, paths)
+    else:
+        extra = [] if args.mode == "direct" else [
+            "--direct_running_mode=multi_processing", f"--direct_num_workers={os.cpu_count()}"]
+        result = run_direct(args.model_dir, os.path.join(args.images_dir, "*.jpg"),
+                            os.path.join(args.work, f"out-{args.mode}"), extra)
+    result.update(images=len(paths), images_per_second=len(paths) / result["seconds"], **peak_rss_mib())
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--work", default=os.path.join(REPO, "bench_output"))
+    parser.add_argument("--modes", default="seed,tfdata,direct,direct-mp")
+    parser.add_argument("--seed-images", type=int, default=300,
+                        help="The seed loop is slow: time it on this many images (rate is per image).")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--images-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        child(args)
+        return 0
+    folder = os.path.join(args.work, f"images-{args.images}")
+    generate(folder, args.images)
+    seed_folder = os.path.join(args.work, f"images-{args.images}-seed")
+    os.makedirs(seed_folder, exist_ok=True)
+    for path in sorted(glob.glob(os.path.join(folder, "*.jpg")))[:args.seed_images]:
+        target = os.path.join(seed_folder, os.path.basename(path))
+        if not os.path.exists(target):
+            os.symlink(path, target)
+    results = {}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    for mode in args.modes.split(","):
+        images_dir = seed_folder if mode == "seed" else folder
+        process = subprocess.run(
+            [sys.executable, __file__, "--mode", mode, "--model-dir", args.model_dir,
+             "--images-dir", images_dir, "--work", args.work],
+            capture_output=True, text=True, env=env)
+        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        if process.returncode or not lines:
+            print(process.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"mode {mode} failed")
+        results[mode] = json.loads(lines[-1][len("RESULT "):])
+        got = results[mode]
+        print(f"{mode:10s} {got['images']:6d} images  {got['images_per_second']:8.1f} img/s  "
+              f"peak RSS {got['peak_rss_mib']:7.0f} MiB (largest child "
+              f"{got['largest_child_rss_mib']:.0f} MiB)", flush=True)
+    best = max((results[m]["images_per_second"], m) for m in ("direct", "direct-mp") if m in results)
+    if "seed" in results:
+        print(f"petscore ({best[1]}) / seed   = {best[0] / results['seed']['images_per_second']:.2f}x")
+    if "tfdata" in results:
+        print(f"petscore ({best[1]}) / tfdata = {best[0] / results['tfdata']['images_per_second']:.2f}x")
+    with open(os.path.join(args.work, f"results-{args.images}.json"), "w") as handle:
+        json.dump({"cpu_count": os.cpu_count(), "results": results}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

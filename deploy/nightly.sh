@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Nightly petscore on Dataflow: service accounts, image, Flex Template, Cloud Scheduler job.
+#
+#   deploy/nightly.sh setup-iam   create the worker and scheduler service accounts (least privilege)
+#   deploy/nightly.sh build       build and push the image (Cloud Build), then the Flex Template spec
+#   deploy/nightly.sh schedule    create or update the Cloud Scheduler job (02:00 UTC, scores yesterday)
+#   deploy/nightly.sh run-now     launch the template once, now (a backfill: RUN_DATE=2026-11-21)
+#
+# Configure with environment variables (defaults in brackets):
+#   PROJECT, REGION [europe-west1], BUCKET (gs://… without trailing slash), PROFILE [gpu|cpu],
+#   MODEL_DIR [$BUCKET/models/current], INPUT [$BUCKET/incoming/dt={run_date}/*.jpg],
+#   OUTPUT [$BUCKET/scores/dt={run_date}], TAG [git short hash], SCHEDULE [0 2 * * *]
+# Credentials: whatever gcloud is logged in as (ADC); nothing is stored in this script.
+set -euo pipefail
+
+: "${PROJECT:?set PROJECT}"
+: "${BUCKET:?set BUCKET, e.g. gs://my-petscore}"
+REGION="${REGION:-europe-west1}"
+PROFILE="${PROFILE:-gpu}"
+MODEL_DIR="${MODEL_DIR:-$BUCKET/models/current}"
+DATE='{run_date}'  # replaced by the pipeline with --run-date at launch
+INPUT="${INPUT:-$BUCKET/incoming/dt=$DATE/*.jpg}"
+OUTPUT="${OUTPUT:-$BUCKET/scores/dt=$DATE}"
+RUN_DATE="${RUN_DATE:-yesterday}"
+SCHEDULE="${SCHEDULE:-0 2 * * *}"
+TAG="${TAG:-$(git rev-parse --short HEAD)}"
+REPOSITORY="petscore"
+IMAGE="$REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/petscore:$TAG"
+TEMPLATE="$BUCKET/templates/petscore-$TAG.json"
+WORKER_SA="petscore-worker@$PROJECT.iam.gserviceaccount.com"
+SCHEDULER_SA="petscore-scheduler@$PROJECT.iam.gserviceaccount.com"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+
+# Runner and machine settings per profile. GPU: one T4 per N1 VM, driver installed by Dataflow,
+# one model per machine (share_model_across_processes) so SDK processes do not each fill the GPU.
+profile_environment() {
+  case "$PROFILE" in
+    gpu) printf '%s' '"machineType": "n1-standard-8", "maxWorkers": 4,
+      "additionalExperiments": ["use_runner_v2",
+        "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"]' ;;
+    cpu) printf '%s' '"machineType": "n2-standard-4", "maxWorkers": 4,
+      "additionalExperiments": ["use_runner_v2"]' ;;
+    *) echo "PROFILE must be gpu or cpu" >&2; exit 2 ;;
+  esac
+}
+
+share_model() { [ "$PROFILE" = gpu ] && echo true || echo false; }
+
+launch_body() {
+  local job_name="$1"
+  cat <<JSON
+{"launchParameter": {
+  "jobName": "$job_name",
+  "containerSpecGcsPath": "$TEMPLATE",
+  "parameters": {"input": "$INPUT", "model_dir": "$MODEL_DIR", "output": "$OUTPUT",
+                 "run_date": "$RUN_DATE", "share_model_across_processes": "$(share_model)"},
+  "environment": {"serviceAccountEmail": "$WORKER_SA", "tempLocation": "$BUCKET/tmp",
+                  "sdkContainerImage": "$IMAGE", $(profile_environment)}}}
+JSON
+}
+
+setup_iam() {
+  gcloud iam service-accounts create petscore-worker --project "$PROJECT" \
+    --display-name "petscore Dataflow workers" || true
+  gcloud iam service-accounts create petscore-scheduler --project "$PROJECT" \
+    --display-name "petscore nightly launcher" || true
+  # Workers: run Dataflow work items, read images and the model, write outputs, pull the image.
+  gcloud projects add-iam-policy-binding "$PROJECT" --member "serviceAccount:$WORKER_SA" \
+    --role roles/dataflow.worker --condition None
+  gcloud storage buckets add-iam-policy-binding "$BUCKET" --member "serviceAccount:$WORKER_SA" \
+    --role roles/storage.objectUser
+  gcloud artifacts repositories add-iam-policy-binding "$REPOSITORY" --project "$PROJECT" \
+    --location "$REGION" --member "serviceAccount:$WORKER_SA" --role roles/artifactregistry.reader
+  # Scheduler: launch jobs and act as the worker account, nothing else.
+  gcloud projects add-iam-policy-binding "$PROJECT" --member "serviceAccount:$SCHEDULER_SA" \
+    --role roles/dataflow.developer --condition None
+  gcloud iam service-accounts add-iam-policy-binding "$WORKER_SA" --project "$PROJECT" \
+    --member "serviceAccount:$SCHEDULER_SA" --role roles/iam.serviceAccountUser
+  gcloud storage buckets add-iam-policy-binding "$BUCKET" --member "serviceAccount:$SCHEDULER_SA" \
+    --role roles/storage.objectViewer
+}
+
+build() {
+  gcloud artifacts repositories describe "$REPOSITORY" --project "$PROJECT" --location "$REGION" \
+    >/dev/null 2>&1 || gcloud artifacts repositories create "$REPOSITORY" --project "$PROJECT" \
+    --location "$REGION" --repository-format docker
+  local config
+  config="$(mktemp)"
+  printf 'steps:\n- name: gcr.io/cloud-builders/docker\n  args: [build, -f, deploy/Dockerfile, -t, "%s", .]\nimages: ["%s"]\n' \
+    "$IMAGE" "$IMAGE" > "$config"
+  gcloud builds submit "$HERE/.." --project "$PROJECT" --region "$REGION" --config "$config"
+  rm -f "$config"
+  gcloud dataflow flex-template build "$TEMPLATE" --project "$PROJECT" \
+    --image "$IMAGE" --sdk-language PYTHON --metadata-file "$HERE/flex-template/metadata.json"
+}
+
+schedule() {
+  local uri="https://dataflow.googleapis.com/v1b3/projects/$PROJECT/locations/$REGION/flexTemplates:launch"
+  local verb=create
+  if gcloud scheduler jobs describe petscore-nightly --project "$PROJECT" --location "$REGION" \
+      >/dev/null 2>&1; then
+    verb=update
+  fi
+  gcloud scheduler jobs "$verb" http petscore-nightly --project "$PROJECT" --location "$REGION" \
+    --schedule "$SCHEDULE" --time-zone UTC --uri "$uri" --http-method POST \
+    --oauth-service-account-email "$SCHEDULER_SA" \
+    --oauth-token-scope https://www.googleapis.com/auth/cloud-platform \
+    --headers Content-Type=application/json \
+    --message-body "$(launch_body petscore-nightly)"
+}
+
+run_now() {
+  local body
+  body="$(launch_body "petscore-manual-$(date -u +%Y%m%d-%H%M%S)")"
+  curl --fail --silent --show-error -X POST \
+    -H "Authorization: Bearer $(gcloud auth print-access-token)" \
+    -H "Content-Type: application/json" \
+    "https://dataflow.googleapis.com/v1b3/projects/$PROJECT/locations/$REGION/flexTemplates:launch" \
+    -d "$body"
+}
+
+case "${1:-}" in
+  setup-iam) setup_iam ;;
+  build) build ;;
+  schedule) schedule ;;
+  run-now) run_now ;;
+  launch-body) launch_body petscore-nightly ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
