@@ -61,7 +61,7 @@ class SavedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
 class ToPredictionRowFn(beam.DoFn):
     """``(path, PredictionResult)`` -> a row of the predictions schema; logs progress."""
 
-    PROGRESS_EVERY_SECONDS = 10.0
+    PROGRESS_EVERY_SECONDS = 5.0
 
     def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str):
         self._class_names = list(metadata.class_names)
