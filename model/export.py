@@ -4,18 +4,53 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import os
 import shutil
 import tempfile
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from model.metadata import KERAS_FILE, SAVED_MODEL_DIR, ModelMetadata, saved_model_sha256, write_metadata
+from model.metadata import (
+    KERAS_FILE,
+    SAVED_MODEL_DIR,
+    TFLITE_FILE,
+    ModelMetadata,
+    file_sha256,
+    saved_model_sha256,
+    write_metadata,
+)
 from model.preprocessing import PREPROCESSING_VERSION
 from model.reference import REFERENCE_SEEDS, reference_batch
 from model.serving import ServingModel
+
+_LOG = logging.getLogger(__name__)
+TFLITE_TOLERANCE = 1e-4
+TFLITE_CHECK_SEEDS = tuple(range(100, 116))
+
+
+def export_tflite(export_dir: str, metadata: ModelMetadata) -> dict[str, Any] | None:
+    """Convert the SavedModel to ``model.tflite`` and keep it only if it agrees with the
+    SavedModel within ``TFLITE_TOLERANCE`` on 16 generated images; return its metadata entry."""
+    path = os.path.join(export_dir, TFLITE_FILE)
+    converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(export_dir, SAVED_MODEL_DIR))
+    with open(path, "wb") as handle:
+        handle.write(converter.convert())
+    entry = {"sha256": file_sha256(path)}
+    candidate = dataclasses.replace(metadata, tflite=entry)
+    images = reference_batch(metadata.height, metadata.width, TFLITE_CHECK_SEEDS)
+    want = ServingModel(export_dir, candidate, runtime="saved_model").predict(images)
+    got = ServingModel(export_dir, candidate, runtime="tflite").predict(images)
+    worst = float(np.max(np.abs(got - want)))
+    if worst > TFLITE_TOLERANCE:
+        _LOG.warning("model.tflite differs from the SavedModel by %.2e (> %g): not exported",
+                     worst, TFLITE_TOLERANCE)
+        os.remove(path)
+        return None
+    return {**entry, "max_abs_diff_vs_saved_model": worst}
 
 
 def export_model(
@@ -30,7 +65,7 @@ def export_model(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> ModelMetadata:
-    """Write ``saved_model/``, ``model.keras`` and ``metadata.json`` into ``export_dir``.
+    """Write ``saved_model/``, ``model.keras``, ``model.tflite`` and ``metadata.json``.
 
     The SavedModel's ``serving_default`` takes ``images``: uint8 [batch, height, width, 3]
     and returns ``probabilities``: float32 [batch, classes]. Everything is written to a
@@ -65,8 +100,9 @@ def export_model(
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         # Reference predictions come from the exported artefact itself, as a scorer will load it.
-        probabilities = ServingModel(staging, draft).predict(reference_batch(height, width))
-        metadata = dataclasses.replace(draft, reference_predictions=[
+        probabilities = ServingModel(staging, draft, runtime="saved_model").predict(
+            reference_batch(height, width))
+        metadata = dataclasses.replace(draft, tflite=export_tflite(staging, draft), reference_predictions=[
             {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
             for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)
         ])

@@ -5,6 +5,7 @@ An exported model directory looks like::
     MODEL_DIR/
       saved_model/     TF SavedModel; signature ``serving_default``: uint8 images -> probabilities
       model.keras      the Keras model (for fine-tuning and evaluation; optional for scoring)
+      model.tflite     optional: the same model for LiteRT (fast CPU scoring), checked at export
       metadata.json    this contract
 
 Paths go through Beam's filesystems so a model directory can live on ``gs://`` as well as disk.
@@ -24,6 +25,7 @@ from model.preprocessing import PREPROCESSING_VERSION, RESIZE_METHODS
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
 KERAS_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
 FORMAT_VERSION = 1
 
 
@@ -49,6 +51,8 @@ class ModelMetadata:
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     reference_predictions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     created_at: str = ""
+    # {"sha256": ..., "max_abs_diff_vs_saved_model": ...} when model.tflite was exported
+    tflite: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -121,6 +125,14 @@ def read_metadata(model_dir: str) -> ModelMetadata:
 def write_metadata(model_dir: str, metadata: ModelMetadata) -> None:
     with FileSystems.create(FileSystems.join(model_dir, METADATA_FILE)) as handle:
         handle.write(metadata.to_json().encode("utf-8"))
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with FileSystems.open(path) as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def saved_model_sha256(model_dir: str) -> str:

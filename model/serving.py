@@ -1,20 +1,29 @@
 """Load an exported model for scoring and prove it still honours its metadata.
 
-Scoring loads the SavedModel's ``serving_default`` signature with ``tf.saved_model.load``: it
-needs no Keras and executes no deserialised Python (unlike a pickled or Lambda-layer model).
-A SavedModel is still a program: load only models from a location you trust (see README).
+Two runtimes execute the same exported model:
+- ``saved_model``: the SavedModel's ``serving_default`` signature through ``tf.saved_model.load``
+  (GPU when one is visible). It executes no deserialised Python, but a SavedModel is still a
+  TensorFlow graph: load only models from a location you trust (see README).
+- ``tflite``: ``model.tflite``, converted from that SavedModel at export and checked against it,
+  run by LiteRT's XNNPACK kernels: about 4x faster than TF on CPU for MobileNets.
+``auto`` picks ``saved_model`` on a GPU and ``tflite`` on a CPU when the export has one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+from collections.abc import Callable
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
-from model.metadata import SAVED_MODEL_DIR, ModelContractError, ModelMetadata
+from model.metadata import SAVED_MODEL_DIR, TFLITE_FILE, ModelContractError, ModelMetadata
 from model.reference import REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
+RUNTIMES = ("auto", "saved_model", "tflite")
 
 
 def configure_devices() -> str:
@@ -30,45 +39,29 @@ def configure_devices() -> str:
     return f"GPU x{len(gpus)}" if gpus else "CPU"
 
 
+def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
+    if requested not in RUNTIMES:
+        raise ValueError(f"runtime {requested!r} is not one of {RUNTIMES}")
+    if requested == "tflite" and not metadata.tflite:
+        raise ModelContractError("runtime 'tflite' requested but the export has no model.tflite")
+    if requested != "auto":
+        return requested
+    return "tflite" if metadata.tflite and device == "CPU" else "saved_model"
+
+
 class ServingModel:
-    """A loaded SavedModel signature: ``predict(uint8 batch) -> probabilities``."""
+    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``."""
 
-    def __init__(self, model_dir: str, metadata: ModelMetadata):
-        import tensorflow as tf
-
-        self.device = configure_devices()
+    def __init__(self, model_dir: str, metadata: ModelMetadata, runtime: str = "auto"):
         self.metadata = metadata
-        path = model_dir.rstrip("/") + "/" + SAVED_MODEL_DIR
-        try:
-            loaded = tf.saved_model.load(path)
-        except (OSError, ValueError) as exc:
-            raise ModelContractError(f"cannot load SavedModel at {path}: {exc}") from exc
-        self._loaded = loaded  # keeps the variables alive
-        signature = loaded.signatures.get("serving_default")
-        if signature is None:
-            raise ModelContractError(f"{path} has no serving_default signature")
-        _, inputs = signature.structured_input_signature
-        spec = inputs.get(metadata.signature_input)
-        expected = [None, metadata.height, metadata.width, 3]
-        if spec is None or spec.dtype != tf.uint8 or spec.shape.as_list() != expected:
-            raise ModelContractError(
-                f"{path}: signature input {metadata.signature_input!r} is {spec}, but the "
-                f"metadata promises uint8 {expected}"
-            )
-        outputs = signature.structured_outputs
-        if metadata.signature_output not in outputs:
-            raise ModelContractError(f"{path}: signature has no output {metadata.signature_output!r}")
-        if outputs[metadata.signature_output].shape.as_list()[-1] != len(metadata.class_names):
-            raise ModelContractError(
-                f"{path}: the model outputs {outputs[metadata.signature_output].shape[-1]} classes, "
-                f"the metadata names {len(metadata.class_names)}: {metadata.class_names}"
-            )
-        self._signature = signature
+        self.device = configure_devices()
+        self.runtime = choose_runtime(runtime, metadata, self.device)
+        loader = _load_tflite if self.runtime == "tflite" else _load_saved_model
+        self._predict = loader(model_dir.rstrip("/"), metadata)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities, shape (batch, classes), for a uint8 batch (batch, height, width, 3)."""
-        result = self._signature(**{self.metadata.signature_input: images})
-        return result[self.metadata.signature_output].numpy()
+        return self._predict(images)
 
     def check_reference_predictions(self) -> float:
         """Re-predict the metadata's reference images; return the largest absolute difference."""
@@ -81,8 +74,78 @@ class ServingModel:
         worst = float(np.max(np.abs(got - want)))
         if worst > REFERENCE_TOLERANCE:
             raise ModelContractError(
-                f"reference predictions differ from metadata by {worst:.2e} "
+                f"{self.runtime}: reference predictions differ from metadata by {worst:.2e} "
                 f"(> {REFERENCE_TOLERANCE}): the model or its preprocessing changed since export"
             )
-        _LOG.info("reference predictions match metadata (max abs diff %.2e) on %s", worst, self.device)
+        _LOG.info("%s reference predictions match metadata (max abs diff %.2e) on %s",
+                  self.runtime, worst, self.device)
         return worst
+
+
+def _expected_input(metadata: ModelMetadata) -> list:
+    return [None, metadata.height, metadata.width, 3]
+
+
+def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf
+
+    path = f"{model_dir}/{SAVED_MODEL_DIR}"
+    try:
+        loaded = tf.saved_model.load(path)
+    except (OSError, ValueError) as exc:
+        raise ModelContractError(f"cannot load SavedModel at {path}: {exc}") from exc
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise ModelContractError(f"{path} has no serving_default signature")
+    _, inputs = signature.structured_input_signature
+    spec = inputs.get(metadata.signature_input)
+    if spec is None or spec.dtype != tf.uint8 or spec.shape.as_list() != _expected_input(metadata):
+        raise ModelContractError(
+            f"{path}: signature input {metadata.signature_input!r} is {spec}, but the "
+            f"metadata promises uint8 {_expected_input(metadata)}")
+    outputs = signature.structured_outputs
+    if metadata.signature_output not in outputs:
+        raise ModelContractError(f"{path}: signature has no output {metadata.signature_output!r}")
+    _check_class_count(path, outputs[metadata.signature_output].shape.as_list()[-1], metadata)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        result = signature(**{metadata.signature_input: images})
+        return result[metadata.signature_output].numpy()
+
+    predict.keep_alive = loaded  # the signature needs the loaded object's variables
+    return predict
+
+
+def _load_tflite(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = f"{model_dir}/{TFLITE_FILE}"
+    with FileSystems.open(path) as handle:
+        content = handle.read()
+    interpreter = Interpreter(model_content=content, num_threads=os.cpu_count())
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
+    if source["dtype"] != np.uint8 or list(source["shape"][1:]) != _expected_input(metadata)[1:]:
+        raise ModelContractError(f"{path}: input is {source['dtype'].__name__} {list(source['shape'])}, "
+                                 f"the metadata promises uint8 {_expected_input(metadata)}")
+    _check_class_count(path, int(target["shape"][-1]), metadata)
+    lock = threading.Lock()  # one interpreter per process; its tensors are not thread-safe
+    allocated = {"batch": None}
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with lock:
+            if allocated["batch"] != len(images):
+                interpreter.resize_tensor_input(source["index"], [len(images), *source["shape"][1:]])
+                interpreter.allocate_tensors()
+                allocated["batch"] = len(images)
+            interpreter.set_tensor(source["index"], np.ascontiguousarray(images, dtype=np.uint8))
+            interpreter.invoke()
+            return interpreter.get_tensor(target["index"]).copy()
+
+    return predict
+
+
+def _check_class_count(path: str, outputs: int, metadata: ModelMetadata) -> None:
+    if outputs != len(metadata.class_names):
+        raise ModelContractError(f"{path}: the model outputs {outputs} classes, the metadata names "
+                                 f"{len(metadata.class_names)}: {metadata.class_names}")

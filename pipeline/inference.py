@@ -5,7 +5,7 @@ RunInference brings what a hand-written DoFn would have to re-implement: batchin
 threads (``shared.Shared``), optional one-model-per-machine sharing for GPUs, and standard
 inference metrics (batch size, latency, load time) visible in the Dataflow UI. The handler is
 our own because Beam's TensorFlow handler loads Keras models and feeds float tensors, whereas
-the model contract is a SavedModel signature that takes uint8 images.
+the model contract is a SavedModel signature (or its checked LiteRT twin) that takes uint8 images.
 """
 
 from __future__ import annotations
@@ -28,21 +28,23 @@ from pipeline.rows import UNCERTAIN, image_id, probability_column, utc_now
 _LOG = logging.getLogger(__name__)
 
 
-class SavedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
-    """Batches of uint8 images -> rows of class probabilities, via ``model.serving``."""
+class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
+    """Batches of uint8 images -> rows of class probabilities, via ``model.serving`` (SavedModel
+    or LiteRT runtime, see there)."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
-                 max_batch_size: int, share_across_processes: bool = False):
+                 max_batch_size: int, share_across_processes: bool = False, runtime: str = "auto"):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                          large_model=share_across_processes)
         self._model_dir = model_dir
         self._metadata = metadata
+        self._runtime = runtime
 
     def load_model(self) -> ServingModel:
         started = time.monotonic()
-        model = ServingModel(self._model_dir, self._metadata)
-        _LOG.info("loaded model %s (%s) on %s in %.1fs", self._metadata.model_version,
-                  self._model_dir, model.device, time.monotonic() - started)
+        model = ServingModel(self._model_dir, self._metadata, self._runtime)
+        _LOG.info("loaded model %s (%s) with runtime %s on %s in %.1fs", self._metadata.model_version,
+                  self._model_dir, model.runtime, model.device, time.monotonic() - started)
         return model
 
     def run_inference(self, batch: Sequence[np.ndarray], model: ServingModel,
@@ -116,11 +118,11 @@ class ScoreImages(beam.PTransform):
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, min_confidence: float, run_id: str,
-                 share_model_across_processes: bool = False):
+                 share_model_across_processes: bool = False, runtime: str = "auto"):
         super().__init__()
-        self._handler = KeyedModelHandler(SavedModelHandler(
+        self._handler = KeyedModelHandler(ExportedModelHandler(
             model_dir, metadata, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
-            share_across_processes=share_model_across_processes))
+            share_across_processes=share_model_across_processes, runtime=runtime))
         self._to_row = ToPredictionRowFn(metadata, min_confidence, run_id)
 
     def expand(self, images):

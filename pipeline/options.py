@@ -7,6 +7,7 @@ import datetime
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.preprocessing import DEFAULT_MAX_PIXELS
+from model.serving import RUNTIMES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
 
@@ -66,6 +67,10 @@ class ScoreOptions(PipelineOptions):
         flag("max-error-rate", type=float, default=0.05,
              help="Exit non-zero (after writing all outputs) when errors / inputs exceeds this "
                   "fraction (default 0.05).")
+        flag("runtime", default="auto", choices=RUNTIMES,
+             help="Inference runtime: 'saved_model' (TensorFlow; GPU when visible), 'tflite' "
+                  "(LiteRT/XNNPACK, fastest on CPU) or 'auto': SavedModel on a GPU, model.tflite on "
+                  "a CPU when the export has one (default).")
         flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")

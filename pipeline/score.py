@@ -25,7 +25,14 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from model.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
+from model.metadata import (
+    TFLITE_FILE,
+    ModelContractError,
+    ModelMetadata,
+    file_sha256,
+    read_metadata,
+    saved_model_sha256,
+)
 from model.serving import ServingModel
 from pipeline.decode import ERRORS, DecodeImages
 from pipeline.inference import ScoreImages
@@ -44,14 +51,19 @@ class OutputExistsError(FileExistsError):
 
 
 def load_checked_model(model_dir: str) -> ModelMetadata:
-    """Read the metadata, verify the SavedModel hash and re-predict the reference images."""
+    """Read the metadata, verify the hashes and re-predict the reference images with every
+    runtime the export offers (workers may pick either)."""
     metadata = read_metadata(model_dir)
-    actual = saved_model_sha256(model_dir)
-    if actual != metadata.sha256:
-        raise ModelContractError(
-            f"{model_dir}: saved_model/ hashes to {actual}, metadata.json says {metadata.sha256}; "
-            "the model was changed after export")
-    ServingModel(model_dir, metadata).check_reference_predictions()
+    hashes = {"saved_model/": (saved_model_sha256(model_dir), metadata.sha256)}
+    if metadata.tflite:
+        hashes[TFLITE_FILE] = (file_sha256(FileSystems.join(model_dir, TFLITE_FILE)),
+                               metadata.tflite["sha256"])
+    for name, (actual, promised) in hashes.items():
+        if actual != promised:
+            raise ModelContractError(f"{model_dir}: {name} hashes to {actual}, metadata.json says "
+                                     f"{promised}; the model was changed after export")
+    for runtime in ("saved_model", "tflite") if metadata.tflite else ("saved_model",):
+        ServingModel(model_dir, metadata, runtime).check_reference_predictions()
     return metadata
 
 
@@ -82,7 +94,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
-        run_id=run_id, share_model_across_processes=options.share_model_across_processes)
+        run_id=run_id, share_model_across_processes=options.share_model_across_processes,
+        runtime=options.runtime)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 

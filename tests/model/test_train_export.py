@@ -110,3 +110,30 @@ def test_evaluate_writes_metrics_and_an_html_report(trained, labelled_images, tm
     assert html.count("data:image/png;base64,") == 2
     assert html.count("data:image/jpeg;base64,") >= 6
     assert "most confident wrong" in html and "least confident" in html
+
+
+def test_tflite_export_agrees_with_the_saved_model(trained):
+    metadata = read_metadata(trained["model_dir"])
+    assert metadata.tflite and metadata.tflite["max_abs_diff_vs_saved_model"] <= 1e-4
+    images = reference_batch(TINY_SIZE, TINY_SIZE, seeds=range(20, 30))
+    tflite = ServingModel(trained["model_dir"], metadata, runtime="tflite")
+    saved = ServingModel(trained["model_dir"], metadata, runtime="saved_model")
+    assert (tflite.runtime, saved.runtime) == ("tflite", "saved_model")
+    np.testing.assert_allclose(tflite.predict(images), saved.predict(images), atol=1e-4)
+    # Batch size changes re-allocate the interpreter's tensors.
+    np.testing.assert_allclose(tflite.predict(images[:3]), saved.predict(images[:3]), atol=1e-4)
+    assert tflite.check_reference_predictions() < 1e-4
+
+
+def test_auto_runtime_is_tflite_on_cpu_and_saved_model_without_an_export():
+    from model.serving import choose_runtime
+
+    base = dict(model_version="v", class_names=["cat", "dog"], input_size=[32, 32],
+                resize_method="bilinear", preprocessing=PREPROCESSING_VERSION, base="mobilenet",
+                base_weights="none", sha256="x")
+    with_tflite = ModelMetadata(**base, tflite={"sha256": "y"})
+    assert choose_runtime("auto", with_tflite, "CPU") == "tflite"
+    assert choose_runtime("auto", with_tflite, "GPU x1") == "saved_model"
+    assert choose_runtime("auto", ModelMetadata(**base), "CPU") == "saved_model"
+    with pytest.raises(ModelContractError, match="no model.tflite"):
+        choose_runtime("tflite", ModelMetadata(**base), "CPU")

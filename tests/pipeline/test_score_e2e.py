@@ -118,6 +118,16 @@ def test_multi_processing_gives_the_same_predictions(scored, trained, tmp_path):
                                [float(r[1]) for r in single_csv[1:]], atol=1e-5)
 
 
+def test_saved_model_and_tflite_runtimes_give_the_same_predictions(scored, trained, tmp_path):
+    output = str(tmp_path / "tf")
+    score.run(score_args(scored["root"], trained["model_dir"], output, "--runtime", "saved_model"))
+    tf_rows = {r["path"]: r["prob_dog"] for r in read_run(output)["predictions"].to_pylist()}
+    default_rows = {r["path"]: r["prob_dog"] for r in scored["run"]["predictions"].to_pylist()}
+    assert tf_rows.keys() == default_rows.keys()
+    np.testing.assert_allclose([tf_rows[p] for p in sorted(tf_rows)],
+                               [default_rows[p] for p in sorted(tf_rows)], atol=1e-4)
+
+
 def test_rerun_refuses_an_occupied_output_and_overwrite_replaces_it_without_duplicates(
         scored, trained, tmp_path):
     output = str(tmp_path / "rerun")
@@ -171,6 +181,12 @@ def test_bad_model_directories_are_refused_before_any_work(corpus, trained, tmp_
     with open(os.path.join(broken, "saved_model", "saved_model.pb"), "ab") as handle:
         handle.write(b"\0")
     with pytest.raises(ModelContractError, match="the model was changed after export"):
+        score.run(args)
+    shutil.copy(os.path.join(trained["model_dir"], "saved_model", "saved_model.pb"),
+                os.path.join(broken, "saved_model", "saved_model.pb"))
+    with open(os.path.join(broken, "model.tflite"), "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelContractError, match="model.tflite hashes to"):
         score.run(args)
     os.remove(os.path.join(broken, "metadata.json"))
     with pytest.raises(ModelContractError, match="metadata.json not found"):
