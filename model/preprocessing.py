@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 PREPROCESSING_VERSION = "pillow-rgb-draft-v1"
 RESIZE_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 DEFAULT_MAX_PIXELS = 64_000_000
+EXIF_ORIENTATION = 0x0112
 # Pillow warns above its own bomb limit; we enforce ours from the header instead.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -59,7 +60,8 @@ def decode_and_resize(
         longest = max(height, width)
         image.draft("RGB", (longest, longest))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         rgb = _to_rgb(image)
         rgb = rgb.resize((width, height), RESIZE_METHODS[resize_method])
         return np.asarray(rgb, dtype=np.uint8)
