@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from model.metadata import SAVED_MODEL_DIR, TFLITE_FILE, ModelContractError, ModelMetadata
@@ -82,6 +85,24 @@ class ServingModel:
         return worst
 
 
+def local_copy(directory: str) -> str:
+    """``directory`` itself when local, else a copy in a temporary local directory.
+
+    Reading through Beam's filesystems lets a SavedModel live wherever Beam reads (gs://, s3://,
+    azfs://...), not only where TensorFlow's own filesystems reach.
+    """
+    if FileSystems.get_scheme(directory) in (None, "file"):
+        return directory
+    target = tempfile.mkdtemp(prefix="petscore-model-")
+    for match in FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list:
+        destination = os.path.join(target, match.path[len(directory):].lstrip("/"))
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        with FileSystems.open(match.path, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
+                open(destination, "wb") as copy:
+            shutil.copyfileobj(source, copy)
+    return target
+
+
 def _expected_input(metadata: ModelMetadata) -> list:
     return [None, metadata.height, metadata.width, 3]
 
@@ -91,7 +112,7 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
 
     path = f"{model_dir}/{SAVED_MODEL_DIR}"
     try:
-        loaded = tf.saved_model.load(path)
+        loaded = tf.saved_model.load(local_copy(path))
     except (OSError, ValueError) as exc:
         raise ModelContractError(f"cannot load SavedModel at {path}: {exc}") from exc
     signature = loaded.signatures.get("serving_default")
@@ -120,7 +141,7 @@ def _load_tflite(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarra
     from ai_edge_litert.interpreter import Interpreter
 
     path = f"{model_dir}/{TFLITE_FILE}"
-    with FileSystems.open(path) as handle:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         content = handle.read()
     interpreter = Interpreter(model_content=content, num_threads=os.cpu_count())
     source = interpreter.get_input_details()[0]

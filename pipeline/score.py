@@ -126,6 +126,7 @@ def resolve_date_placeholders(options: ScoreOptions) -> None:
 def run(argv: list[str] | None = None) -> dict:
     """Run the job; return the run summary. Raises before any work when inputs are wrong."""
     pipeline_options = PipelineOptions(argv)
+    FileSystems.set_options(pipeline_options)  # driver-side gs:// calls use the job's auth options
     options = pipeline_options.view_as(ScoreOptions)
     if not options.model_dir or not options.output:
         raise ValueError("--model-dir and --output are required (see --help)")

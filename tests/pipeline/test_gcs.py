@@ -1,0 +1,102 @@
+"""gs:// for real: the job reads images and the model from, and writes outputs to, a local GCS
+emulator (gcp-storage-emulator) through Beam's GCS filesystem and google-cloud-storage."""
+
+import csv
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import score
+from tests.corpus import GOOD
+
+BUCKET = "petscore-nightly"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """A GCS emulator on loopback, and an anonymous client pointed at it."""
+    port = free_port()
+    emulator = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    process = subprocess.Popen([emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("GCS emulator did not start") from None
+            time.sleep(0.2)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    from google.cloud import storage
+
+    client = storage.Client.create_anonymous_client()
+    client.project = "petscore-test"
+    client.create_bucket(BUCKET)
+    yield client
+    process.terminate()
+    process.wait(timeout=10)
+    if previous is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST")
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture
+def anonymous_beam_credentials(monkeypatch):
+    """Beam looks for Application Default Credentials with ~30 s of retries before it connects
+    anonymously; the emulator needs none, so start from 'looked, found none'."""
+    from apache_beam.internal.gcp import auth
+
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", True)
+    monkeypatch.setattr(auth._Credentials, "_credentials", None)
+
+
+def upload_tree(client, local_root: str, prefix: str) -> None:
+    bucket = client.bucket(BUCKET)
+    for folder, _, files in os.walk(local_root):
+        for name in files:
+            path = os.path.join(folder, name)
+            bucket.blob(f"{prefix}/{os.path.relpath(path, local_root)}").upload_from_filename(path)
+
+
+def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, trained):
+    root, expected = corpus
+    upload_tree(gcs, root, "incoming/dt=2026-11-21")
+    upload_tree(gcs, trained["model_dir"], "models/tiny")
+    summary = score.run([
+        "--input", f"gs://{BUCKET}/incoming/dt={{run_date}}/*", "--model-dir", f"gs://{BUCKET}/models/tiny",
+        "--output", f"gs://{BUCKET}/scores/dt={{run_date}}", "--run-date", "2026-11-21", "--no_auth"])
+    good = sum(outcome == GOOD for outcome in expected.values())
+    assert (summary["inputs"], summary["predictions"], summary["accounted"]) == (len(expected), good, True)
+
+    bucket = gcs.bucket(BUCKET)
+    names = sorted(blob.name for blob in gcs.list_blobs(BUCKET, prefix="scores/"))
+    assert "scores/dt=2026-11-21/submission.csv" in names and "scores/dt=2026-11-21/summary.json" in names
+    assert not [name for name in names if ".tmp-" in name or "beam-temp" in name]
+    submission = bucket.blob("scores/dt=2026-11-21/submission.csv").download_as_text()
+    rows = list(csv.reader(io.StringIO(submission)))
+    assert rows[0] == ["id", "label"] and [int(r[0]) for r in rows[1:]] == list(range(1, 15))
+    shards = [n for n in names if n.startswith("scores/dt=2026-11-21/predictions/")]
+    table = pq.read_table(io.BytesIO(bucket.blob(shards[0]).download_as_bytes()))
+    assert sum(pq.read_metadata(io.BytesIO(bucket.blob(s).download_as_bytes())).num_rows
+               for s in shards) == good
+    assert table.column("path").to_pylist()[0].startswith(f"gs://{BUCKET}/incoming/dt=2026-11-21/")
+    error_shards = [n for n in names if n.startswith("scores/dt=2026-11-21/errors/")]
+    errors = pq.read_table(io.BytesIO(bucket.blob(error_shards[0]).download_as_bytes()))
+    assert errors.num_rows == len(expected) - good
