@@ -10,6 +10,7 @@ then measures, each mode in its own process so peak RSS is its own:
   tfdata-tflite  the same tf.data pipeline feeding the exported model.tflite (LiteRT)
   direct-savedmodel  petscore on the DirectRunner, in-process, --runtime saved_model
   direct     petscore on the DirectRunner, in-process, default runtime (LiteRT on CPU)
+  direct-mt  petscore on the DirectRunner, multi_threading with one worker per core
   direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
 and prints images/s, the ratios petscore/seed and petscore/tfdata, peak RSS and model load time.
 """
@@ -107,6 +108,8 @@ def child(args) -> None:
         result = run_tfdata(args.model_dir, paths, runtime)
     else:
         extra = {"direct": [], "direct-savedmodel": ["--runtime=saved_model"],
+                 "direct-mt": ["--direct_running_mode=multi_threading",
+                               f"--direct_num_workers={os.cpu_count()}"],
                  "direct-mp": ["--direct_running_mode=multi_processing",
                                f"--direct_num_workers={os.cpu_count()}"]}[args.mode]
         result = run_direct(args.model_dir, os.path.join(args.images_dir, "*.jpg"),
@@ -121,7 +124,8 @@ def main() -> int:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--work", default=os.path.join(REPO, "bench_output"))
-    parser.add_argument("--modes", default="seed,tfdata,tfdata-tflite,direct-savedmodel,direct,direct-mp")
+    parser.add_argument("--modes",
+                        default="seed,tfdata,tfdata-tflite,direct-savedmodel,direct,direct-mt,direct-mp")
     parser.add_argument("--seed-images", type=int, default=300,
                         help="The seed loop is slow: time it on this many images (rate is per image).")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
