@@ -7,6 +7,8 @@ the runner retries the bundle instead of recording a transient outage as a bad i
 
 from __future__ import annotations
 
+import hashlib
+
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -16,6 +18,7 @@ from model.preprocessing import decode_and_resize
 from pipeline.rows import error_row
 
 ERRORS = "errors"
+SKIPPED = "skipped"
 METRICS_NAMESPACE = "petscore"
 
 
@@ -35,7 +38,9 @@ class FileTooLargeError(ValueError):
 
 
 class ReadAndDecodeFn(beam.DoFn):
-    """``path -> (path, uint8 array [height, width, 3])``, or an error row tagged ``errors``."""
+    """``path -> ((path, content_sha256), uint8 array [height, width, 3])``, or an error row
+    tagged ``errors``, or (with ``previously_scored``) the path tagged ``skipped`` when these
+    exact bytes were already scored by this model version."""
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
                  max_bytes: int, run_id: str):
@@ -48,8 +53,9 @@ class ReadAndDecodeFn(beam.DoFn):
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped_already_scored")
 
-    def process(self, path: str):
+    def process(self, path: str, previously_scored: dict[str, str] | None = None):
         try:
             data = self._read_bytes(path)
         except Exception as error:  # noqa: BLE001 - classified just below
@@ -60,6 +66,11 @@ class ReadAndDecodeFn(beam.DoFn):
             return
         self._read.inc()
         self._bytes.update(len(data))
+        content_sha256 = hashlib.sha256(data).hexdigest()
+        if previously_scored and previously_scored.get(path) == content_sha256:
+            self._skipped.inc()
+            yield beam.pvalue.TaggedOutput(SKIPPED, path)
+            return
         try:
             pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
@@ -67,7 +78,7 @@ class ReadAndDecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(ERRORS, error_row(path, "decode", error, self._run_id))
             return
         self._decoded.inc()
-        yield path, pixels
+        yield (path, content_sha256), pixels
 
     def _read_bytes(self, path: str) -> bytes:
         # UNCOMPRESSED: an image must never be gunzipped because of its name.
@@ -79,15 +90,24 @@ class ReadAndDecodeFn(beam.DoFn):
 
 
 class DecodeImages(beam.PTransform):
-    """Paths in; ``{'images': (path, pixels), 'errors': error rows}`` out."""
+    """Paths in; ``{'images': ((path, sha256), pixels), 'errors': rows, 'skipped': paths}`` out.
 
-    def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str):
+    ``previously_scored``: optional PCollection of ``(path, content_sha256)`` already scored by
+    this model version (incremental nightly runs); those files are read and hashed, not decoded.
+    """
+
+    def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,
+                 previously_scored=None):
         super().__init__()
         self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id)
+        self._previously_scored = previously_scored
 
     def expand(self, paths):
+        side_inputs = ([beam.pvalue.AsDict(self._previously_scored)]
+                       if self._previously_scored is not None else [])
         # Reshuffle so that decoding fans out across workers even when one task matched the glob.
         results = (paths
                    | "Reshuffle" >> beam.Reshuffle()
-                   | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="images"))
-        return {"images": results.images, ERRORS: results[ERRORS]}
+                   | "ReadAndDecode" >> beam.ParDo(self._fn, *side_inputs).with_outputs(
+                       ERRORS, SKIPPED, main="images"))
+        return {"images": results.images, ERRORS: results[ERRORS], SKIPPED: results[SKIPPED]}

@@ -61,7 +61,8 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
 
 
 class ToPredictionRowFn(beam.DoFn):
-    """``(path, PredictionResult)`` -> a row of the predictions schema; logs progress."""
+    """``((path, content_sha256), PredictionResult)`` -> a row of the predictions schema; logs
+    progress."""
 
     PROGRESS_EVERY_SECONDS = 5.0
 
@@ -81,7 +82,7 @@ class ToPredictionRowFn(beam.DoFn):
         self._count = 0
 
     def process(self, keyed_result):
-        path, result = keyed_result
+        (path, content_sha256), result = keyed_result
         probabilities = [float(p) for p in result.inference]
         best = int(np.argmax(probabilities))
         confidence = probabilities[best]
@@ -94,6 +95,7 @@ class ToPredictionRowFn(beam.DoFn):
         yield {
             "path": path,
             "image_id": image_id(path),
+            "content_sha256": content_sha256,
             "predicted_class": self._class_names[best],
             **dict(zip(self._columns, probabilities, strict=True)),
             "confidence": confidence,
@@ -114,7 +116,7 @@ class ToPredictionRowFn(beam.DoFn):
 
 
 class ScoreImages(beam.PTransform):
-    """``(path, pixels)`` in; prediction rows out."""
+    """``((path, content_sha256), pixels)`` in; prediction rows out."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, min_confidence: float, run_id: str,

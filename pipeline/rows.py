@@ -30,6 +30,7 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
         pa.field("image_id", pa.int64()),  # integer file stem, null when the stem is not a number
+        pa.field("content_sha256", pa.string(), nullable=False),  # of the file's bytes
         pa.field("predicted_class", pa.string(), nullable=False),
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         pa.field("confidence", pa.float64(), nullable=False),

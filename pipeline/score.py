@@ -34,7 +34,7 @@ from model.metadata import (
     saved_model_sha256,
 )
 from model.serving import ServingModel
-from pipeline.decode import ERRORS, DecodeImages
+from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ScoreImages
 from pipeline.options import RUN_DATE_PLACEHOLDER, ScoreOptions, resolve_run_date
 from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists
@@ -80,6 +80,24 @@ def prepare_output(output: str, overwrite: bool) -> None:
         FileSystems.delete(existing)
 
 
+def read_previously_scored(pipeline: beam.Pipeline, pattern: str | None, metadata: ModelMetadata):
+    """``(path, content_sha256)`` of earlier predictions by this model version, or None.
+
+    A pattern that matches nothing yet (the first night) means nothing was scored before.
+    """
+    if not pattern:
+        return None
+    if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
+        _LOG.info("--skip-scored %s matches no file yet: scoring everything", pattern)
+        return pipeline | "NothingScoredBefore" >> beam.Create([])
+    version = metadata.model_version
+    return (pipeline
+            | "ReadPreviousPredictions" >> beam.io.ReadFromParquet(
+                pattern, columns=["path", "content_sha256", "model_version"])
+            | "SameModelVersion" >> beam.Filter(lambda row: row["model_version"] == version)
+            | "PathAndHash" >> beam.Map(lambda row: (row["path"], row["content_sha256"])))
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
                    run_id: str, started: float) -> None:
     """Wire read -> decode -> score -> write, as in the architecture diagram."""
@@ -90,7 +108,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
     decoded = listed["paths"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
-        options.max_image_bytes, run_id)
+        options.max_image_bytes, run_id,
+        previously_scored=read_previously_scored(pipeline, options.skip_scored, metadata))
     predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
@@ -109,7 +128,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
                "output": options.output}
-    ({"inputs": inputs, "predictions": predictions, "errors": errors, "csv_rows": csv_rows}
+    ({"inputs": inputs, "predictions": predictions, "errors": errors, "csv_rows": csv_rows,
+      "skipped": decoded[SKIPPED]}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
 
 
@@ -145,8 +165,8 @@ def run(argv: list[str] | None = None) -> dict:
         summary = json.loads(handle.read())
     _LOG.info("run summary: %s", json.dumps(summary, sort_keys=True))
     if not summary["accounted"]:
-        _LOG.error("inputs (%d) != predictions (%d) + errors (%d)", summary["inputs"],
-                   summary["predictions"], summary["errors"])
+        _LOG.error("inputs (%d) != predictions (%d) + errors (%d) + skipped (%d)", summary["inputs"],
+                   summary["predictions"], summary["errors"], summary["skipped_already_scored"])
     return summary
 
 

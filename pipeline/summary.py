@@ -16,7 +16,7 @@ from pipeline.write import write_file_atomically
 
 
 def build_summary(_, *, inputs: int, predictions: int, error_types: dict[str, int],
-                  csv_rows: int, uncertain: int, started: float,
+                  csv_rows: int, uncertain: int, skipped: int, started: float,
                   context: dict[str, Any]) -> dict[str, Any]:
     errors = sum(error_types.values())
     elapsed = time.time() - started
@@ -26,9 +26,10 @@ def build_summary(_, *, inputs: int, predictions: int, error_types: dict[str, in
         "predictions": predictions,
         "errors": errors,
         "errors_by_type": dict(sorted(error_types.items())),
+        "skipped_already_scored": skipped,
         "uncertain": uncertain,
         "csv_rows": csv_rows,
-        "accounted": inputs == predictions + errors,
+        "accounted": inputs == predictions + errors + skipped,
         "error_rate": errors / inputs if inputs else 0.0,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
@@ -43,7 +44,8 @@ class WriteRunSummary(beam.PTransform):
     """Counts the inputs, predictions, errors and CSV rows and writes ``summary.json``.
 
     ``elapsed_seconds`` runs from the launch (``started``, a wall-clock timestamp) to the moment
-    every count is known, i.e. after the last image was scored.
+    every count is known, i.e. after the last image was scored. Inputs = predictions + errors +
+    skipped (already scored by this model version, with ``--skip-scored``).
     """
 
     def __init__(self, path: str, started: float, context: dict[str, Any]):
@@ -74,6 +76,7 @@ class WriteRunSummary(beam.PTransform):
                     csv_rows=beam.pvalue.AsSingleton(
                         outputs["csv_rows"] | "SumCsvRows" >> beam.CombineGlobally(sum)),
                     uncertain=beam.pvalue.AsSingleton(_count(uncertain, "CountUncertain")),
+                    skipped=beam.pvalue.AsSingleton(_count(outputs["skipped"], "CountSkipped")),
                     started=self._started,
                     context=self._context)
                 | "WriteSummary" >> beam.Map(write))

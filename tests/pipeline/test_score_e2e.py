@@ -1,6 +1,7 @@
 """The real entry point on generated images, every output read back."""
 
 import fnmatch
+import json
 import os
 import shutil
 import subprocess
@@ -158,6 +159,37 @@ def test_manifest_with_missing_and_duplicate_paths_and_uncertain_rows(corpus, tr
     assert sorted((os.path.basename(r["path"]), r["stage"], r["error_type"])
                   for r in run["errors"].to_pylist()) == [
         ("1.jpg", "read", "DuplicatePath"), ("gone.jpg", "read", "FileNotFoundError")]
+
+
+def test_incremental_run_scores_only_new_and_changed_images_and_all_after_a_model_change(
+        corpus, trained, tmp_path):
+    root, _ = corpus
+    night = tmp_path / "incoming"
+    shutil.copytree(root, night)
+    first = str(tmp_path / "scores" / "dt=2026-11-20")
+    score.run(["--input", str(night / "*"), "--model-dir", trained["model_dir"], "--output", first,
+               "--max-error-rate", "1"])
+    shutil.copy(night / "1.jpg", night / "15.jpg")  # new path (same bytes as 1.jpg)
+    shutil.copy(night / "3.jpg", night / "2.jpg")  # changed bytes under an old path
+    previous = str(tmp_path / "scores" / "dt=*" / "predictions" / "*.parquet")
+    second = str(tmp_path / "scores" / "dt=2026-11-21")
+    summary = score.run(["--input", str(night / "*"), "--model-dir", trained["model_dir"],
+                         "--output", second, "--skip-scored", previous, "--max-error-rate", "1"])
+    good = read_run(first)["predictions"].num_rows
+    scored = sorted(os.path.basename(p) for p in read_run(second)["predictions"].column("path").to_pylist())
+    assert scored == ["15.jpg", "2.jpg"]
+    assert summary["skipped_already_scored"] == good - 1 and summary["accounted"] is True
+    assert summary["errors"] == read_run(first)["summary"]["errors"]  # bad files are retried
+
+    retrained = str(tmp_path / "model-v2")
+    shutil.copytree(trained["model_dir"], retrained)
+    with open(os.path.join(retrained, "metadata.json")) as handle:
+        fields = json.load(handle)
+    with open(os.path.join(retrained, "metadata.json"), "w") as handle:
+        json.dump({**fields, "model_version": "tiny-test-2"}, handle)
+    summary = score.run(["--input", str(night / "*"), "--model-dir", retrained, "--max-error-rate", "1",
+                         "--output", str(tmp_path / "scores" / "v2"), "--skip-scored", previous])
+    assert summary["skipped_already_scored"] == 0 and summary["predictions"] == good + 1
 
 
 def test_a_run_without_errors_writes_an_empty_error_table(corpus, trained, tmp_path):

@@ -1,5 +1,6 @@
 """Stage-level tests on TestPipeline with assert_that."""
 
+import hashlib
 import os
 
 import apache_beam as beam
@@ -11,7 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from model.metadata import read_metadata
-from pipeline.decode import ERRORS, DecodeImages
+from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ScoreImages, ToPredictionRowFn
 from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
 from pipeline.rows import image_id
@@ -55,14 +56,30 @@ def test_decode_sends_good_files_on_and_bad_files_to_error_rows(corpus):
     paths = [os.path.join(root, name) for name in expected] + [os.path.join(root, "missing.jpg")]
     with TestPipeline() as p:
         out = p | beam.Create(paths) | DecodeImages((16, 24), "bilinear", 1_000_000, 1 << 20, "run")
-        assert_that(out["images"] | beam.Map(lambda kv: (kv[0], kv[1].shape, str(kv[1].dtype))),
-                    equal_to([(os.path.join(root, n), (16, 24, 3), "uint8")
+        assert_that(out["images"] | beam.Map(lambda kv: (*kv[0], kv[1].shape, str(kv[1].dtype))),
+                    equal_to([(os.path.join(root, n), sha256_of(os.path.join(root, n)), (16, 24, 3), "uint8")
                               for n, outcome in expected.items() if outcome == GOOD]))
         assert_that(out[ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error_type"])),
                     equal_to([(os.path.join(root, n), *outcome)
                               for n, outcome in expected.items() if outcome != GOOD]
                              + [(os.path.join(root, "missing.jpg"), "read", "FileNotFoundError")]),
                     label="Errors")
+
+
+def sha256_of(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def test_files_already_scored_with_the_same_bytes_are_skipped_not_decoded(corpus, tmp_path):
+    root, _ = corpus
+    same, changed, new = (os.path.join(root, f"{i}.jpg") for i in (1, 2, 3))
+    with TestPipeline() as p:
+        previous = p | "Previous" >> beam.Create([(same, sha256_of(same)), (changed, "0" * 64)])
+        out = (p | beam.Create([same, changed, new])
+               | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run", previously_scored=previous))
+        assert_that(out[SKIPPED], equal_to([same]), label="Skipped")
+        assert_that(out["images"] | beam.Map(lambda kv: kv[0][0]), equal_to([changed, new]))
 
 
 def test_files_over_the_byte_cap_are_error_rows(corpus):
@@ -91,12 +108,13 @@ def test_prediction_rows_carry_probabilities_and_the_uncertain_decision(trained)
     metadata = read_metadata(trained["model_dir"])
     fn = ToPredictionRowFn(metadata, min_confidence=0.7, run_id="run-1")
     fn.setup()
-    sure, = fn.process(("/x/12.jpg", PredictionResult(None, np.array([0.2, 0.8]))))
-    unsure, = fn.process(("/x/cat.jpg", PredictionResult(None, np.array([0.65, 0.35]))))
+    sure, = fn.process((("/x/12.jpg", "ab" * 32), PredictionResult(None, np.array([0.2, 0.8]))))
+    unsure, = fn.process((("/x/cat.jpg", "cd" * 32), PredictionResult(None, np.array([0.65, 0.35]))))
     assert (sure["image_id"], sure["predicted_class"], sure["decision"]) == (12, "dog", "dog")
     assert (sure["prob_cat"], sure["prob_dog"], sure["confidence"]) == (0.2, 0.8, 0.8)
     assert (unsure["image_id"], unsure["predicted_class"], unsure["decision"]) == (None, "cat", "uncertain")
     assert sure["model_version"] == "tiny-test-1" and sure["model_sha256"] == metadata.sha256
+    assert sure["content_sha256"] == "ab" * 32
 
 
 def test_score_images_batches_through_run_inference_and_matches_direct_prediction(trained):
@@ -107,7 +125,7 @@ def test_score_images_batches_through_run_inference_and_matches_direct_predictio
     images = reference_batch(metadata.height, metadata.width, seeds=range(10))
     want = ServingModel(trained["model_dir"], metadata).predict(images)[:, 1]
     with TestPipeline() as p:
-        rows = (p | beam.Create([(f"/img/{i}.jpg", images[i]) for i in range(10)])
+        rows = (p | beam.Create([((f"/img/{i}.jpg", str(i)), images[i]) for i in range(10)])
                 | ScoreImages(trained["model_dir"], metadata, min_batch_size=3, max_batch_size=4,
                               min_confidence=0.0, run_id="r"))
         assert_that(rows | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
