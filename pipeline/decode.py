@@ -8,6 +8,8 @@ the runner retries the bundle instead of recording a transient outage as a bad i
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -38,9 +40,14 @@ class FileTooLargeError(ValueError):
 
 
 class ReadAndDecodeFn(beam.DoFn):
-    """``path -> ((path, content_sha256), uint8 array [height, width, 3])``, or an error row
-    tagged ``errors``, or (with ``previously_scored``) the path tagged ``skipped`` when these
-    exact bytes were already scored by this model version."""
+    """A batch of paths -> per path ``((path, content_sha256), uint8 [height, width, 3])``, or an
+    error row tagged ``errors``, or (with ``previously_scored``) the path tagged ``skipped`` when
+    these exact bytes were already scored by this model version.
+
+    The paths of a batch are read and decoded on a thread pool: storage reads wait on the
+    network and Pillow releases the GIL while decoding, so one process keeps every core and
+    many requests busy. A transient error re-raises and fails the bundle, which the runner retries.
+    """
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
                  max_bytes: int, run_id: str):
@@ -55,30 +62,41 @@ class ReadAndDecodeFn(beam.DoFn):
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped_already_scored")
 
-    def process(self, path: str, previously_scored: dict[str, str] | None = None):
+    def setup(self):
+        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
+
+    def teardown(self):
+        self._pool.shutdown(wait=False)
+
+    def process(self, paths: list[str], previously_scored: dict[str, str] | None = None):
+        # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
+        for size, output in self._pool.map(lambda path: self._handle(path, previously_scored), paths):
+            if size is not None:
+                self._read.inc()
+                self._bytes.update(size)
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                (self._failed if output.tag == ERRORS else self._skipped).inc()
+            else:
+                self._decoded.inc()
+            yield output
+
+    def _handle(self, path: str, previously_scored: dict[str, str] | None):
+        """``(bytes read or None, output)`` for one path."""
         try:
             data = self._read_bytes(path)
         except Exception as error:  # noqa: BLE001 - classified just below
             if not is_permanent_read_error(error) and not isinstance(error, FileTooLargeError):
                 raise
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(path, "read", error, self._run_id))
-            return
-        self._read.inc()
-        self._bytes.update(len(data))
+            return None, beam.pvalue.TaggedOutput(ERRORS, error_row(path, "read", error, self._run_id))
         content_sha256 = hashlib.sha256(data).hexdigest()
         if previously_scored and previously_scored.get(path) == content_sha256:
-            self._skipped.inc()
-            yield beam.pvalue.TaggedOutput(SKIPPED, path)
-            return
+            return len(data), beam.pvalue.TaggedOutput(SKIPPED, path)
         try:
             pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
-            self._failed.inc()
-            yield beam.pvalue.TaggedOutput(ERRORS, error_row(path, "decode", error, self._run_id))
-            return
-        self._decoded.inc()
-        yield (path, content_sha256), pixels
+            return len(data), beam.pvalue.TaggedOutput(
+                ERRORS, error_row(path, "decode", error, self._run_id))
+        return len(data), ((path, content_sha256), pixels)
 
     def _read_bytes(self, path: str) -> bytes:
         # UNCOMPRESSED: an image must never be gunzipped because of its name.
@@ -105,9 +123,11 @@ class DecodeImages(beam.PTransform):
     def expand(self, paths):
         side_inputs = ([beam.pvalue.AsDict(self._previously_scored)]
                        if self._previously_scored is not None else [])
-        # Reshuffle so that decoding fans out across workers even when one task matched the glob.
+        # Reshuffle so that decoding fans out across workers even when one task matched the glob;
+        # small batches feed the decoder's thread pool.
         results = (paths
                    | "Reshuffle" >> beam.Reshuffle()
+                   | "BatchForThreads" >> beam.BatchElements(min_batch_size=4, max_batch_size=32)
                    | "ReadAndDecode" >> beam.ParDo(self._fn, *side_inputs).with_outputs(
                        ERRORS, SKIPPED, main="images"))
         return {"images": results.images, ERRORS: results[ERRORS], SKIPPED: results[SKIPPED]}
