@@ -30,12 +30,11 @@ def output_paths(output: str) -> dict[str, str]:
 
 
 def write_file_atomically(path: str, data: bytes) -> None:
-    """Write to a unique sibling name, then rename over ``path``."""
+    """Write to a unique sibling name, then rename over ``path``: a reader sees the old file or
+    the new one, never a partial one (``os.rename`` locally; a whole-object copy on GCS)."""
     staging = f"{path}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(staging) as handle:
         handle.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
     FileSystems.rename([staging], [path])
 
 
