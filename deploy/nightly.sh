@@ -9,7 +9,8 @@
 # Configure with environment variables (defaults in brackets):
 #   PROJECT, REGION [europe-west1], BUCKET (gs://… without trailing slash), PROFILE [gpu|cpu],
 #   MODEL_DIR [$BUCKET/models/current], INPUT [$BUCKET/incoming/dt={run_date}/*.jpg],
-#   OUTPUT [$BUCKET/scores/dt={run_date}], TAG [git short hash], SCHEDULE [0 2 * * *]
+#   OUTPUT [$BUCKET/scores/dt={run_date}], SKIP_SCORED [$BUCKET/scores/dt=*/predictions/*.parquet],
+#   TAG [git short hash], SCHEDULE [0 2 * * *]
 # Credentials: whatever gcloud is logged in as (ADC); nothing is stored in this script.
 set -euo pipefail
 
@@ -21,6 +22,8 @@ MODEL_DIR="${MODEL_DIR:-$BUCKET/models/current}"
 DATE='{run_date}'  # replaced by the pipeline with --run-date at launch
 INPUT="${INPUT:-$BUCKET/incoming/dt=$DATE/*.jpg}"
 OUTPUT="${OUTPUT:-$BUCKET/scores/dt=$DATE}"
+# Incremental: skip images whose bytes an earlier night already scored with the same model version.
+SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*/predictions/*.parquet}"
 RUN_DATE="${RUN_DATE:-yesterday}"
 SCHEDULE="${SCHEDULE:-0 2 * * *}"
 TAG="${TAG:-$(git rev-parse --short HEAD)}"
@@ -53,6 +56,7 @@ launch_body() {
   "jobName": "$job_name",
   "containerSpecGcsPath": "$TEMPLATE",
   "parameters": {"input": "$INPUT", "model_dir": "$MODEL_DIR", "output": "$OUTPUT",
+                 "skip_scored": "$SKIP_SCORED",
                  "run_date": "$RUN_DATE", "share_model_across_processes": "$(share_model)"},
   "environment": {"serviceAccountEmail": "$WORKER_SA", "tempLocation": "$BUCKET/tmp",
                   "sdkContainerImage": "$IMAGE", $(profile_environment)}}}
@@ -125,5 +129,5 @@ case "${1:-}" in
   schedule) schedule ;;
   run-now) run_now ;;
   launch-body) launch_body petscore-nightly ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
