@@ -32,9 +32,10 @@ TFLITE_TOLERANCE = 1e-4
 TFLITE_CHECK_SEEDS = tuple(range(100, 116))
 
 
-def export_tflite(export_dir: str, metadata: ModelMetadata) -> dict[str, Any] | None:
-    """Convert the SavedModel to ``model.tflite`` and keep it only if it agrees with the
-    SavedModel within ``TFLITE_TOLERANCE`` on 16 generated images; return its metadata entry."""
+def export_tflite(export_dir: str, metadata: ModelMetadata,
+                  saved_model: ServingModel) -> dict[str, Any] | None:
+    """Convert the SavedModel to ``model.tflite`` and keep it only if it agrees with the loaded
+    ``saved_model`` within ``TFLITE_TOLERANCE`` on 16 generated images; return its metadata entry."""
     path = os.path.join(export_dir, TFLITE_FILE)
     converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(export_dir, SAVED_MODEL_DIR))
     with open(path, "wb") as handle:
@@ -42,7 +43,7 @@ def export_tflite(export_dir: str, metadata: ModelMetadata) -> dict[str, Any] | 
     entry = {"sha256": file_sha256(path)}
     candidate = dataclasses.replace(metadata, tflite=entry)
     images = reference_batch(metadata.height, metadata.width, TFLITE_CHECK_SEEDS)
-    want = ServingModel(export_dir, candidate, runtime="saved_model").predict(images)
+    want = saved_model.predict(images)
     got = ServingModel(export_dir, candidate, runtime="tflite").predict(images)
     worst = float(np.max(np.abs(got - want)))
     if worst > TFLITE_TOLERANCE:
@@ -100,9 +101,10 @@ def export_model(
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         # Reference predictions come from the exported artefact itself, as a scorer will load it.
-        probabilities = ServingModel(staging, draft, runtime="saved_model").predict(
-            reference_batch(height, width))
-        metadata = dataclasses.replace(draft, tflite=export_tflite(staging, draft), reference_predictions=[
+        saved_model = ServingModel(staging, draft, runtime="saved_model")
+        probabilities = saved_model.predict(reference_batch(height, width))
+        tflite = export_tflite(staging, draft, saved_model)
+        metadata = dataclasses.replace(draft, tflite=tflite, reference_predictions=[
             {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
             for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)
         ])

@@ -18,6 +18,7 @@ import hashlib
 import json
 from typing import Any
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from model.preprocessing import PREPROCESSING_VERSION, RESIZE_METHODS
@@ -127,11 +128,16 @@ def write_metadata(model_dir: str, metadata: ModelMetadata) -> None:
         handle.write(metadata.to_json().encode("utf-8"))
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with FileSystems.open(path) as handle:
+def _hash_file_into(digest, path: str) -> None:
+    """Feed a file's bytes (never decompressed because of its name) into ``digest``."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    _hash_file_into(digest, path)
     return digest.hexdigest()
 
 
@@ -145,7 +151,5 @@ def saved_model_sha256(model_dir: str) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path[len(root):].lstrip("/").encode("utf-8"))
-        with FileSystems.open(path) as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        _hash_file_into(digest, path)
     return digest.hexdigest()
