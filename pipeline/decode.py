@@ -22,6 +22,7 @@ from pipeline.rows import error_row
 ERRORS = "errors"
 SKIPPED = "skipped"
 METRICS_NAMESPACE = "petscore"
+READ_CHUNK_BYTES = 1 << 20
 
 
 def is_permanent_read_error(error: Exception) -> bool:
@@ -99,12 +100,16 @@ class ReadAndDecodeFn(beam.DoFn):
         return len(data), ((path, content_sha256), pixels)
 
     def _read_bytes(self, path: str) -> bytes:
-        # UNCOMPRESSED: an image must never be gunzipped because of its name.
+        # UNCOMPRESSED: an image must never be gunzipped because of its name. Read in chunks:
+        # one read(max_bytes + 1) would allocate and free the whole cap (64 MiB) for every image.
+        chunks, size = [], 0
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            data = handle.read(self._max_bytes + 1)
-        if len(data) > self._max_bytes:
-            raise FileTooLargeError(f"file is larger than the {self._max_bytes}-byte cap")
-        return data
+            while chunk := handle.read(READ_CHUNK_BYTES):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise FileTooLargeError(f"file is larger than the {self._max_bytes}-byte cap")
+        return b"".join(chunks)
 
 
 class DecodeImages(beam.PTransform):

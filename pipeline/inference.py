@@ -43,6 +43,7 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
     def load_model(self) -> ServingModel:
         started = time.monotonic()
         model = ServingModel(self._model_dir, self._metadata, self._runtime)
+        model.check_reference_predictions()  # this worker's libraries reproduce the export
         _LOG.info("loaded model %s (%s) with runtime %s on %s in %.1fs", self._metadata.model_version,
                   self._model_dir, model.runtime, model.device, time.monotonic() - started)
         return model

@@ -50,9 +50,14 @@ class OutputExistsError(FileExistsError):
     """The output prefix already holds a run's outputs and --overwrite was not given."""
 
 
-def load_checked_model(model_dir: str) -> ModelMetadata:
-    """Read the metadata, verify the hashes and re-predict the reference images with every
-    runtime the export offers (workers may pick either)."""
+def load_checked_model(model_dir: str, runtime: str) -> ModelMetadata:
+    """Read the metadata, verify every artifact's hash and re-predict the reference images with
+    the runtime this machine would use, before any work starts.
+
+    Workers repeat the reference check with the runtime they pick when they load the model
+    (a GPU worker may pick another runtime than this machine), so no worker scores with a
+    model that does not reproduce its export.
+    """
     metadata = read_metadata(model_dir)
     hashes = {"saved_model/": (saved_model_sha256(model_dir), metadata.sha256)}
     if metadata.tflite:
@@ -62,8 +67,7 @@ def load_checked_model(model_dir: str) -> ModelMetadata:
         if actual != promised:
             raise ModelContractError(f"{model_dir}: {name} hashes to {actual}, metadata.json says "
                                      f"{promised}; the model was changed after export")
-    for runtime in ("saved_model", "tflite") if metadata.tflite else ("saved_model",):
-        ServingModel(model_dir, metadata, runtime).check_reference_predictions()
+    ServingModel(model_dir, metadata, runtime).check_reference_predictions()
     return metadata
 
 
@@ -154,7 +158,7 @@ def run(argv: list[str] | None = None) -> dict:
     started = time.time()
     run_id = options.run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     check_input_exists(options.input, options.manifest)
-    metadata = load_checked_model(options.model_dir)
+    metadata = load_checked_model(options.model_dir, options.runtime)
     prepare_output(options.output, options.overwrite)
     _LOG.info("scoring %s with model %s (%s), run %s -> %s", options.input or options.manifest,
               metadata.model_version, metadata.base, run_id, options.output)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from model.metadata import ModelContractError, read_metadata
+from model.serving import gpu_possible
 from pipeline import score
 from pipeline.read import EmptyInputError
 from pipeline.rows import ERROR_SCHEMA, prediction_schema
@@ -127,6 +128,19 @@ def test_saved_model_and_tflite_runtimes_give_the_same_predictions(scored, train
     assert tf_rows.keys() == default_rows.keys()
     np.testing.assert_allclose([tf_rows[p] for p in sorted(tf_rows)],
                                [default_rows[p] for p in sorted(tf_rows)], atol=1e-4)
+
+
+@pytest.mark.skipif(gpu_possible(), reason="a GPU machine scores with TensorFlow")
+def test_a_cpu_run_on_the_tflite_runtime_never_imports_tensorflow(scored, trained, tmp_path):
+    """TensorFlow's import costs each CPU worker seconds and ~500 MiB; LiteRT needs none of it."""
+    args = score_args(scored["root"], trained["model_dir"], str(tmp_path / "o"))
+    code = ("import json, sys; from pipeline import score; "
+            f"summary = score.run({args!r}); "
+            "print(json.dumps([summary['predictions'], 'tensorflow' in sys.modules]))")
+    process = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, check=True)
+    predictions, imported = json.loads(process.stdout.strip().splitlines()[-1])
+    assert predictions == scored["run"]["summary"]["predictions"] and not imported
 
 
 def test_rerun_refuses_an_occupied_output_and_overwrite_replaces_it_without_duplicates(

@@ -1,5 +1,6 @@
 """Stage-level tests on TestPipeline with assert_that."""
 
+import dataclasses
 import hashlib
 import os
 
@@ -11,9 +12,9 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from model.metadata import read_metadata
+from model.metadata import ModelContractError, read_metadata
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
-from pipeline.inference import ScoreImages, ToPredictionRowFn
+from pipeline.inference import ExportedModelHandler, ScoreImages, ToPredictionRowFn
 from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
 from pipeline.rows import image_id
 from pipeline.write import kaggle_csv
@@ -130,6 +131,20 @@ def test_score_images_batches_through_run_inference_and_matches_direct_predictio
                               min_confidence=0.0, run_id="r"))
         assert_that(rows | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
                     equal_to([(i, round(float(want[i]), 5)) for i in range(10)]))
+
+
+@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
+def test_a_worker_refuses_a_model_its_libraries_do_not_reproduce(trained, runtime):
+    """The driver checks the runtime it would pick; each worker checks the one it picks."""
+    metadata = read_metadata(trained["model_dir"])
+    refs = [dict(ref, probabilities=[0.99, 0.01]) for ref in metadata.reference_predictions]
+    handler = ExportedModelHandler(trained["model_dir"], dataclasses.replace(
+        metadata, reference_predictions=refs), min_batch_size=1, max_batch_size=2, runtime=runtime)
+    with pytest.raises(ModelContractError, match=f"{runtime}: reference predictions differ"):
+        handler.load_model()
+    good = ExportedModelHandler(trained["model_dir"], metadata, min_batch_size=1, max_batch_size=2,
+                                runtime=runtime)
+    assert good.load_model().runtime == runtime
 
 
 def test_kaggle_csv_is_sorted_by_id_and_optionally_clipped():
