@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms import resources
 
 from model.preprocessing import DEFAULT_MAX_PIXELS
 from model.serving import RUNTIMES
@@ -18,6 +19,13 @@ def parse_bool(text: str) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no"):
         raise ValueError(f"expected true or false, got {text!r}")
     return value in ("true", "1", "yes")
+
+
+def parse_resource_hints(flags: list[str]) -> dict[str, str]:
+    """``['min_ram=16GB', ...]`` -> ``{'min_ram': '16GB'}``, refusing hints Beam does not know."""
+    hints = dict(flag.split("=", 1) if "=" in flag else (flag, "") for flag in flags)
+    resources.parse_resource_hints(hints)  # raises ValueError naming an unknown or invalid hint
+    return hints
 
 
 def resolve_run_date(text: str, today: datetime.date | None = None) -> str:
@@ -79,6 +87,12 @@ class ScoreOptions(PipelineOptions):
         flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")
+        flag("inference-resource-hint", action="append", default=[], metavar="NAME=VALUE",
+             help="Beam resource hint for the inference step only (repeatable), e.g. "
+                  "'accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver' or "
+                  "'min_ram=16GB'. On Dataflow (right fitting) decoding then runs on plain CPU "
+                  "workers and only inference on the hinted ones; a runner that does not know "
+                  "a hint ignores it. Beam's --resource_hint applies to every step instead.")
         flag("run-date", default="today",
              help=f"Date of this run: 'today', 'yesterday' (UTC) or YYYY-MM-DD (backfills). It "
                   f"replaces {RUN_DATE_PLACEHOLDER} in --input, --manifest and --output, e.g. "

@@ -36,7 +36,7 @@ from model.metadata import (
 from model.serving import ServingModel
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ScoreImages
-from pipeline.options import RUN_DATE_PLACEHOLDER, ScoreOptions, resolve_run_date
+from pipeline.options import RUN_DATE_PLACEHOLDER, ScoreOptions, parse_resource_hints, resolve_run_date
 from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists
 from pipeline.rows import ERROR_SCHEMA, prediction_schema, probability_column
 from pipeline.summary import WriteRunSummary
@@ -103,7 +103,7 @@ def read_previously_scored(pipeline: beam.Pipeline, pattern: str | None, metadat
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
-                   run_id: str, started: float) -> None:
+                   run_id: str, started: float, inference_hints: dict[str, str]) -> None:
     """Wire read -> decode -> score -> write, as in the architecture diagram."""
     if options.positive_class not in metadata.class_names:
         raise ModelContractError(f"--positive-class {options.positive_class!r} is not one of the "
@@ -118,7 +118,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
         run_id=run_id, share_model_across_processes=options.share_model_across_processes,
-        runtime=options.runtime)
+        runtime=options.runtime).with_resource_hints(**inference_hints)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 
@@ -157,13 +157,14 @@ def run(argv: list[str] | None = None) -> dict:
     resolve_date_placeholders(options)
     started = time.time()
     run_id = options.run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    inference_hints = parse_resource_hints(options.inference_resource_hint)
     check_input_exists(options.input, options.manifest)
     metadata = load_checked_model(options.model_dir, options.runtime)
     prepare_output(options.output, options.overwrite)
     _LOG.info("scoring %s with model %s (%s), run %s -> %s", options.input or options.manifest,
               metadata.model_version, metadata.base, run_id, options.output)
     with beam.Pipeline(options=pipeline_options) as pipeline:
-        build_pipeline(pipeline, options, metadata, run_id, started)
+        build_pipeline(pipeline, options, metadata, run_id, started, inference_hints)
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())

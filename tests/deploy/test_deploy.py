@@ -11,7 +11,8 @@ import pytest
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from model.metadata import read_metadata
-from pipeline.options import ScoreOptions
+from pipeline import score
+from pipeline.options import ScoreOptions, parse_resource_hints
 from pipeline.score import build_pipeline, resolve_date_placeholders
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,6 +64,8 @@ def test_every_flex_template_parameter_is_a_pipeline_option_with_valid_regexes()
     ("min_confidence", "0.75", "1.5"),
     ("overwrite", "true", "yes please"),
     ("max_batch_size", "128", "0"),
+    ("inference_resource_hint", "accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver",
+     "gpus=1"),
 ])
 def test_flex_template_regexes_accept_good_values_and_reject_bad(name, good, bad):
     regexes = next(p["regexes"] for p in flex_parameters() if p["name"] == name)
@@ -120,22 +123,26 @@ def test_shell_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
-def test_production_flags_build_a_dataflow_job_offline(trained):
+def dry_run_dataflow_job(trained, *flags):
     """DataflowRunner with --dry_run builds the job (pipeline proto + job request), sends nothing."""
     argv = ["--runner=DataflowRunner", "--project=my-project", "--region=europe-west1",
             "--temp_location=gs://my-bucket/tmp", "--staging_location=gs://my-bucket/staging",
             "--job_name=petscore-nightly", "--no_auth", "--dry_run=True", "--sdk_location=container",
-            f"--sdk_container_image={IMAGE}", f"--dataflow_service_options={GPU}",
-            "--machine_type=n1-standard-8", "--experiments=use_runner_v2",
+            f"--sdk_container_image={IMAGE}", "--experiments=use_runner_v2",
             "--input=gs://my-bucket/incoming/dt={run_date}/*.jpg", "--model_dir=gs://my-bucket/models/v1",
-            "--output=gs://my-bucket/scores/dt={run_date}", "--run_date=2026-11-21",
-            "--share_model_across_processes=true"]
+            "--output=gs://my-bucket/scores/dt={run_date}", "--run_date=2026-11-21", *flags]
     options = PipelineOptions(argv)
     score_options = options.view_as(ScoreOptions)
     resolve_date_placeholders(score_options)
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, score_options, read_metadata(trained["model_dir"]), "run", 0.0)
-    job = pipeline.run().job
+    build_pipeline(pipeline, score_options, read_metadata(trained["model_dir"]), "run", 0.0,
+                   parse_resource_hints(score_options.inference_resource_hint))
+    return pipeline.run().job
+
+
+def test_production_flags_build_a_dataflow_job_offline(trained):
+    job = dry_run_dataflow_job(trained, f"--dataflow_service_options={GPU}", "--machine_type=n1-standard-8",
+                               "--share_model_across_processes=true")
     names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert {"ReadImagePaths", "DecodeImages", "ScoreImages", "WriteKaggleCsv", "WritePredictions",
             "WriteErrors", "WriteRunSummary"} <= names
@@ -144,3 +151,26 @@ def test_production_flags_build_a_dataflow_job_offline(trained):
     assert any(IMAGE.encode() in payload for payload in payloads)
     assert job.options.view_as(GoogleCloudOptions).dataflow_service_options == [GPU]
     assert job.proto.name == "petscore-nightly"
+
+
+def test_inference_resource_hints_put_only_the_inference_steps_on_gpu_workers(trained):
+    """Right fitting: decode on plain CPU workers, RunInference where the accelerator is."""
+    accelerator = "type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+    job = dry_run_dataflow_job(trained, f"--inference_resource_hint=accelerator={accelerator}",
+                               "--inference-resource-hint=min_ram=20GB")
+    components = job.proto_pipeline.components
+    hints_by_step = {t.unique_name: dict(components.environments[t.environment_id].resource_hints)
+                     for t in components.transforms.values() if t.environment_id}
+    inference = [hints for name, hints in hints_by_step.items() if name.split("/")[0] == "ScoreImages"]
+    elsewhere = [hints for name, hints in hints_by_step.items() if name.split("/")[0] != "ScoreImages"]
+    assert inference and all(
+        hints == {"beam:resources:accelerator:v1": accelerator.encode(),
+                  "beam:resources:min_ram_bytes:v1": str(20 * 10**9).encode()} for hints in inference)
+    assert any(name.startswith("DecodeImages/") for name in hints_by_step)
+    assert elsewhere and not any(elsewhere)
+
+
+def test_unknown_inference_resource_hints_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="Unknown resource hint: gpus"):
+        score.run(["--input", str(tmp_path / "*.jpg"), "--model-dir", str(tmp_path), "--output",
+                   str(tmp_path / "out"), "--inference-resource-hint", "gpus=2"])
