@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -128,11 +129,16 @@ def write_metadata(model_dir: str, metadata: ModelMetadata) -> None:
         handle.write(metadata.to_json().encode("utf-8"))
 
 
-def _hash_file_into(digest, path: str) -> None:
-    """Feed a file's bytes (never decompressed because of its name) into ``digest``."""
+def file_chunks(path: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """A file's bytes in chunks, through any Beam filesystem, never decompressed because of its
+    name; chunked so that neither a hash nor a size cap needs the whole file in one buffer."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        yield from iter(lambda: handle.read(chunk_bytes), b"")
+
+
+def _hash_file_into(digest, path: str) -> None:
+    for chunk in file_chunks(path):
+        digest.update(chunk)
 
 
 def file_sha256(path: str) -> str:

@@ -12,17 +12,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from model.metadata import file_chunks
 from model.preprocessing import decode_and_resize
 from pipeline.rows import error_row
 
 ERRORS = "errors"
 SKIPPED = "skipped"
 METRICS_NAMESPACE = "petscore"
-READ_CHUNK_BYTES = 1 << 20
 
 
 def is_permanent_read_error(error: Exception) -> bool:
@@ -100,15 +98,14 @@ class ReadAndDecodeFn(beam.DoFn):
         return len(data), ((path, content_sha256), pixels)
 
     def _read_bytes(self, path: str) -> bytes:
-        # UNCOMPRESSED: an image must never be gunzipped because of its name. Read in chunks:
-        # one read(max_bytes + 1) would allocate and free the whole cap (64 MiB) for every image.
+        # In chunks: one read(max_bytes + 1) would allocate and free the whole cap (64 MiB) for
+        # every image. file_chunks never gunzips an image because of its name.
         chunks, size = [], 0
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            while chunk := handle.read(READ_CHUNK_BYTES):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > self._max_bytes:
-                    raise FileTooLargeError(f"file is larger than the {self._max_bytes}-byte cap")
+        for chunk in file_chunks(path):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise FileTooLargeError(f"file is larger than the {self._max_bytes}-byte cap")
         return b"".join(chunks)
 
 
