@@ -41,10 +41,23 @@ def gpu_possible() -> bool:
 
 
 def configure_devices() -> str:
-    """Turn on GPU memory growth (so co-located processes can share a GPU); say what runs."""
+    """Set up GPUs for scoring and say what runs: "GPU xN", or "CPU" (also when TensorFlow is
+    not installed: a slim worker image with LiteRT alone scores on its CPU).
+
+    Memory growth lets co-located processes share a GPU. TF32 is turned off: Ampere and newer
+    GPUs run float32 convolutions in TF32 by default, which on an H100 moved a MobileNet's
+    probabilities by up to 4.4e-3 from the CPU runtimes (8e-4 on the reference images, near
+    the 1e-3 check) and a ResNet50's by up to 1.3e-2, where float32 stays within 6e-6
+    (bench/inference.py, bench/gpu_precision.py). Float32 costs ResNet50 two thirds of its
+    GPU rate (9,500 -> 3,100 images/s on an H100), still above what 16 cores decode.
+    """
     if not gpu_possible():
         return "CPU"
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return "CPU"
+    tf.config.experimental.enable_tensor_float_32_execution(False)
 
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
@@ -68,12 +81,17 @@ def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
 class ServingModel:
     """An exported model ready to score: ``predict(uint8 batch) -> probabilities``."""
 
-    def __init__(self, model_dir: str, metadata: ModelMetadata, runtime: str = "auto"):
+    def __init__(self, model_dir: str, metadata: ModelMetadata, runtime: str = "auto",
+                 tflite_threads: int = 0, max_batch_size: int = 0):
         self.metadata = metadata
-        self.device = configure_devices()
+        # LiteRT runs on the CPU: an explicit request for it needs no device probing (nor TF).
+        self.device = "CPU" if runtime == "tflite" else configure_devices()
         self.runtime = choose_runtime(runtime, metadata, self.device)
-        loader = _load_tflite if self.runtime == "tflite" else _load_saved_model
-        self._predict = loader(model_dir.rstrip("/"), metadata)
+        if self.runtime == "tflite":
+            self._predict = _load_tflite(model_dir.rstrip("/"), metadata,
+                                         tflite_threads or os.cpu_count(), max_batch_size)
+        else:
+            self._predict = _load_saved_model(model_dir.rstrip("/"), metadata)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities, shape (batch, classes), for a uint8 batch (batch, height, width, 3)."""
@@ -150,13 +168,17 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
     return predict
 
 
-def _load_tflite(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
+def _load_tflite(model_dir: str, metadata: ModelMetadata, threads: int,
+                 max_batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """LiteRT's predict function. With ``max_batch_size`` the interpreter's memory is planned
+    and used for the largest batch at load, so a worker's memory does not creep up as batches
+    grow (LiteRT keeps its arena at the largest size it has needed)."""
     from ai_edge_litert.interpreter import Interpreter
 
     path = f"{model_dir}/{TFLITE_FILE}"
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         content = handle.read()
-    interpreter = Interpreter(model_content=content, num_threads=os.cpu_count())
+    interpreter = Interpreter(model_content=content, num_threads=threads)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
     if source["dtype"] != np.uint8 or list(source["shape"][1:]) != _expected_input(metadata)[1:]:
@@ -166,12 +188,20 @@ def _load_tflite(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarra
     lock = threading.Lock()  # one interpreter per process; its tensors are not thread-safe
     allocated = {"batch": None}
 
+    def allocate(batch: int) -> None:
+        if allocated["batch"] != batch:
+            interpreter.resize_tensor_input(source["index"], [batch, *source["shape"][1:]])
+            interpreter.allocate_tensors()
+            allocated["batch"] = batch
+
+    if max_batch_size:  # one warm-up batch of the largest size touches all of that memory now
+        allocate(max_batch_size)
+        interpreter.set_tensor(source["index"], np.zeros([max_batch_size, *source["shape"][1:]], np.uint8))
+        interpreter.invoke()
+
     def predict(images: np.ndarray) -> np.ndarray:
         with lock:
-            if allocated["batch"] != len(images):
-                interpreter.resize_tensor_input(source["index"], [len(images), *source["shape"][1:]])
-                interpreter.allocate_tensors()
-                allocated["batch"] = len(images)
+            allocate(len(images))
             interpreter.set_tensor(source["index"], np.ascontiguousarray(images, dtype=np.uint8))
             interpreter.invoke()
             return interpreter.get_tensor(target["index"]).copy()

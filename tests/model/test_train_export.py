@@ -137,3 +137,16 @@ def test_auto_runtime_is_tflite_on_cpu_and_saved_model_without_an_export():
     assert choose_runtime("auto", ModelMetadata(**base), "CPU") == "saved_model"
     with pytest.raises(ModelContractError, match="no model.tflite"):
         choose_runtime("tflite", ModelMetadata(**base), "CPU")
+
+
+def test_a_gpu_machine_scores_in_full_float32_not_tf32(monkeypatch):
+    """TF32 (TensorFlow's default on Ampere+) moved real predictions by 4.4e-3 on an H100."""
+    from model import serving
+
+    monkeypatch.setattr(serving, "gpu_possible", lambda: True)
+    tf.config.experimental.enable_tensor_float_32_execution(True)
+    try:
+        assert serving.configure_devices() == "CPU"  # this machine has no GPU behind the node
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(True)

@@ -130,13 +130,28 @@ def test_saved_model_and_tflite_runtimes_give_the_same_predictions(scored, train
                                [default_rows[p] for p in sorted(tf_rows)], atol=1e-4)
 
 
-@pytest.mark.skipif(gpu_possible(), reason="a GPU machine scores with TensorFlow")
-def test_a_cpu_run_on_the_tflite_runtime_never_imports_tensorflow(scored, trained, tmp_path):
+# Each case runs in a fresh interpreter: (extra flags, code run before scoring).
+NO_TENSORFLOW_CASES = {
+    "cpu machine, default runtime": ([], ""),
+    # A GPU machine asked for LiteRT explicitly has no reason to probe its GPUs through TF.
+    "gpu machine, --runtime tflite": (["--runtime", "tflite", "--tflite-threads", "1"],
+                                      "serving.gpu_possible = lambda: True; "),
+    # A slim worker image with LiteRT and no TensorFlow scores on its CPU instead of failing.
+    "gpu machine, tensorflow not installed": (
+        [], "serving.gpu_possible = lambda: True; sys.modules['tensorflow'] = None; "),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_TENSORFLOW_CASES))
+def test_the_tflite_runtime_never_imports_tensorflow(scored, trained, tmp_path, case):
     """TensorFlow's import costs each CPU worker seconds and ~500 MiB; LiteRT needs none of it."""
-    args = score_args(scored["root"], trained["model_dir"], str(tmp_path / "o"))
-    code = ("import json, sys; from pipeline import score; "
-            f"summary = score.run({args!r}); "
-            "print(json.dumps([summary['predictions'], 'tensorflow' in sys.modules]))")
+    flags, prelude = NO_TENSORFLOW_CASES[case]
+    if not prelude and gpu_possible():
+        pytest.skip("a GPU machine scores with TensorFlow")
+    args = score_args(scored["root"], trained["model_dir"], str(tmp_path / "o"), *flags)
+    code = ("import json, sys; from model import serving; from pipeline import score; "
+            f"{prelude}summary = score.run({args!r}); "
+            "print(json.dumps([summary['predictions'], sys.modules.get('tensorflow') is not None]))")
     process = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                              timeout=300, check=True)
     predictions, imported = json.loads(process.stdout.strip().splitlines()[-1])
