@@ -33,16 +33,20 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
     or LiteRT runtime, see there)."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
-                 max_batch_size: int, share_across_processes: bool = False, runtime: str = "auto"):
+                 max_batch_size: int, share_across_processes: bool = False, runtime: str = "auto",
+                 tflite_threads: int = 0):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                          large_model=share_across_processes)
         self._model_dir = model_dir
         self._metadata = metadata
         self._runtime = runtime
+        self._tflite_threads = tflite_threads
+        self._max_batch_size = max_batch_size
 
     def load_model(self) -> ServingModel:
         started = time.monotonic()
-        model = ServingModel(self._model_dir, self._metadata, self._runtime)
+        model = ServingModel(self._model_dir, self._metadata, self._runtime, self._tflite_threads,
+                             self._max_batch_size)
         model.check_reference_predictions()  # this worker's libraries reproduce the export
         _LOG.info("loaded model %s (%s) with runtime %s on %s in %.1fs", self._metadata.model_version,
                   self._model_dir, model.runtime, model.device, time.monotonic() - started)
@@ -121,11 +125,13 @@ class ScoreImages(beam.PTransform):
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, min_confidence: float, run_id: str,
-                 share_model_across_processes: bool = False, runtime: str = "auto"):
+                 share_model_across_processes: bool = False, runtime: str = "auto",
+                 tflite_threads: int = 0):
         super().__init__()
         self._handler = KeyedModelHandler(ExportedModelHandler(
             model_dir, metadata, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
-            share_across_processes=share_model_across_processes, runtime=runtime))
+            share_across_processes=share_model_across_processes, runtime=runtime,
+            tflite_threads=tflite_threads))
         self._to_row = ToPredictionRowFn(metadata, min_confidence, run_id)
 
     def expand(self, images):

@@ -84,6 +84,10 @@ class ScoreOptions(PipelineOptions):
              help="Inference runtime: 'saved_model' (TensorFlow; GPU when visible), 'tflite' "
                   "(LiteRT/XNNPACK, fastest on CPU) or 'auto': SavedModel on a GPU, model.tflite on "
                   "a CPU when the export has one (default).")
+        flag("tflite-threads", type=int, default=0,
+             help="Threads of each LiteRT model (one model per worker process); 0 = one per "
+                  "core (default). With one worker process per core (multi_processing, "
+                  "Dataflow) 1 keeps the processes from competing for the cores.")
         flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")

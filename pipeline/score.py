@@ -118,7 +118,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
         run_id=run_id, share_model_across_processes=options.share_model_across_processes,
-        runtime=options.runtime).with_resource_hints(**inference_hints)
+        runtime=options.runtime, tflite_threads=options.tflite_threads,
+    ).with_resource_hints(**inference_hints)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 

@@ -147,6 +147,34 @@ def test_a_worker_refuses_a_model_its_libraries_do_not_reproduce(trained, runtim
     assert good.load_model().runtime == runtime
 
 
+def test_litert_gets_its_thread_count_and_plans_memory_for_the_largest_batch(trained, monkeypatch):
+    from ai_edge_litert import interpreter as litert
+
+    from model.reference import reference_batch
+
+    seen = {"threads": [], "batches": []}
+    original_init, original_resize = litert.Interpreter.__init__, litert.Interpreter.resize_tensor_input
+
+    def init(self, *args, **kwargs):
+        seen["threads"].append(kwargs.get("num_threads"))
+        original_init(self, *args, **kwargs)
+
+    def resize(self, index, shape, *args, **kwargs):
+        seen["batches"].append(int(shape[0]))
+        return original_resize(self, index, shape, *args, **kwargs)
+
+    monkeypatch.setattr(litert.Interpreter, "__init__", init)
+    monkeypatch.setattr(litert.Interpreter, "resize_tensor_input", resize)
+    metadata = read_metadata(trained["model_dir"])
+    model = ExportedModelHandler(trained["model_dir"], metadata, min_batch_size=1, max_batch_size=16,
+                                 runtime="tflite", tflite_threads=1).load_model()
+    assert seen["threads"] == [1]
+    assert seen["batches"][0] == 16  # planned for the largest batch before the first real one
+    images = reference_batch(metadata.height, metadata.width, seeds=range(5))
+    one_by_one = np.concatenate([model.predict(images[i:i + 1]) for i in range(5)])
+    np.testing.assert_allclose(model.predict(images), one_by_one, atol=1e-6)
+
+
 def test_kaggle_csv_is_sorted_by_id_and_optionally_clipped():
     rows = [(10, 0.5), (2, 0.9999), (1, 0.00001)]
     assert kaggle_csv(rows, 0.0).decode() == "id,label\n1,0.000010\n2,0.999900\n10,0.500000\n"
