@@ -15,6 +15,7 @@ then measures, each mode in its own process so peak RSS is its own:
   direct     petscore on the DirectRunner, in-process, default runtime (LiteRT on CPU)
   direct-mt  petscore on the DirectRunner, multi_threading with one worker per core
   direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
+  direct-mp-1t  the same, each worker's LiteRT model on one thread (--tflite-threads=1)
 
 Each mode starts from a warm page cache. Two rates per mode:
   work  images / the seconds of the work after imports: for tf.data the model load and the
@@ -144,7 +145,10 @@ def child(args) -> None:
                  "direct-mt": ["--direct_running_mode=multi_threading",
                                f"--direct_num_workers={os.cpu_count()}"],
                  "direct-mp": ["--direct_running_mode=multi_processing",
-                               f"--direct_num_workers={os.cpu_count()}"]}[args.mode]
+                               f"--direct_num_workers={os.cpu_count()}"],
+                 "direct-mp-1t": ["--direct_running_mode=multi_processing",
+                                  f"--direct_num_workers={os.cpu_count()}", "--tflite-threads=1"],
+                 }[args.mode]
         result = run_direct(args.model_dir, os.path.join(args.images_dir, "*.jpg"),
                             os.path.join(args.work, f"out-{args.mode}"), extra)
     result.update(images=len(paths), work_images_per_second=len(paths) / result["seconds"], **peak_rss_mib())
@@ -154,7 +158,8 @@ def child(args) -> None:
 def run_mode(mode: str, images_dir: str, args) -> dict:
     """One mode in a fresh process; its result plus the process's whole wall time."""
     warm_page_cache(images_dir)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     process = subprocess.run(
         [sys.executable, __file__, "--mode", mode, "--model-dir", args.model_dir,
