@@ -102,10 +102,25 @@ def test_kaggle_csv_has_integer_ids_in_order_with_p_dog(scored):
     assert scored["run"]["summary"]["csv_rows"] == 14
 
 
-def test_multi_processing_gives_the_same_predictions(scored, trained, tmp_path):
+@pytest.mark.parametrize("runner, local", [(None, True), ("DirectRunner", True),
+                                           ("PrismRunner", False), ("DataflowRunner", False)])
+def test_the_direct_runner_means_the_fn_api_runner_and_other_runners_are_beams(runner, local):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import FnApiRunner
+
+    chosen = score.local_runner(PipelineOptions([f"--runner={runner}"] if runner else []))
+    assert isinstance(chosen, FnApiRunner) if local else chosen is None
+
+
+def test_multi_processing_gives_the_same_predictions(scored, trained, tmp_path, monkeypatch):
+    from apache_beam.runners.portability.prism_runner import PrismRunner
+
+    prism_attempts = []
+    monkeypatch.setattr(PrismRunner, "run_pipeline", lambda *args: prism_attempts.append(args))
     output = str(tmp_path / "mp")
     score.run(score_args(scored["root"], trained["model_dir"], output,
                          "--direct_running_mode=multi_processing", "--direct_num_workers=2"))
+    assert not prism_attempts  # no download-and-try-Prism detour before the local runner
     multi = {r["path"]: (r["prob_cat"], r["prob_dog"]) for r in read_run(output)["predictions"].to_pylist()}
     single = {r["path"]: (r["prob_cat"], r["prob_dog"])
               for r in scored["run"]["predictions"].to_pylist()}
