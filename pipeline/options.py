@@ -87,7 +87,8 @@ class ScoreOptions(PipelineOptions):
         flag("tflite-threads", type=int, default=0,
              help="Threads of each LiteRT model (one model per worker process); 0 = one per "
                   "core (default). With one worker process per core (multi_processing, "
-                  "Dataflow) 1 keeps the processes from competing for the cores.")
+                  "Dataflow) each model otherwise starts a thread per core: 1 caps the total "
+                  "at one per core.")
         flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")

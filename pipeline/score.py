@@ -62,7 +62,8 @@ def local_runner(pipeline_options: PipelineOptions) -> PipelineRunner | None:
     ``--runner PrismRunner`` still runs on Prism. The provision info hands the pipeline options
     to multi-processing workers, as the DirectRunner does.
     """
-    if pipeline_options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
+    runner = pipeline_options.view_as(StandardOptions).runner or "DirectRunner"
+    if not isinstance(runner, str) or runner.lower() not in ("directrunner", "direct"):
         return None
     options = JobServiceHandle.encode_pipeline_options(pipeline_options.get_all_options())
     provision = beam_provision_api_pb2.ProvisionInfo(pipeline_options=options)

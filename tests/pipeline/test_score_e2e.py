@@ -102,7 +102,7 @@ def test_kaggle_csv_has_integer_ids_in_order_with_p_dog(scored):
     assert scored["run"]["summary"]["csv_rows"] == 14
 
 
-@pytest.mark.parametrize("runner, local", [(None, True), ("DirectRunner", True),
+@pytest.mark.parametrize("runner, local", [(None, True), ("DirectRunner", True), ("direct", True),
                                            ("PrismRunner", False), ("DataflowRunner", False)])
 def test_the_direct_runner_means_the_fn_api_runner_and_other_runners_are_beams(runner, local):
     from apache_beam.options.pipeline_options import PipelineOptions
