@@ -9,6 +9,7 @@ reports the run summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -129,9 +130,6 @@ def read_previously_scored(pipeline: beam.Pipeline, pattern: str | None, metadat
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
                    run_id: str, started: float, inference_hints: dict[str, str]) -> None:
     """Wire read -> decode -> score -> write, as in the architecture diagram."""
-    if options.positive_class not in metadata.class_names:
-        raise ModelContractError(f"--positive-class {options.positive_class!r} is not one of the "
-                                 f"model's classes {metadata.class_names}")
     paths = output_paths(options.output)
     listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
     decoded = listed["paths"] | "DecodeImages" >> DecodeImages(
@@ -172,8 +170,21 @@ def resolve_date_placeholders(options: ScoreOptions) -> None:
             setattr(options, name, value.replace(RUN_DATE_PLACEHOLDER, run_date))
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Run the job; return the run summary. Raises before any work when inputs are wrong."""
+@dataclasses.dataclass(frozen=True)
+class CheckedRun:
+    """A run that passed every start-up check: what its pipeline needs."""
+
+    pipeline_options: PipelineOptions
+    options: ScoreOptions
+    metadata: ModelMetadata
+    run_id: str
+    started: float
+    inference_hints: dict[str, str]
+
+
+def check_run(argv: list[str] | None) -> CheckedRun:
+    """Every check that can be made before work starts. A refusal raises a ``ValueError`` or
+    ``FileExistsError`` (subclass) whose message alone tells the user what to fix."""
     pipeline_options = PipelineOptions(argv)
     FileSystems.set_options(pipeline_options)  # driver-side gs:// calls use the job's auth options
     options = pipeline_options.view_as(ScoreOptions)
@@ -185,11 +196,22 @@ def run(argv: list[str] | None = None) -> dict:
     inference_hints = parse_resource_hints(options.inference_resource_hint)
     check_input_exists(options.input, options.manifest)
     metadata = load_checked_model(options.model_dir, options.runtime)
+    if options.positive_class not in metadata.class_names:
+        raise ModelContractError(f"--positive-class {options.positive_class!r} is not one of the "
+                                 f"model's classes {metadata.class_names}")
     prepare_output(options.output, options.overwrite)
+    return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints)
+
+
+def execute(checked: CheckedRun) -> dict:
+    """Run the checked job's pipeline; return the run summary."""
+    options = checked.options
     _LOG.info("scoring %s with model %s (%s), run %s -> %s", options.input or options.manifest,
-              metadata.model_version, metadata.base, run_id, options.output)
+              checked.metadata.model_version, checked.metadata.base, checked.run_id, options.output)
+    pipeline_options = checked.pipeline_options
     with beam.Pipeline(runner=local_runner(pipeline_options), options=pipeline_options) as pipeline:
-        build_pipeline(pipeline, options, metadata, run_id, started, inference_hints)
+        build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
+                       checked.inference_hints)
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())
@@ -198,6 +220,11 @@ def run(argv: list[str] | None = None) -> dict:
         _LOG.error("inputs (%d) != predictions (%d) + errors (%d) + skipped (%d)", summary["inputs"],
                    summary["predictions"], summary["errors"], summary["skipped_already_scored"])
     return summary
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the job; return the run summary. Raises before any work when inputs are wrong."""
+    return execute(check_run(argv))
 
 
 def print_help() -> None:
@@ -223,8 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)  # keep our progress lines readable
-    summary = run(argv)
-    options = PipelineOptions(argv).view_as(ScoreOptions)
+    try:
+        checked = check_run(argv)
+    except (ValueError, FileExistsError) as refusal:  # one line, no traceback: nothing ran yet
+        print(f"petscore: refused before any work: {refusal}", file=sys.stderr)
+        return 1
+    summary = execute(checked)
+    options = checked.options
     print(f"outputs under {summary['output']}:")
     for name, path in output_paths(summary["output"]).items():
         print(f"  {name:12s} {path}")

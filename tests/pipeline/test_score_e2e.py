@@ -272,11 +272,26 @@ def test_bad_model_directories_are_refused_before_any_work(corpus, trained, tmp_
 
 def test_wrong_positive_class_and_empty_input_are_clear_errors(corpus, trained, tmp_path):
     root, _ = corpus
+    earlier = tmp_path / "a" / "summary.json"
+    earlier.parent.mkdir()
+    earlier.write_text("{}")
     with pytest.raises(ModelContractError, match="--positive-class 'horse'"):
-        score.run(score_args(root, trained["model_dir"], str(tmp_path / "a"), "--positive-class", "horse"))
+        score.run(score_args(root, trained["model_dir"], str(tmp_path / "a"), "--positive-class", "horse",
+                             "--overwrite"))
+    assert earlier.exists()  # refused before --overwrite cleared anything
     with pytest.raises(EmptyInputError):
         score.run(["--input", str(tmp_path / "nothing-*.jpg"), "--model-dir", trained["model_dir"],
                    "--output", str(tmp_path / "b")])
+
+
+def test_the_cli_refuses_in_one_line_without_a_traceback(trained, tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "pipeline.score", "--input", str(tmp_path / "nothing-*.jpg"),
+         "--model-dir", trained["model_dir"], "--output", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1
+    assert "petscore: refused before any work: --input" in process.stderr
+    assert "matches no file" in process.stderr and "Traceback" not in process.stderr
 
 
 def test_help_documents_every_flag():
