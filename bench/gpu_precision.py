@@ -15,15 +15,14 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.inference import time_batches, uint8_predictor  # noqa: E402
+from bench.inference import decode_all, time_batches, uint8_predictor  # noqa: E402
 from bench.throughput import generate  # noqa: E402
 from model.architecture import build_classifier, calibrate_batchnorm  # noqa: E402
-from model.preprocessing import decode_and_resize  # noqa: E402
 
 
 def main() -> None:
     paths = generate(os.path.join("bench_output", "images-512"), 512)
-    pixels = np.stack([decode_and_resize(open(path, "rb").read(), (224, 224)) for path in paths])
+    pixels, _ = decode_all(paths, (224, 224), os.cpu_count())
     classifier, base = build_classifier("resnet50", (224, 224), 2, base_weights="none", augment=False)
     calibrate_batchnorm("resnet50", base, pixels[:16].astype("float32"))
     predict = uint8_predictor(classifier)

@@ -14,17 +14,15 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import threading
 from collections.abc import Callable
 
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from model.metadata import SAVED_MODEL_DIR, TFLITE_FILE, ModelContractError, ModelMetadata
+from model.metadata import SAVED_MODEL_DIR, TFLITE_FILE, ModelContractError, ModelMetadata, file_chunks
 from model.reference import REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
@@ -128,9 +126,8 @@ def local_copy(directory: str) -> str:
     for match in FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list:
         destination = os.path.join(target, match.path[len(directory):].lstrip("/"))
         os.makedirs(os.path.dirname(destination), exist_ok=True)
-        with FileSystems.open(match.path, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
-                open(destination, "wb") as copy:
-            shutil.copyfileobj(source, copy)
+        with open(destination, "wb") as copy:
+            copy.writelines(file_chunks(match.path))
     return target
 
 
@@ -176,9 +173,7 @@ def _load_tflite(model_dir: str, metadata: ModelMetadata, threads: int,
     from ai_edge_litert.interpreter import Interpreter
 
     path = f"{model_dir}/{TFLITE_FILE}"
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        content = handle.read()
-    interpreter = Interpreter(model_content=content, num_threads=threads)
+    interpreter = Interpreter(model_content=b"".join(file_chunks(path)), num_threads=threads)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
     if source["dtype"] != np.uint8 or list(source["shape"][1:]) != _expected_input(metadata)[1:]:
@@ -194,11 +189,6 @@ def _load_tflite(model_dir: str, metadata: ModelMetadata, threads: int,
             interpreter.allocate_tensors()
             allocated["batch"] = batch
 
-    if max_batch_size:  # one warm-up batch of the largest size touches all of that memory now
-        allocate(max_batch_size)
-        interpreter.set_tensor(source["index"], np.zeros([max_batch_size, *source["shape"][1:]], np.uint8))
-        interpreter.invoke()
-
     def predict(images: np.ndarray) -> np.ndarray:
         with lock:
             allocate(len(images))
@@ -206,6 +196,8 @@ def _load_tflite(model_dir: str, metadata: ModelMetadata, threads: int,
             interpreter.invoke()
             return interpreter.get_tensor(target["index"]).copy()
 
+    if max_batch_size:  # one warm-up batch of the largest size touches all of that memory now
+        predict(np.zeros([max_batch_size, *source["shape"][1:]], np.uint8))
     return predict
 
 

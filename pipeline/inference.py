@@ -41,12 +41,11 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
         self._metadata = metadata
         self._runtime = runtime
         self._tflite_threads = tflite_threads
-        self._max_batch_size = max_batch_size
 
     def load_model(self) -> ServingModel:
         started = time.monotonic()
         model = ServingModel(self._model_dir, self._metadata, self._runtime, self._tflite_threads,
-                             self._max_batch_size)
+                             self.batch_elements_kwargs()["max_batch_size"])
         model.check_reference_predictions()  # this worker's libraries reproduce the export
         _LOG.info("loaded model %s (%s) with runtime %s on %s in %.1fs", self._metadata.model_version,
                   self._model_dir, model.runtime, model.device, time.monotonic() - started)

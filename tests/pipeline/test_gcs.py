@@ -100,3 +100,27 @@ def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, traine
     error_shards = [n for n in names if n.startswith("scores/dt=2026-11-21/errors/")]
     errors = pq.read_table(io.BytesIO(bucket.blob(error_shards[0]).download_as_bytes()))
     assert errors.num_rows == len(expected) - good
+
+
+def test_a_saved_model_on_gcs_is_copied_whole_and_reproduces_its_export(
+        gcs, anonymous_beam_credentials, trained):
+    """TensorFlow cannot read gs:// through Beam: the SavedModel runtime loads a local copy."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from model.metadata import read_metadata
+    from model.serving import ServingModel, local_copy
+
+    FileSystems.set_options(PipelineOptions(["--no_auth"]))
+    upload_tree(gcs, trained["model_dir"], "models/copied")
+    remote = f"gs://{BUCKET}/models/copied"
+    copy = local_copy(f"{remote}/saved_model")
+    local = os.path.join(trained["model_dir"], "saved_model")
+    for folder, _, files in os.walk(local):
+        for name in files:
+            original = os.path.join(folder, name)
+            with open(original, "rb") as want, open(os.path.join(copy, os.path.relpath(original, local)),
+                                                    "rb") as got:
+                assert got.read() == want.read(), original
+    model = ServingModel(remote, read_metadata(remote), runtime="saved_model")
+    assert model.check_reference_predictions() < 1e-5
