@@ -14,6 +14,8 @@ import keras
 from keras import layers
 
 IMAGENET_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+IMAGENET_TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_TORCH_STD_RGB = (0.229, 0.224, 0.225)
 
 
 @keras.saving.register_keras_serializable(package="petscore")
@@ -28,27 +30,110 @@ class CaffePreprocess(layers.Layer):
         return bgr - keras.ops.convert_to_tensor(IMAGENET_CAFFE_MEAN_BGR, dtype=inputs.dtype)
 
 
+@keras.saving.register_keras_serializable(package="petscore")
+class NotebookScaling(layers.Layer):
+    """A notebook's pixel scaling computed exactly as it computed it on numpy arrays:
+    ``ImageDataGenerator(rescale=1./255)`` multiplies; ``preprocess_input``'s ``tf`` mode
+    divides by 127.5 and subtracts 1, ``torch`` divides by 255, subtracts the ImageNet means and
+    divides by their deviations (``keras.applications.imagenet_utils``).
+
+    The divisors are (frozen) weights, not constants: TensorFlow's graph optimiser rewrites a
+    division by a constant into a multiplication by its reciprocal, which is 1 ulp off for some
+    pixel values, and a sensitive network turned that into 1e-5 of probability.
+    """
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("1/255", "tf", "torch"):
+            raise ValueError(f"unknown scaling mode {mode!r}")
+        self.mode = mode
+
+    def build(self, input_shape):
+        divisor = {"1/255": 1.0, "tf": 127.5, "torch": 255.0}[self.mode]
+        self.divisor = self.add_weight(shape=(), initializer=keras.initializers.Constant(divisor),
+                                       trainable=False, name="divisor")
+        self.std = self.add_weight(shape=(3,), initializer=keras.initializers.Constant(
+            IMAGENET_TORCH_STD_RGB), trainable=False, name="std")
+
+    def call(self, inputs):
+        if self.mode == "1/255":
+            return inputs * (1.0 / 255.0)
+        if self.mode == "tf":
+            return inputs / self.divisor - 1.0
+        mean = keras.ops.convert_to_tensor(IMAGENET_TORCH_MEAN_RGB, dtype=inputs.dtype)
+        return (inputs / self.divisor - mean) / self.std
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="petscore")
+class SigmoidToTwoClasses(layers.Layer):
+    """One sigmoid unit P(second class) -> [P(first), P(second)] = [1 - p, p]: a binary Keras
+    model (``class_mode="binary"``) scored as two classes like every other model."""
+
+    def call(self, inputs):
+        return keras.ops.concatenate([1.0 - inputs, inputs], axis=-1)
+
+
+# How a notebook scaled its pixels (float [0, 255] in), as a layer that goes inside the exported
+# model. Names follow ``keras.applications.imagenet_utils.preprocess_input``'s modes.
+SCALINGS: dict[str, Callable[[], layers.Layer | None]] = {
+    "1/255": lambda: NotebookScaling("1/255", name="scale_1_255"),
+    "tf": lambda: NotebookScaling("tf", name="scale_to_pm1"),
+    "caffe": lambda: CaffePreprocess(name="caffe_preprocess"),
+    "torch": lambda: NotebookScaling("torch", name="torch_preprocess"),
+    "none": lambda: None,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseSpec:
     """How to build one ImageNet base and what its input scaling is."""
 
     constructor: Callable[..., keras.Model]
-    input_scaling: Callable[[], layers.Layer | None]
+    scaling: str  # a key of SCALINGS: the base's own preprocess_input
     takes_alpha: bool = False
+
+    def input_scaling(self) -> layers.Layer | None:
+        """The scaling layer of models trained here: Keras's stock layers (no notebook to match
+        to the bit, and the graphs of models already exported stay what they were)."""
+        stock = {"tf": lambda: layers.Rescaling(1 / 127.5, offset=-1, name="scale_to_pm1"),
+                 "caffe": lambda: CaffePreprocess(name="caffe_preprocess"), "none": lambda: None}
+        return stock[self.scaling]()
 
 
 BASES: dict[str, BaseSpec] = {
-    "mobilenet_v2": BaseSpec(keras.applications.MobileNetV2,
-                             lambda: layers.Rescaling(1 / 127.5, offset=-1, name="scale_to_pm1"),
-                             takes_alpha=True),
+    "mobilenet_v2": BaseSpec(keras.applications.MobileNetV2, "tf", takes_alpha=True),
     # MobileNet v1 is here because its small official weights file works offline.
-    "mobilenet": BaseSpec(keras.applications.MobileNet,
-                          lambda: layers.Rescaling(1 / 127.5, offset=-1, name="scale_to_pm1"),
-                          takes_alpha=True),
-    "resnet50": BaseSpec(keras.applications.ResNet50, lambda: CaffePreprocess(name="caffe_preprocess")),
+    "mobilenet": BaseSpec(keras.applications.MobileNet, "tf", takes_alpha=True),
+    "resnet50": BaseSpec(keras.applications.ResNet50, "caffe"),
     # EfficientNet rescales inside the application model itself.
-    "efficientnet_b0": BaseSpec(keras.applications.EfficientNetB0, lambda: None),
+    "efficientnet_b0": BaseSpec(keras.applications.EfficientNetB0, "none"),
 }
+# Further Keras applications a notebook may have used as a feature extractor
+# (``python -m model.package --feature-extractor``); not offered for training here.
+FEATURE_EXTRACTORS: dict[str, BaseSpec] = {
+    **BASES,
+    "vgg16": BaseSpec(keras.applications.VGG16, "caffe"),
+    "vgg19": BaseSpec(keras.applications.VGG19, "caffe"),
+    "inception_v3": BaseSpec(keras.applications.InceptionV3, "tf"),
+    "xception": BaseSpec(keras.applications.Xception, "tf"),
+    "densenet121": BaseSpec(keras.applications.DenseNet121, "torch"),
+}
+
+
+def build_base(name: str, input_size: tuple[int, int], weights: str, alpha: float = 1.0) -> keras.Model:
+    """A Keras application without its top. ``weights``: ``imagenet`` (downloads through Keras),
+    ``none`` (random) or a path to a local ``include_top=False`` weights file."""
+    spec = FEATURE_EXTRACTORS[name]
+    kwargs = {"alpha": alpha} if spec.takes_alpha else {}
+    keras_weights = {"imagenet": "imagenet", "none": None}.get(weights.lower(), None)
+    base = spec.constructor(input_shape=(*input_size, 3), include_top=False, weights=keras_weights,
+                            **kwargs)
+    if weights.lower() not in ("imagenet", "none"):
+        base.load_weights(weights)
+    return base
 
 
 def build_classifier(
@@ -69,13 +154,7 @@ def build_classifier(
     if base not in BASES:
         raise ValueError(f"unknown base {base!r}; choose one of {sorted(BASES)}")
     spec = BASES[base]
-    kwargs = {"alpha": alpha} if spec.takes_alpha else {}
-    weights = {"imagenet": "imagenet", "none": None}.get(base_weights.lower(), None)
-    feature_extractor = spec.constructor(
-        input_shape=(*input_size, 3), include_top=False, weights=weights, **kwargs
-    )
-    if base_weights.lower() not in ("imagenet", "none"):
-        feature_extractor.load_weights(base_weights)
+    feature_extractor = build_base(base, input_size, base_weights, alpha)
     feature_extractor.trainable = False
 
     inputs = keras.Input(shape=(*input_size, 3), dtype="float32", name="pixels")

@@ -18,7 +18,16 @@ import numpy as np
 
 from model.data import find_labelled_images
 from model.metadata import read_metadata
-from model.metrics import KAGGLE_EPS, accuracy, confusion_matrix, error_analysis, log_loss, reliability_curve
+from model.metrics import (
+    KAGGLE_EPS,
+    accuracy,
+    accuracy_coverage_curve,
+    confusion_matrix,
+    error_analysis,
+    log_loss,
+    min_confidence_for_accuracy,
+    reliability_curve,
+)
 from model.preprocessing import decode_and_resize
 from model.report import render_report
 from model.serving import ServingModel
@@ -36,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eps", type=float, default=KAGGLE_EPS,
                         help="Log-loss clipping (Kaggle uses 1e-15).")
+    parser.add_argument("--target-accuracy", type=float, default=None,
+                        help="Report the smallest --min-confidence whose scored (not withheld) "
+                             "images reach this accuracy, e.g. 0.99, and the share it withholds.")
     return parser.parse_args(argv)
 
 
@@ -46,7 +58,8 @@ def predict_paths(model: ServingModel, paths: list[str], batch_size: int):
     def load(path):
         try:
             with open(path, "rb") as handle:
-                return decode_and_resize(handle.read(), size, model.metadata.resize_method)
+                return decode_and_resize(handle.read(), size, model.metadata.resize_method,
+                                         preprocessing=model.metadata.preprocessing)
         except Exception as error:  # noqa: BLE001 - reported, not fatal, in an evaluation
             return error
 
@@ -80,6 +93,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     paths = [data.paths[i] for i in kept]
     matrix = confusion_matrix(labels, probabilities, len(metadata.class_names))
     curve = reliability_curve(labels, probabilities)
+    coverage = accuracy_coverage_curve(labels, probabilities)
     metrics = {
         "model_version": metadata.model_version,
         "data": os.path.abspath(args.data),
@@ -90,17 +104,22 @@ def evaluate(args: argparse.Namespace) -> dict:
         "log_loss_eps": args.eps,
         "expected_calibration_error": round(curve["expected_calibration_error"], 6),
     }
+    if args.target_accuracy is not None:
+        metrics["withholding"] = min_confidence_for_accuracy(coverage, args.target_accuracy) or {
+            "target_accuracy": args.target_accuracy, "min_confidence": None,
+            "note": "no confidence threshold reaches this accuracy on this data"}
     examples = error_analysis(labels, probabilities, metadata.class_names)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "metrics.json"), "w") as handle:
         json.dump({**metrics, "confusion_matrix": matrix.tolist(), "class_names": metadata.class_names,
-                   "reliability": curve, "unreadable_files": failures,
+                   "reliability": curve, "accuracy_coverage": coverage, "unreadable_files": failures,
                    "examples": {c: {g: [paths[i] for i in idx] for g, idx in groups.items()}
                                 for c, groups in examples.items()}}, handle, indent=2)
     with open(os.path.join(args.output, "report.html"), "w") as handle:
         handle.write(render_report(title=f"petscore evaluation: {metadata.model_version}",
                                    metrics=metrics, class_names=metadata.class_names, matrix=matrix,
-                                   curve=curve, examples=examples, paths=paths, labels=labels,
+                                   curve=curve, coverage=coverage,
+                                   examples=examples, paths=paths, labels=labels,
                                    probabilities=probabilities))
     return metrics
 
@@ -112,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{metrics['model_version']} on {metrics['images']} images: accuracy {metrics['accuracy']:.4f}, "
           f"log loss {metrics['log_loss']:.4f}, ECE {metrics['expected_calibration_error']:.4f}, "
           f"{metrics['unreadable']} unreadable -> {os.path.join(args.output, 'report.html')}")
+    withholding = metrics.get("withholding")
+    if withholding and withholding["min_confidence"] is not None:
+        print(f"accuracy {withholding['target_accuracy']:g} is reached with --min-confidence "
+              f"{withholding['min_confidence']!r}: {withholding['accuracy']:.4f} on the "
+              f"{withholding['coverage']:.1%} of images it scores, {withholding['withheld']:.1%} withheld")
+    elif withholding:
+        print(f"accuracy {withholding['target_accuracy']:g}: {withholding['note']}")
     return 0
 
 

@@ -38,8 +38,14 @@ def export_tflite(export_dir: str, metadata: ModelMetadata,
     ``saved_model`` within ``TFLITE_TOLERANCE`` on 16 generated images; return its metadata entry."""
     path = os.path.join(export_dir, TFLITE_FILE)
     converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(export_dir, SAVED_MODEL_DIR))
+    try:
+        flatbuffer = converter.convert()
+    except Exception as error:  # noqa: BLE001 - an op LiteRT lacks: the SavedModel still serves
+        _LOG.warning("model.tflite not exported: the converter failed (%s: %s); the model scores "
+                     "on the SavedModel runtime", type(error).__name__, str(error).splitlines()[0])
+        return None
     with open(path, "wb") as handle:
-        handle.write(converter.convert())
+        handle.write(flatbuffer)
     entry = {"sha256": file_sha256(path)}
     candidate = dataclasses.replace(metadata, tflite=entry)
     images = reference_batch(metadata.height, metadata.width, TFLITE_CHECK_SEEDS)
@@ -63,10 +69,13 @@ def export_model(
     base_weights: str,
     model_version: str,
     resize_method: str = "bilinear",
+    preprocessing: str = PREPROCESSING_VERSION,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    save_keras: bool = True,
 ) -> ModelMetadata:
-    """Write ``saved_model/``, ``model.keras``, ``model.tflite`` and ``metadata.json``.
+    """Write ``saved_model/``, ``model.keras`` (unless ``save_keras`` is false: a model wrapping
+    another SavedModel), ``model.tflite`` and ``metadata.json``.
 
     The SavedModel's ``serving_default`` takes ``images``: uint8 [batch, height, width, 3]
     and returns ``probabilities``: float32 [batch, classes]. Everything is written to a
@@ -77,7 +86,8 @@ def export_model(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        classifier.save(os.path.join(staging, KERAS_FILE))
+        if save_keras:
+            classifier.save(os.path.join(staging, KERAS_FILE))
         archive = keras.export.ExportArchive()
         archive.track(classifier)
         archive.add_endpoint(
@@ -92,7 +102,7 @@ def export_model(
             class_names=list(class_names),
             input_size=[int(height), int(width)],
             resize_method=resize_method,
-            preprocessing=PREPROCESSING_VERSION,
+            preprocessing=preprocessing,
             base=base,
             base_weights=base_weights,
             sha256=saved_model_sha256(staging),

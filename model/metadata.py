@@ -22,7 +22,7 @@ from typing import Any
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from model.preprocessing import PREPROCESSING_VERSION, RESIZE_METHODS
+from model.preprocessing import PREPROCESSING_VERSIONS
 
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
@@ -89,11 +89,13 @@ class ModelMetadata:
         if (not isinstance(self.input_size, list) or len(self.input_size) != 2
                 or not all(isinstance(v, int) and v >= 8 for v in self.input_size)):
             problems.append(f"input_size must be [height, width] of ints >= 8, got {self.input_size!r}")
-        if self.resize_method not in RESIZE_METHODS:
-            problems.append(f"resize_method {self.resize_method!r} is not one of {sorted(RESIZE_METHODS)}")
-        if self.preprocessing != PREPROCESSING_VERSION:
-            problems.append(f"preprocessing {self.preprocessing!r} differs from this scorer's "
-                            f"{PREPROCESSING_VERSION!r} (training/serving skew)")
+        methods = PREPROCESSING_VERSIONS.get(self.preprocessing)
+        if methods is None:
+            problems.append(f"preprocessing {self.preprocessing!r} is none of this scorer's "
+                            f"{sorted(PREPROCESSING_VERSIONS)} (training/serving skew)")
+        elif self.resize_method not in methods:
+            problems.append(f"resize_method {self.resize_method!r} is not one of {sorted(methods)} "
+                            f"for {self.preprocessing}")
         if not self.model_version:
             problems.append("model_version is empty")
         for ref in self.reference_predictions:
@@ -118,7 +120,8 @@ def read_metadata(model_dir: str) -> ModelMetadata:
     if not FileSystems.exists(path):
         raise ModelContractError(
             f"{path} not found: a model directory needs metadata.json beside saved_model/ "
-            "(export models with `python -m model.train`)"
+            "(export models with `python -m model.train`, or bring a Keras model in with "
+            "`python -m model.package`)"
         )
     with FileSystems.open(path) as handle:
         return ModelMetadata.from_json(handle.read().decode("utf-8"), source=path)

@@ -62,3 +62,29 @@ def error_analysis(labels: np.ndarray, probabilities: np.ndarray, class_names: l
             "most_confident_wrong": wrong[np.argsort(true_prob[wrong])][:per_group].tolist(),
         }
     return result
+
+
+def accuracy_coverage_curve(labels: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+    """What withholding buys: for every threshold t that the data distinguishes (each distinct
+    confidence, highest first), the share of images with confidence >= t (``coverage``: scored
+    rather than withheld, as ``--min-confidence t`` would) and the accuracy among them."""
+    confidence = probabilities.max(axis=1)
+    correct = np.argmax(probabilities, axis=1) == labels
+    order = np.argsort(-confidence, kind="stable")
+    descending = confidence[order]
+    right_so_far = np.cumsum(correct[order])
+    thresholds = np.unique(descending)[::-1]
+    kept = np.searchsorted(-descending, -thresholds, side="right")  # images with confidence >= t
+    return [{"min_confidence": float(t), "coverage": float(k / len(labels)),
+             "accuracy": float(right_so_far[k - 1] / k)}
+            for t, k in zip(thresholds, kept, strict=True)]
+
+
+def min_confidence_for_accuracy(curve: list[dict], target: float) -> dict | None:
+    """The smallest threshold whose kept images reach ``target`` accuracy (the most coverage at
+    that accuracy), with its coverage and the share withheld; None when no threshold reaches it."""
+    reaching = [point for point in curve if point["accuracy"] >= target]
+    if not reaching:
+        return None
+    best = min(reaching, key=lambda point: point["min_confidence"])
+    return {"target_accuracy": target, **best, "withheld": 1.0 - best["coverage"]}

@@ -1,5 +1,13 @@
 """Image bytes -> model-ready uint8 RGB array: the one function training and scoring share.
 
+Two loaders, each a versioned preprocessing recorded in a model's metadata:
+- ``pillow-rgb-draft-v1`` (petscore's own, what ``model.train`` uses), described below;
+- ``keras-load-img-v1``: exactly what ``keras.utils.load_img`` and
+  ``ImageDataGenerator.flow_from_directory`` do (full decode, Pillow ``convert("RGB")``, no EXIF
+  rotation, resize with Keras's interpolation, ``nearest`` by default), for models trained in
+  notebooks and brought in with ``python -m model.package``. Scoring a model through the loader
+  it was trained with is what makes its scores equal to the notebook's.
+
 Pillow does the decoding rather than ``tf.io.decode_image`` because TF cannot honour EXIF
 orientation, convert CMYK or palette-with-transparency images faithfully, decode at reduced
 DCT scale (``draft``), or refuse a decompression bomb from the header before decoding.
@@ -16,7 +24,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 PREPROCESSING_VERSION = "pillow-rgb-draft-v1"
+KERAS_LOAD_IMG = "keras-load-img-v1"
 RESIZE_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# keras.utils.image_utils.PIL_INTERPOLATION_METHODS
+KERAS_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX, "lanczos": Image.Resampling.LANCZOS,
+}
+# preprocessing version -> the resize methods it knows
+PREPROCESSING_VERSIONS = {PREPROCESSING_VERSION: RESIZE_METHODS, KERAS_LOAD_IMG: KERAS_INTERPOLATIONS}
 DEFAULT_MAX_PIXELS = 64_000_000
 EXIF_ORIENTATION = 0x0112
 # Pillow warns above its own bomb limit; we enforce ours from the header instead.
@@ -36,18 +53,26 @@ def decode_and_resize(
     size: tuple[int, int],
     resize_method: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    preprocessing: str = PREPROCESSING_VERSION,
 ) -> np.ndarray:
-    """Decode any Pillow-readable image and stretch it to ``size`` = (height, width).
+    """Decode any Pillow-readable image and stretch it to ``size`` = (height, width) the way
+    the ``preprocessing`` version says.
 
-    Contract: returns a ``(height, width, 3)`` uint8 array. EXIF orientation is applied, the
-    first frame of an animation is used, grayscale/CMYK/palette/16-bit images become RGB and
-    transparent pixels are composited over white. Raises on empty, truncated, unknown or
-    oversized input (``ImageTooLargeError``); callers turn that into an error row.
+    Contract: returns a ``(height, width, 3)`` uint8 array. Raises on empty, truncated, unknown
+    or oversized input (``ImageTooLargeError``, checked from the header before decoding with
+    either loader); callers turn that into an error row. ``pillow-rgb-draft-v1``: EXIF
+    orientation is applied, the first frame of an animation is used, grayscale/CMYK/palette/
+    16-bit images become RGB and transparent pixels are composited over white.
+    ``keras-load-img-v1``: whatever ``keras.utils.load_img`` + ``img_to_array`` give, to the bit.
     """
     if not data:
         raise EmptyImageError("empty file (0 bytes)")
-    if resize_method not in RESIZE_METHODS:
-        raise ValueError(f"unknown resize method {resize_method!r}; known: {sorted(RESIZE_METHODS)}")
+    methods = PREPROCESSING_VERSIONS.get(preprocessing)
+    if methods is None:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}; known: {sorted(PREPROCESSING_VERSIONS)}")
+    if resize_method not in methods:
+        raise ValueError(f"unknown resize method {resize_method!r} for {preprocessing}; "
+                         f"known: {sorted(methods)}")
     height, width = size
     with Image.open(io.BytesIO(data)) as image:
         pixels = image.width * image.height
@@ -55,6 +80,8 @@ def decode_and_resize(
             raise ImageTooLargeError(
                 f"{image.width}x{image.height} = {pixels} pixels exceeds the cap of {max_pixels}"
             )
+        if preprocessing == KERAS_LOAD_IMG:
+            return _keras_load_img(image, width, height, methods[resize_method])
         # JPEG only: decode at the smallest DCT scale that still covers the target size on
         # both sides (whatever the EXIF rotation does to the axes).
         longest = max(height, width)
@@ -65,6 +92,16 @@ def decode_and_resize(
         rgb = _to_rgb(image)
         rgb = rgb.resize((width, height), RESIZE_METHODS[resize_method])
         return np.asarray(rgb, dtype=np.uint8)
+
+
+def _keras_load_img(image: Image.Image, width: int, height: int, resample) -> np.ndarray:
+    """``keras.utils.load_img(color_mode="rgb", target_size=..., interpolation=...)`` followed
+    by ``img_to_array``, step for step (keras/src/utils/image_utils.py)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -47,6 +47,17 @@ def reliability_plot(curve: dict) -> str:
     return _png(figure)
 
 
+def coverage_plot(coverage: list[dict]) -> str:
+    """Accuracy of the images kept against the share kept, as --min-confidence rises."""
+    figure, axis = plt.subplots(figsize=(3.5, 3.2))
+    axis.plot([p["coverage"] for p in coverage], [p["accuracy"] for p in coverage], "-")
+    axis.set_xlabel("coverage (share scored, not withheld)")
+    axis.set_ylabel("accuracy of the scored")
+    axis.set_xlim(0, 1.02)
+    axis.invert_xaxis()
+    return _png(figure)
+
+
 def thumbnail(path: str, side: int = 128) -> str:
     with Image.open(path) as image:
         image = image.convert("RGB")
@@ -57,7 +68,7 @@ def thumbnail(path: str, side: int = 128) -> str:
 
 
 def render_report(*, title: str, metrics: dict, class_names: list[str], matrix: np.ndarray,
-                  curve: dict, examples: dict, paths: list[str], labels: np.ndarray,
+                  curve: dict, coverage: list[dict], examples: dict, paths: list[str], labels: np.ndarray,
                   probabilities: np.ndarray) -> str:
     """HTML text; images are embedded as data URIs so the file can be mailed or archived."""
     esc = html.escape
@@ -78,7 +89,8 @@ def render_report(*, title: str, metrics: dict, class_names: list[str], matrix: 
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .grid{{display:flex;flex-wrap:wrap}}
 figure{{margin:6px;width:140px;font-size:11px}} .plots img{{margin-right:2em}}</style></head><body>
 <h1>{esc(title)}</h1><table>{metric_rows}</table>
-<h2>Confusion matrix and calibration</h2><div class=plots>
+<h2>Confusion matrix, calibration, accuracy versus coverage</h2><div class=plots>
 <img alt="confusion matrix" src="data:image/png;base64,{confusion_plot(matrix, class_names)}">
-<img alt="reliability curve" src="data:image/png;base64,{reliability_plot(curve)}"></div>
+<img alt="reliability curve" src="data:image/png;base64,{reliability_plot(curve)}">
+<img alt="accuracy versus coverage" src="data:image/png;base64,{coverage_plot(coverage)}"></div>
 <h2>Error analysis</h2>{''.join(sections)}</body></html>"""

@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from model.metadata import file_chunks
-from model.preprocessing import decode_and_resize
+from model.preprocessing import PREPROCESSING_VERSION, decode_and_resize
 from pipeline.rows import error_row
 
 ERRORS = "errors"
@@ -49,9 +49,10 @@ class ReadAndDecodeFn(beam.DoFn):
     """
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
-                 max_bytes: int, run_id: str):
+                 max_bytes: int, run_id: str, preprocessing: str = PREPROCESSING_VERSION):
         self._size = tuple(size)
         self._resize_method = resize_method
+        self._preprocessing = preprocessing
         self._max_pixels = max_pixels
         self._max_bytes = max_bytes
         self._run_id = run_id
@@ -91,7 +92,8 @@ class ReadAndDecodeFn(beam.DoFn):
         if previously_scored and previously_scored.get(path) == content_sha256:
             return len(data), beam.pvalue.TaggedOutput(SKIPPED, path)
         try:
-            pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels)
+            pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
+                                       self._preprocessing)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
             return len(data), beam.pvalue.TaggedOutput(
                 ERRORS, error_row(path, "decode", error, self._run_id))
@@ -114,12 +116,13 @@ class DecodeImages(beam.PTransform):
 
     ``previously_scored``: optional PCollection of ``(path, content_sha256)`` already scored by
     this model version (incremental nightly runs); those files are read and hashed, not decoded.
+    ``preprocessing``: the model's loader version (its metadata says which).
     """
 
     def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,
-                 previously_scored=None):
+                 previously_scored=None, preprocessing: str = PREPROCESSING_VERSION):
         super().__init__()
-        self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id)
+        self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id, preprocessing)
         self._previously_scored = previously_scored
 
     def expand(self, paths):

@@ -23,7 +23,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 from model.metadata import ModelMetadata
 from model.serving import ServingModel
 from pipeline.decode import METRICS_NAMESPACE
-from pipeline.rows import UNCERTAIN, image_id, probability_column, utc_now
+from pipeline.rows import UNCERTAIN, image_id, probability_column, top_classes, utc_now
 
 _LOG = logging.getLogger(__name__)
 
@@ -70,8 +70,9 @@ class ToPredictionRowFn(beam.DoFn):
 
     PROGRESS_EVERY_SECONDS = 5.0
 
-    def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str):
+    def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0):
         self._class_names = list(metadata.class_names)
+        self._top_k = top_k
         self._columns = [probability_column(name) for name in self._class_names]
         self._model_version = metadata.model_version
         self._model_sha256 = metadata.sha256
@@ -103,6 +104,7 @@ class ToPredictionRowFn(beam.DoFn):
             "predicted_class": self._class_names[best],
             **dict(zip(self._columns, probabilities, strict=True)),
             "confidence": confidence,
+            **(top_classes(probabilities, self._class_names, self._top_k) if self._top_k else {}),
             "decision": decision,
             "model_version": self._model_version,
             "model_sha256": self._model_sha256,
@@ -125,13 +127,13 @@ class ScoreImages(beam.PTransform):
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, min_confidence: float, run_id: str,
                  share_model_across_processes: bool = False, runtime: str = "auto",
-                 tflite_threads: int = 0):
+                 tflite_threads: int = 0, top_k: int = 0):
         super().__init__()
         self._handler = KeyedModelHandler(ExportedModelHandler(
             model_dir, metadata, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
             share_across_processes=share_model_across_processes, runtime=runtime,
             tflite_threads=tflite_threads))
-        self._to_row = ToPredictionRowFn(metadata, min_confidence, run_id)
+        self._to_row = ToPredictionRowFn(metadata, min_confidence, run_id, top_k)
 
     def expand(self, images):
         return (images

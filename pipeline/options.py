@@ -9,6 +9,7 @@ from apache_beam.transforms import resources
 
 from model.preprocessing import DEFAULT_MAX_PIXELS
 from model.serving import RUNTIMES
+from pipeline.write import CSV_FORMATS
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
 
@@ -70,8 +71,19 @@ class ScoreOptions(PipelineOptions):
         flag("clip", type=float, default=0.0,
              help="Clip the Kaggle CSV label to [clip, 1 - clip] (log loss punishes confident "
                   "mistakes; e.g. 0.005). Default 0: no clipping. Parquet keeps raw values.")
-        flag("positive-class", default="dog",
-             help="Class whose probability is the Kaggle CSV label (default 'dog').")
+        flag("positive-class", default=None,
+             help="Two-class models: the class whose probability is the binary CSV's label "
+                  "(default: 'dog' when the model has it, else its second class, the one a "
+                  "binary Keras model's sigmoid gives).")
+        flag("csv-format", default="auto", choices=CSV_FORMATS,
+             help="submission.csv: 'binary' = id,label (Kaggle dogs-vs-cats: integer ids, "
+                  "label = P(positive class)); 'multiclass' = id,<class 1>,...,<class N> (Kaggle "
+                  "Dog Breed Identification: id = file stem as it is, every class's probability); "
+                  "'auto' = binary for two classes, multiclass otherwise (default).")
+        flag("top-k", type=int, default=None,
+             help="Add top_classes / top_probabilities (the k most probable classes) to the "
+                  "Parquet predictions (default: 5 for models of more than 5 classes, else none; "
+                  "0 turns them off).")
         flag("max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
              help="Refuse images whose header declares more pixels than this, before decoding "
                   f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS}).")

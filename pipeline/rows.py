@@ -26,7 +26,21 @@ def probability_column(class_name: str) -> str:
     return "prob_" + re.sub(r"[^0-9a-zA-Z_]", "_", class_name)
 
 
-def prediction_schema(class_names: list[str]) -> pa.Schema:
+def default_top_k(class_names: list[str]) -> int:
+    """Top-k columns only where they say more than the argmax: 5 for models of over 5 classes."""
+    return 5 if len(class_names) > 5 else 0
+
+
+def top_classes(probabilities: list[float], class_names: list[str], k: int) -> dict[str, list]:
+    """``top_classes`` / ``top_probabilities``: the k most probable classes, most probable first."""
+    order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:k]
+    return {"top_classes": [class_names[i] for i in order],
+            "top_probabilities": [probabilities[i] for i in order]}
+
+
+def prediction_schema(class_names: list[str], top_k: int = 0) -> pa.Schema:
+    top = [pa.field("top_classes", pa.list_(pa.string()), nullable=False),
+           pa.field("top_probabilities", pa.list_(pa.float64()), nullable=False)] if top_k else []
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
         pa.field("image_id", pa.int64()),  # integer file stem, null when the stem is not a number
@@ -34,6 +48,7 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
         pa.field("predicted_class", pa.string(), nullable=False),
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         pa.field("confidence", pa.float64(), nullable=False),
+        *top,
         pa.field("decision", pa.string(), nullable=False),  # a class name, or 'uncertain'
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("model_sha256", pa.string(), nullable=False),
@@ -42,9 +57,14 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
     ])
 
 
+def file_stem(path: str) -> str:
+    """``.../0a1b2c.jpg`` -> ``0a1b2c``: the id of a multi-class Kaggle submission, as it is."""
+    return os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+
+
 def image_id(path: str) -> int | None:
     """Kaggle id of a path: ``.../123.jpg`` -> 123; None when the stem is not an integer."""
-    stem = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    stem = file_stem(path)
     return int(stem) if stem.isdigit() else None
 
 

@@ -44,9 +44,17 @@ from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ScoreImages
 from pipeline.options import RUN_DATE_PLACEHOLDER, ScoreOptions, parse_resource_hints, resolve_run_date
 from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists
-from pipeline.rows import ERROR_SCHEMA, prediction_schema, probability_column
+from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema
 from pipeline.summary import WriteRunSummary
-from pipeline.write import ERRORS_DIR, PREDICTIONS_DIR, WriteKaggleCsv, WriteParquetRows, output_paths
+from pipeline.write import (
+    BINARY,
+    ERRORS_DIR,
+    PREDICTIONS_DIR,
+    WriteKaggleCsv,
+    WriteParquetRows,
+    output_paths,
+    resolve_csv_format,
+)
 
 _LOG = logging.getLogger("petscore")
 EXIT_TOO_MANY_ERRORS = 3
@@ -135,21 +143,22 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     decoded = listed["paths"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
         options.max_image_bytes, run_id,
-        previously_scored=read_previously_scored(pipeline, options.skip_scored, metadata))
+        previously_scored=read_previously_scored(pipeline, options.skip_scored, metadata),
+        preprocessing=metadata.preprocessing)
     predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
         run_id=run_id, share_model_across_processes=options.share_model_across_processes,
-        runtime=options.runtime, tflite_threads=options.tflite_threads,
+        runtime=options.runtime, tflite_threads=options.tflite_threads, top_k=options.top_k,
     ).with_resource_hints(**inference_hints)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 
     csv_rows = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
-        paths["csv"], probability_column(options.positive_class), options.clip)
+        paths["csv"], metadata.class_names, options.csv_format, options.positive_class, options.clip)
     predictions | "WritePredictions" >> WriteParquetRows(
         FileSystems.join(options.output, PREDICTIONS_DIR), "predictions",
-        prediction_schema(metadata.class_names))
+        prediction_schema(metadata.class_names, options.top_k))
     errors | "WriteErrors" >> WriteParquetRows(
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
@@ -168,6 +177,22 @@ def resolve_date_placeholders(options: ScoreOptions) -> None:
         value = getattr(options, name)
         if value:
             setattr(options, name, value.replace(RUN_DATE_PLACEHOLDER, run_date))
+
+
+def resolve_model_dependent_options(options: ScoreOptions, metadata: ModelMetadata) -> None:
+    """Defaults that depend on the model's classes: CSV format, positive class, top-k."""
+    classes = metadata.class_names
+    options.csv_format = resolve_csv_format(options.csv_format, classes)
+    if options.positive_class is None:
+        options.positive_class = "dog" if "dog" in classes else classes[1]
+    if options.csv_format == BINARY and options.positive_class not in classes:
+        raise ModelContractError(f"--positive-class {options.positive_class!r} is not one of the "
+                                 f"model's classes {classes}")
+    if options.top_k is None:
+        options.top_k = default_top_k(classes)
+    if not 0 <= options.top_k <= len(classes):
+        raise ValueError(f"--top-k {options.top_k} must be between 0 and the model's "
+                         f"{len(classes)} classes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +221,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     inference_hints = parse_resource_hints(options.inference_resource_hint)
     check_input_exists(options.input, options.manifest)
     metadata = load_checked_model(options.model_dir, options.runtime)
-    if options.positive_class not in metadata.class_names:
-        raise ModelContractError(f"--positive-class {options.positive_class!r} is not one of the "
-                                 f"model's classes {metadata.class_names}")
+    resolve_model_dependent_options(options, metadata)
     prepare_output(options.output, options.overwrite)
     return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints)
 

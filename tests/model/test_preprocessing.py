@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.preprocessing import EmptyImageError, ImageTooLargeError, decode_and_resize
+from model.preprocessing import KERAS_LOAD_IMG, EmptyImageError, ImageTooLargeError, decode_and_resize
 from tests.corpus import GOOD, write_corpus
 
 
@@ -101,3 +101,41 @@ def test_empty_and_unknown_inputs_are_refused():
         decode_and_resize(b"", (8, 8))
     with pytest.raises(ValueError, match="unknown resize method"):
         decode_and_resize(encode(Image.new("RGB", (4, 4)), "PNG"), (8, 8), resize_method="magic")
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"])
+def test_keras_loader_gives_keras_load_img_pixels_to_the_bit(tmp_path, interpolation):
+    """Every good file of the corpus (CMYK, palette, transparency, 16-bit, EXIF, animation...)
+    as keras.utils.load_img + img_to_array see it; the faults fail as with petscore's loader."""
+    import keras
+
+    expected = write_corpus(str(tmp_path))
+    for name, outcome in expected.items():
+        data = (tmp_path / name).read_bytes()
+        if outcome != GOOD:
+            with pytest.raises(Exception) as raised:
+                decode_and_resize(data, (24, 32), interpolation, preprocessing=KERAS_LOAD_IMG)
+            assert type(raised.value).__name__ == outcome[1], name
+            continue
+        got = decode_and_resize(data, (24, 32), interpolation, preprocessing=KERAS_LOAD_IMG)
+        want = keras.utils.img_to_array(keras.utils.load_img(
+            str(tmp_path / name), target_size=(24, 32), interpolation=interpolation))
+        assert got.dtype == np.uint8 and np.array_equal(got.astype(np.float32), want), name
+
+
+def test_keras_loader_ignores_exif_orientation_as_keras_does():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(halves(), "PNG", exif=exif)
+    pixels = decode_and_resize(data, (20, 20), "nearest", preprocessing=KERAS_LOAD_IMG).astype(int)
+    assert pixels[10, 2, 0] > 200 and pixels[10, 17, 2] > 200  # red left, blue right: not rotated
+
+
+def test_keras_loader_keeps_the_pixel_cap_and_refuses_unknown_versions():
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageTooLargeError):
+        decode_and_resize(data, (8, 8), "nearest", max_pixels=9_999, preprocessing=KERAS_LOAD_IMG)
+    with pytest.raises(ValueError, match="unknown resize method 'nearest' for pillow-rgb-draft-v1"):
+        decode_and_resize(data, (8, 8), "nearest")
+    with pytest.raises(ValueError, match="unknown preprocessing 'tf-v9'"):
+        decode_and_resize(data, (8, 8), preprocessing="tf-v9")

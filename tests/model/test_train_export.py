@@ -99,7 +99,7 @@ def test_inconsistent_metadata_is_refused(trained, change, message):
 def test_evaluate_writes_metrics_and_an_html_report(trained, labelled_images, tmp_path):
     out = str(tmp_path / "eval")
     assert evaluate.main(["--model-dir", trained["model_dir"], "--data", labelled_images,
-                          "--output", out]) == 0
+                          "--output", out, "--target-accuracy", "0.6"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["images"] == 48 and metrics["unreadable"] == 0
     matrix = np.array(metrics["confusion_matrix"])
@@ -107,7 +107,16 @@ def test_evaluate_writes_metrics_and_an_html_report(trained, labelled_images, tm
     assert metrics["accuracy"] == pytest.approx(np.trace(matrix) / 48)
     assert sum(b["count"] for b in metrics["reliability"]["bins"]) == 48
     html = (tmp_path / "eval" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3  # confusion, reliability, coverage
+    curve = metrics["accuracy_coverage"]
+    assert curve[-1]["coverage"] == 1.0 and curve[-1]["accuracy"] == pytest.approx(metrics["accuracy"])
+    withholding = metrics["withholding"]
+    reached = [p for p in curve if p["accuracy"] >= 0.6]
+    if reached:  # the smallest threshold that reaches it, and what it withholds
+        assert withholding["min_confidence"] == min(p["min_confidence"] for p in reached)
+        assert withholding["withheld"] == pytest.approx(1 - withholding["coverage"])
+    else:
+        assert withholding["min_confidence"] is None
     assert html.count("data:image/jpeg;base64,") >= 6
     assert "most confident wrong" in html and "least confident" in html
 

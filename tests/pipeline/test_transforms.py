@@ -16,8 +16,8 @@ from model.metadata import ModelContractError, read_metadata
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ExportedModelHandler, ScoreImages, ToPredictionRowFn
 from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
-from pipeline.rows import image_id
-from pipeline.write import kaggle_csv
+from pipeline.rows import image_id, top_classes
+from pipeline.write import kaggle_csv, multiclass_csv
 from tests.corpus import GOOD
 
 
@@ -185,3 +185,16 @@ def test_image_id_is_the_integer_stem():
     assert image_id("gs://b/test/123.jpg") == 123
     assert image_id("/data/cat.1.jpg") is None
     assert image_id("/data/12a.png") is None
+
+
+def test_multiclass_csv_has_every_class_ids_as_they_are_sorted_and_clipped():
+    rows = [("ff01", [0.5, 0.25, 0.25]), ("0a9c", [1.0, 0.0, 0.0])]
+    text = multiclass_csv(rows, ["affenpinscher", "beagle", "collie, rough"], 0.0).decode()
+    assert text == ('id,affenpinscher,beagle,"collie, rough"\n0a9c,1,0,0\nff01,0.5,0.25,0.25\n')
+    clipped = multiclass_csv(rows[1:], ["a", "b", "c"], 0.01).decode()
+    assert clipped == "id,a,b,c\n0a9c,0.99,0.01,0.01\n"
+
+
+def test_top_classes_are_the_most_probable_first():
+    assert top_classes([0.1, 0.6, 0.3], ["a", "b", "c"], 2) == {
+        "top_classes": ["b", "c"], "top_probabilities": [0.6, 0.3]}

@@ -1,0 +1,288 @@
+"""Bring a model trained in a notebook under the model contract: ``python -m model.package``.
+
+A notebook-trained Keras model (``.keras``, legacy ``.h5`` or a SavedModel directory; or, for
+bottleneck-feature models, a head trained on a named Keras application's features) is wrapped so
+that it takes what every petscore model takes, uint8 pixels, and gives what every petscore model
+gives, class probabilities:
+
+    uint8 pixels -> the notebook's pixel scaling (--scaling) -> [feature extractor] -> the model
+                 -> [softmax/sigmoid with --from-logits] -> [1 - p, p] for one sigmoid output
+
+The metadata records the notebook's loader (``--loader keras`` = ``keras.utils.load_img``, the
+loader of ``ImageDataGenerator.flow_from_directory``) and the scorer decodes every image with
+exactly that loader, so petscore's scores equal the notebook's ``model.predict``. Everything is
+checked before anything is written; then ``model.export`` writes the SavedModel, the checked
+``model.tflite`` and ``metadata.json`` as for a model trained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+
+import keras
+import numpy as np
+
+from model.architecture import FEATURE_EXTRACTORS, SCALINGS, SigmoidToTwoClasses, build_base
+from model.export import export_model
+from model.metadata import file_sha256
+from model.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
+from model.reference import reference_batch
+
+_LOG = logging.getLogger("petscore.package")
+LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION}
+DEFAULT_INTERPOLATION = {"keras": "nearest", "petscore": "bilinear"}  # each loader's own default
+PROBE_SEEDS = tuple(range(200, 216))
+PROBABILITY_TOLERANCE = 1e-3
+
+
+class PackagingError(ValueError):
+    """The model cannot be packaged as asked; raised before anything is written."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model.package", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keras", required=True, metavar="PATH",
+                        help="The notebook's model: .keras, legacy .h5, or a SavedModel directory. "
+                             "With --feature-extractor: the head trained on the features.")
+    parser.add_argument("--output", required=True, help="Model directory to write (replaced atomically).")
+    classes = parser.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--classes", help="Class names in output order, comma-separated: cat,dog.")
+    classes.add_argument("--classes-from", metavar="DIR",
+                         help="The training folder: its sorted sub-folder names, as "
+                              "flow_from_directory and image_dataset_from_directory number them.")
+    parser.add_argument("--scaling", choices=sorted(SCALINGS),
+                        help="How the notebook scaled pixels before model.predict: 1/255 "
+                             "(rescale=1./255), tf (x/127.5 - 1: MobileNet, Inception), caffe "
+                             "(BGR minus ImageNet means: ResNet50, VGG), torch (DenseNet) or none "
+                             "(the model scales inside). Default: the feature extractor's own; "
+                             "required otherwise.")
+    parser.add_argument("--loader", choices=sorted(LOADERS), default="keras",
+                        help="How the notebook read and resized images: keras = keras.utils.load_img "
+                             "/ ImageDataGenerator.flow_from_directory (default); petscore = "
+                             "petscore's own loader (EXIF rotation, DCT-scaled JPEG decoding).")
+    parser.add_argument("--interpolation", default=None,
+                        help="The loader's resize method: nearest (Keras's default), bilinear, "
+                             "bicubic, hamming, box, lanczos. Default: the loader's own default.")
+    parser.add_argument("--feature-extractor", choices=sorted(FEATURE_EXTRACTORS),
+                        help="Bottleneck-feature models: the Keras application (include_top=False) "
+                             "whose features the head was trained on; it is put in front of the head.")
+    parser.add_argument("--feature-weights", default="imagenet",
+                        help="The feature extractor's weights: imagenet (Keras downloads them: "
+                             "needs internet), none (random) or a local weights file.")
+    parser.add_argument("--alpha", type=float, default=1.0,
+                        help="Width multiplier of a MobileNet feature extractor.")
+    parser.add_argument("--input-size", type=int, nargs="+", metavar="SIDE",
+                        help="Input height [width] in pixels, when the model's input shape does not "
+                             "fix it (default with --feature-extractor: 224).")
+    parser.add_argument("--from-logits", action="store_true",
+                        help="The model's last layer has no softmax/sigmoid: add it.")
+    parser.add_argument("--model-version", default=None,
+                        help="Version string stored with every prediction (default: file name-UTC time).")
+    return parser.parse_args(argv)
+
+
+def resolve_class_names(args: argparse.Namespace) -> list[str]:
+    if args.classes:
+        return [name.strip() for name in args.classes.split(",") if name.strip()]
+    if not os.path.isdir(args.classes_from):
+        raise PackagingError(f"--classes-from {args.classes_from} is not a directory")
+    return sorted(name for name in os.listdir(args.classes_from)
+                  if os.path.isdir(os.path.join(args.classes_from, name)))
+
+
+def load_notebook_model(path: str) -> tuple[keras.Model, str]:
+    """``(model, format)``. Keras files load with ``safe_mode=True``: no deserialised Python runs."""
+    if not os.path.exists(path):
+        raise PackagingError(f"--keras {path} does not exist")
+    if os.path.isdir(path):
+        return _saved_model_as_keras(path), "saved_model"
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True), os.path.splitext(path)[1][1:]
+    except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear refusal
+        text = str(error)
+        if "Lambda" in text or "safe_mode" in text:
+            raise PackagingError(
+                f"{path} holds a Lambda layer (Python code), which petscore does not load "
+                "(safe_mode=True: loading it would run code from the file). If the Lambda only "
+                "scaled pixels, rebuild the model without it, save it again and pass --scaling; "
+                "otherwise replace it with a layer subclass registered with "
+                "@keras.saving.register_keras_serializable") from error
+        raise PackagingError(f"Keras cannot load {path}: {type(error).__name__}: "
+                             f"{text.splitlines()[0] if text else ''}") from error
+
+
+def _saved_model_as_keras(path: str) -> keras.Model:
+    """A SavedModel directory (``model.export``, ``tf.saved_model.save``, Keras 2's
+    ``model.save``) as a Keras model: its ``serving_default`` signature in a ``TFSMLayer``."""
+    import tensorflow as tf
+
+    try:
+        signature = tf.saved_model.load(path).signatures.get("serving_default")
+    except (OSError, ValueError) as error:
+        raise PackagingError(f"cannot load the SavedModel at {path}: {error}") from error
+    if signature is None:
+        raise PackagingError(f"{path} has no serving_default signature")
+    _, inputs = signature.structured_input_signature
+    if len(inputs) != 1 or len(signature.structured_outputs) != 1:
+        raise PackagingError(f"{path}: serving_default takes {sorted(inputs)} and returns "
+                             f"{sorted(signature.structured_outputs)}; one image input and one "
+                             "output are needed")
+    spec = next(iter(inputs.values()))
+    image = keras.Input(shape=spec.shape.as_list()[1:], dtype=spec.dtype.name)
+    outputs = keras.layers.TFSMLayer(path, call_endpoint="serving_default")(image)
+    return keras.Model(image, next(iter(outputs.values())) if isinstance(outputs, dict) else outputs)
+
+
+def resolve_input_size(args: argparse.Namespace, model: keras.Model) -> tuple[int, int]:
+    """The side(s) from ``--input-size``, else from the model's input shape."""
+    if args.input_size:
+        if len(args.input_size) > 2:
+            raise PackagingError("--input-size takes a side, or a height and a width")
+        return args.input_size[0], args.input_size[-1]
+    if args.feature_extractor:
+        return 224, 224
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4:
+        raise PackagingError(f"the model takes {shape}; petscore scores models with one image input "
+                             "(batch, height, width, 3)")
+    if shape[1] is None or shape[2] is None:
+        raise PackagingError(f"the model's input shape {shape} does not fix the image size: "
+                             "pass --input-size (the target_size the notebook used)")
+    return int(shape[1]), int(shape[2])
+
+
+def check_channels(model: keras.Model, what: str) -> None:
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or shape[-1] != 3:
+        raise PackagingError(f"{what} takes {shape}: petscore scores RGB images (batch, height, "
+                             "width, 3); a grayscale or multi-input model is not supported")
+
+
+def build_feature_extractor(args: argparse.Namespace, size: tuple[int, int],
+                            head: keras.Model) -> keras.Model:
+    weights = args.feature_weights
+    if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
+        raise PackagingError(f"--feature-weights {weights} is not a file: pass the "
+                             f"{args.feature_extractor} include_top=False weights file, or "
+                             "'imagenet' to download them (needs internet)")
+    base = build_base(args.feature_extractor, size, weights, args.alpha)
+    produced, wanted = base.output_shape[1:], head.input_shape[1:]
+    if len(produced) != len(wanted) or any(w is not None and w != p for p, w in zip(produced, wanted,
+                                                                                      strict=False)):
+        raise PackagingError(
+            f"{args.feature_extractor} at {size[0]}x{size[1]} outputs features of shape {produced}, "
+            f"the head takes {wanted}: pass the --input-size the features were computed at")
+    base.trainable = False
+    return base
+
+
+def wrap(model: keras.Model, size: tuple[int, int], scaling: str, base: keras.Model | None,
+         from_logits: bool) -> tuple[keras.Model, keras.Model, int]:
+    """``(classifier, scores, units)``: float pixels in [0, 255] -> class probabilities, and the
+    same before a single sigmoid unit becomes two classes."""
+    pixels = keras.Input(shape=(*size, 3), dtype="float32", name="pixels")
+    x = pixels
+    scale = SCALINGS[scaling]()
+    if scale is not None:
+        x = scale(x)
+    if base is not None:
+        x = base(x, training=False)
+    scores = model(x)
+    if len(scores.shape) != 2:
+        raise PackagingError(f"the model outputs shape {tuple(scores.shape)}, not one row of class "
+                             "scores per image")
+    units = int(scores.shape[-1])
+    if from_logits:
+        scores = keras.layers.Activation("sigmoid" if units == 1 else "softmax", name="from_logits")(scores)
+    probabilities = SigmoidToTwoClasses(name="two_classes")(scores) if units == 1 else scores
+    return keras.Model(pixels, probabilities, name="packaged"), keras.Model(pixels, scores), units
+
+
+def check_outputs(scores: keras.Model, units: int, class_names: list[str], size: tuple[int, int]) -> None:
+    """Class count matches, and the outputs are probabilities (not logits) on probe images."""
+    if len(class_names) < 2 or len(set(class_names)) != len(class_names):
+        raise PackagingError(f"need at least two distinct class names, got {class_names}")
+    expected = 2 if units == 1 else units
+    if len(class_names) != expected:
+        raise PackagingError(
+            f"the model outputs {units} value(s) per image ({expected} classes), but "
+            f"{len(class_names)} class names were given: {class_names}")
+    probe = reference_batch(*size, seeds=PROBE_SEEDS).astype("float32")
+    values = np.asarray(scores.predict(probe, verbose=0), dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    sums = values.sum(axis=1)
+    in_range = low >= -PROBABILITY_TOLERANCE and high <= 1 + PROBABILITY_TOLERANCE
+    if not in_range or (units > 1 and np.max(np.abs(sums - 1)) > PROBABILITY_TOLERANCE):
+        raise PackagingError(
+            f"the model's outputs are not probabilities on {len(probe)} probe images (values in "
+            f"[{low:.3g}, {high:.3g}], row sums in [{sums.min():.3g}, {sums.max():.3g}]): they look "
+            "like logits. If its last layer has no softmax/sigmoid, pass --from-logits")
+
+
+def package(args: argparse.Namespace):
+    """Check everything, then export; returns the written ``ModelMetadata``."""
+    class_names = resolve_class_names(args)
+    interpolation = args.interpolation or DEFAULT_INTERPOLATION[args.loader]
+    preprocessing = LOADERS[args.loader]
+    if interpolation not in PREPROCESSING_VERSIONS[preprocessing]:
+        raise PackagingError(f"--interpolation {interpolation} is not one of the {args.loader} loader's "
+                             f"{sorted(PREPROCESSING_VERSIONS[preprocessing])}")
+    scaling = args.scaling or (FEATURE_EXTRACTORS[args.feature_extractor].scaling
+                               if args.feature_extractor else None)
+    if scaling is None:
+        raise PackagingError("--scaling is required: how the notebook scaled pixels "
+                             "(1/255, tf, caffe, torch or none)")
+    model, source_format = load_notebook_model(args.keras)
+    size = resolve_input_size(args, model)
+    base = None
+    if args.feature_extractor:
+        base = build_feature_extractor(args, size, model)
+    else:
+        check_channels(model, args.keras)
+    classifier, scores, units = wrap(model, size, scaling, base, args.from_logits)
+    check_outputs(scores, units, class_names, size)
+
+    source = os.path.abspath(args.keras)
+    stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+    version = args.model_version or f"{stem}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}"
+    feature_weights = (args.feature_weights if args.feature_weights.lower() in ("imagenet", "none")
+                       else os.path.basename(args.feature_weights))
+    packaged_from = {
+        "path": source, "format": source_format,
+        "sha256": file_sha256(source) if os.path.isfile(source) else None,
+        "loader": args.loader, "interpolation": interpolation, "scaling": scaling,
+        "output": "sigmoid" if units == 1 else "softmax", "from_logits": args.from_logits,
+        "feature_extractor": args.feature_extractor,
+        "feature_weights": feature_weights if args.feature_extractor else None,
+    }
+    return export_model(
+        classifier, args.output, class_names=class_names,
+        base=args.feature_extractor or "notebook", base_weights=feature_weights if base else "notebook",
+        model_version=version, resize_method=interpolation, preprocessing=preprocessing,
+        training={"packaged_from": packaged_from}, save_keras=source_format != "saved_model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        metadata = package(args)
+    except PackagingError as refusal:
+        print(f"petscore: refused before writing anything: {refusal}", file=sys.stderr)
+        return 1
+    origin = metadata.training["packaged_from"]
+    print(f"packaged {args.keras} as {metadata.model_version} -> {args.output}: "
+          f"{len(metadata.class_names)} classes {metadata.class_names[:5]}"
+          f"{' ...' if len(metadata.class_names) > 5 else ''}, {metadata.height}x{metadata.width}, "
+          f"loader {origin['loader']} ({metadata.resize_method}), scaling {origin['scaling']}, "
+          f"model.tflite {'kept' if metadata.tflite else 'not exported'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,335 @@
+"""Notebook-trained models packaged with ``python -m model.package`` and scored through the real
+CLI equal the notebook's own ``model.predict``; every refusal happens before anything is written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+from keras.src.legacy.preprocessing.image import ImageDataGenerator
+from PIL import Image
+
+from model import package
+from model.architecture import calibrate_batchnorm
+from model.export import TFLITE_TOLERANCE
+from model.metadata import read_metadata
+from model.preprocessing import KERAS_LOAD_IMG
+from model.synthetic import write_kaggle_test_folder, write_labelled_folders
+from pipeline import score
+from tests.model import notebook
+from tests.pipeline.outputs import read_run
+
+TOLERANCE = {"saved_model": 1e-5, "tflite": TFLITE_TOLERANCE}
+BREEDS = [f"breed_{i:03d}" for i in range(133)]
+
+
+def write_odd_images(folder: str) -> None:
+    """Images whose loaders disagree unless they are the same: transparency, grayscale, CMYK,
+    palette and an EXIF rotation (which Keras's load_img ignores)."""
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).resize((180, 120))
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    rgba.save(os.path.join(folder, "rgba.png"))
+    photo.convert("L").save(os.path.join(folder, "gray.jpg"))
+    photo.convert("CMYK").save(os.path.join(folder, "cmyk.jpg"))
+    photo.convert("P").save(os.path.join(folder, "palette.bmp"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(os.path.join(folder, "rotated.jpg"), exif=exif)
+
+
+@pytest.fixture(scope="module")
+def notebook_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("notebook")
+    train = str(root / "train")
+    write_labelled_folders(train, per_class=12, size=(64, 80))
+    images = root / "test" / "images"  # flow_from_directory wants one sub-folder
+    write_kaggle_test_folder(str(images), 8, side_range=(40, 200))
+    write_odd_images(str(images))
+    return {"root": root, "train": train, "test": str(root / "test"), "images": str(images)}
+
+
+def score_packaged(model_dir: str, data: dict, output: str, runtime: str, *extra: str) -> dict:
+    """The real CLI on the notebook's test images; returns ``{file name: row}`` and the run."""
+    code = score.main(["--input", os.path.join(data["images"], "*"), "--model-dir", model_dir,
+                       "--output", output, "--runtime", runtime, *extra])
+    assert code == 0
+    run = read_run(output)
+    assert run["summary"]["errors"] == 0
+    return {"rows": {os.path.basename(r["path"]): r for r in run["predictions"].to_pylist()}, "run": run}
+
+
+def assert_parity(scored: dict, paths: list[str], expected: np.ndarray, class_names: list[str],
+                  tolerance: float) -> None:
+    rows = scored["rows"]
+    assert sorted(rows) == sorted(os.path.basename(p) for p in paths)
+    got = np.array([[rows[os.path.basename(p)][f"prob_{c}"] for c in class_names] for p in paths])
+    assert np.max(np.abs(got - expected)) <= tolerance
+    assert [rows[os.path.basename(p)]["predicted_class"] for p in paths] == \
+        [class_names[i] for i in np.argmax(expected, axis=1)]
+    assert np.ptp(expected[:, -1]) > 1e-6, "the notebook model answers every image alike"
+
+
+def package_cli(*argv: str) -> int:
+    return package.main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def kind1(notebook_data):
+    """Binary CNN (Dense(1, sigmoid)), rescale 1/255, best_model.h5."""
+    path = str(notebook_data["root"] / "best_model.h5")
+    model = notebook.kind1_binary_cnn(notebook_data["train"], path)
+    paths, dog = notebook.predict_folder(ImageDataGenerator(rescale=1. / 255), notebook_data["test"],
+                                         (150, 150), model)
+    model_dir = str(notebook_data["root"] / "kind1")
+    assert package_cli("--keras", path, "--output", model_dir, "--classes-from", notebook_data["train"],
+                       "--scaling", "1/255", "--model-version", "kind1") == 0
+    return {"model_dir": model_dir, "paths": paths, "expected": np.hstack([1 - dog, dog])}
+
+
+@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
+def test_kind1_binary_h5_scores_as_the_notebook(kind1, notebook_data, tmp_path, runtime):
+    scored = score_packaged(kind1["model_dir"], notebook_data, str(tmp_path / "out"), runtime)
+    assert_parity(scored, kind1["paths"], kind1["expected"], ["cat", "dog"], TOLERANCE[runtime])
+    # The Kaggle CSV's label is P(dog) = the sigmoid output, for the integer-named images.
+    expected_dog = {os.path.basename(p)[:-4]: e[1] for p, e in zip(kind1["paths"], kind1["expected"],
+                                                                    strict=True)}
+    csv_rows = scored["run"]["csv"]
+    assert csv_rows[0] == ["id", "label"] and len(csv_rows) == 1 + 8
+    for image_id, label in csv_rows[1:]:
+        assert float(label) == pytest.approx(expected_dog[image_id], abs=TOLERANCE[runtime] + 1e-6)
+
+
+def test_kind1_metadata_records_the_notebook_loader_and_scaling(kind1):
+    metadata = read_metadata(kind1["model_dir"])
+    assert metadata.preprocessing == KERAS_LOAD_IMG and metadata.resize_method == "nearest"
+    assert metadata.input_size == [150, 150] and metadata.class_names == ["cat", "dog"]
+    origin = metadata.training["packaged_from"]
+    assert origin["format"] == "h5" and origin["scaling"] == "1/255" and origin["output"] == "sigmoid"
+    assert len(origin["sha256"]) == 64 and metadata.tflite is not None
+    assert os.path.exists(os.path.join(kind1["model_dir"], "model.keras"))
+
+
+@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
+def test_kind2_softmax_keras_file_scores_as_the_notebook(notebook_data, tmp_path, runtime):
+    path = str(tmp_path / "model.keras")
+    model = notebook.kind2_softmax_cnn(notebook_data["train"], path)
+    paths = notebook.image_paths(notebook_data["images"])
+    expected = model.predict(notebook.load_batch(paths, (224, 224)) / 255., verbose=0)
+    model_dir = str(tmp_path / "kind2")
+    assert package_cli("--keras", path, "--output", model_dir, "--classes", "cat,dog",
+                       "--scaling", "1/255") == 0
+    scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), runtime)
+    assert_parity(scored, paths, expected, ["cat", "dog"], TOLERANCE[runtime])
+
+
+def test_kind3_mobilenet_transfer_h5_with_preprocess_input_scores_as_the_notebook(notebook_data, tmp_path):
+    path = str(tmp_path / "model.h5")
+    model = notebook.kind3_mobilenet_transfer(notebook_data["train"], path)
+    generator = ImageDataGenerator(preprocessing_function=keras.applications.mobilenet.preprocess_input)
+    paths, expected = notebook.predict_folder(generator, notebook_data["test"], (128, 128), model)
+    model_dir = str(tmp_path / "kind3")
+    assert package_cli("--keras", path, "--output", model_dir, "--classes-from", notebook_data["train"],
+                       "--scaling", "tf") == 0
+    for runtime in ("saved_model", "tflite"):
+        scored = score_packaged(model_dir, notebook_data, str(tmp_path / runtime), runtime)
+        assert_parity(scored, paths, expected, ["cat", "dog"], TOLERANCE[runtime])
+
+
+def test_kind4_bottleneck_head_behind_a_resnet50_scores_as_the_notebook(notebook_data, tmp_path):
+    """133 dog breeds on ResNet50 features (random base, BatchNorm calibrated, its weights file
+    as the user has it); multi-class CSV with hex-like ids and top-5 columns."""
+    keras.utils.set_random_seed(3)
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
+    train_paths = notebook.image_paths(notebook_data["train"])
+    calibrate_batchnorm("resnet50", base, notebook.load_batch(train_paths, (64, 64)))
+    weights = str(tmp_path / "resnet50_notop.weights.h5")
+    base.save_weights(weights)
+    head_path = str(tmp_path / "bottleneck_head.h5")
+    head = notebook.kind4_bottleneck_head(train_paths, base, len(BREEDS), head_path)
+    paths = notebook.image_paths(notebook_data["images"])
+    expected = notebook.predict_bottleneck(paths, base, head)
+
+    model_dir = str(tmp_path / "kind4")
+    assert package_cli("--keras", head_path, "--feature-extractor", "resnet50", "--feature-weights",
+                       weights, "--input-size", "64", "--classes", ",".join(BREEDS),
+                       "--output", model_dir) == 0  # --scaling: resnet50's own (caffe)
+    assert read_metadata(model_dir).training["packaged_from"]["scaling"] == "caffe"
+    scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), "saved_model")
+    assert_parity(scored, paths, expected, BREEDS, TOLERANCE["saved_model"])
+    for path, want in zip(paths, expected, strict=True):
+        row = scored["rows"][os.path.basename(path)]
+        # The five most probable, most probable first (near-ties may swap within the tolerance).
+        np.testing.assert_allclose(row["top_probabilities"], np.sort(want)[::-1][:5], atol=1e-5)
+        np.testing.assert_allclose([want[BREEDS.index(name)] for name in row["top_classes"]],
+                                   row["top_probabilities"], atol=1e-5)
+        assert row["top_classes"][0] == row["predicted_class"]
+    csv_rows = scored["run"]["csv"]
+    assert csv_rows[0] == ["id", *BREEDS] and len(csv_rows) == 1 + len(paths)
+    assert [r[0] for r in csv_rows[1:]] == sorted(os.path.splitext(os.path.basename(p))[0] for p in paths)
+    by_stem = {os.path.splitext(os.path.basename(p))[0]: want
+               for p, want in zip(paths, expected, strict=True)}
+    for row in csv_rows[1:]:
+        np.testing.assert_allclose([float(v) for v in row[1:]], by_stem[row[0]], rtol=1e-5, atol=1e-7)
+
+
+def test_a_savedmodel_directory_packages_and_scores_as_the_notebook(notebook_data, tmp_path):
+    model = notebook.small_cnn((96, 96), layers.Dense(2, activation="softmax"))
+    export_dir = str(tmp_path / "exported")
+    model.export(export_dir, verbose=False)
+    paths = notebook.image_paths(notebook_data["images"])
+    images = notebook.load_batch(paths, (96, 96))
+    expected = model.predict(images / 255., verbose=0)
+    model_dir = str(tmp_path / "from-savedmodel")
+    assert package_cli("--keras", export_dir, "--output", model_dir, "--classes", "cat,dog",
+                       "--scaling", "1/255", "--interpolation", "bilinear") == 0
+    assert not os.path.exists(os.path.join(model_dir, "model.keras"))
+    scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), "saved_model")
+    rows = scored["rows"]
+    bilinear = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(96, 96),
+                                                                       interpolation="bilinear"))
+                         for p in paths])
+    want = model.predict(bilinear / 255., verbose=0)
+    got = np.array([[rows[os.path.basename(p)][f"prob_{c}"] for c in ("cat", "dog")] for p in paths])
+    assert np.max(np.abs(got - want)) <= 1e-5
+    assert np.max(np.abs(want - expected)) > 1e-5, "interpolation should matter on these images"
+
+
+# --- refusals: one line, exit 1, nothing written ---------------------------------------------
+
+def refused(capsys, output: str, *argv: str) -> str:
+    assert package_cli(*argv, "--output", output) == 1
+    assert not os.path.exists(output)
+    message = capsys.readouterr().err
+    assert message.startswith("petscore: refused before writing anything: ") and message.count("\n") == 1
+    return message
+
+
+@pytest.fixture(scope="module")
+def logits_model(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("logits") / "logits.keras")
+    keras.utils.set_random_seed(1)
+    notebook.small_cnn((32, 32), layers.Dense(2)).save(path)
+    return path
+
+
+def test_logits_are_refused_and_from_logits_scores_their_softmax(logits_model, notebook_data, tmp_path,
+                                                                  capsys):
+    message = refused(capsys, str(tmp_path / "a"), "--keras", logits_model, "--classes", "cat,dog",
+                      "--scaling", "none")
+    assert "look like logits" in message and "--from-logits" in message
+    model_dir = str(tmp_path / "b")
+    assert package_cli("--keras", logits_model, "--classes", "cat,dog", "--scaling", "none",
+                       "--from-logits", "--output", model_dir) == 0
+    paths = notebook.image_paths(notebook_data["images"])
+    logits = keras.saving.load_model(logits_model).predict(notebook.load_batch(paths, (32, 32)), verbose=0)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), "saved_model")
+    assert_parity(scored, paths, expected, ["cat", "dog"], 1e-5)
+
+
+def test_a_class_count_that_does_not_match_the_output_is_refused(logits_model, tmp_path, capsys):
+    message = refused(capsys, str(tmp_path / "m"), "--keras", logits_model, "--classes", "cat,dog,bird",
+                      "--scaling", "none", "--from-logits")
+    assert "outputs 2 value(s) per image (2 classes), but 3 class names were given" in message
+
+
+def test_a_grayscale_model_is_refused(tmp_path, capsys):
+    path = str(tmp_path / "gray.keras")
+    keras.Sequential([keras.Input((32, 32, 1)), layers.Flatten(), layers.Dense(2, activation="softmax")]
+                     ).save(path)
+    message = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "cat,dog",
+                      "--scaling", "1/255")
+    assert "(None, 32, 32, 1)" in message and "RGB" in message
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_lambda_layer_is_refused_with_what_to_do(tmp_path, capsys, suffix):
+    path = str(tmp_path / f"lambda{suffix}")
+    keras.Sequential([keras.Input((32, 32, 3)), layers.Lambda(lambda x: x / 255.0), layers.Flatten(),
+                      layers.Dense(2, activation="softmax")]).save(path)
+    message = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "cat,dog",
+                      "--scaling", "none")
+    assert "Lambda layer" in message and "safe_mode=True" in message and "--scaling" in message
+
+
+def test_a_missing_feature_extractor_weights_file_is_refused(logits_model, tmp_path, capsys):
+    message = refused(capsys, str(tmp_path / "m"), "--keras", logits_model, "--classes", "cat,dog",
+                      "--feature-extractor", "resnet50", "--feature-weights",
+                      str(tmp_path / "absent.h5"))
+    assert "absent.h5 is not a file" in message
+
+
+def test_a_head_whose_features_do_not_match_the_extractor_is_refused(tmp_path, capsys):
+    path = str(tmp_path / "head.keras")
+    keras.Sequential([keras.Input((7, 7, 2048)), layers.GlobalAveragePooling2D(),
+                      layers.Dense(3, activation="softmax")]).save(path)
+    message = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "a,b,c",
+                      "--feature-extractor", "mobilenet", "--feature-weights", "none",
+                      "--alpha", "0.25", "--input-size", "64")
+    assert "outputs features of shape (2, 2, 256), the head takes (7, 7, 2048)" in message
+
+
+def test_an_unfixed_input_size_needs_input_size(tmp_path, capsys):
+    path = str(tmp_path / "any.keras")
+    keras.Sequential([keras.Input((None, None, 3)), layers.GlobalAveragePooling2D(),
+                      layers.Dense(2, activation="softmax")]).save(path)
+    assert "pass --input-size" in refused(capsys, str(tmp_path / "m"), "--keras", path,
+                                          "--classes", "cat,dog", "--scaling", "1/255")
+    assert package_cli("--keras", path, "--classes", "cat,dog", "--scaling", "1/255",
+                       "--input-size", "40", "--output", str(tmp_path / "ok")) == 0
+    assert read_metadata(str(tmp_path / "ok")).input_size == [40, 40]
+
+
+def test_scaling_is_required_without_a_feature_extractor(logits_model, tmp_path, capsys):
+    assert "--scaling is required" in refused(capsys, str(tmp_path / "m"), "--keras", logits_model,
+                                              "--classes", "cat,dog")
+
+
+def test_packaged_metadata_is_the_contract_an_old_scorer_refuses_clearly(kind1):
+    """A scorer without the Keras loader must refuse, not score with other pixels."""
+    from model.metadata import ModelContractError, ModelMetadata
+
+    fields = json.loads(read_metadata(kind1["model_dir"]).to_json())
+    fields["preprocessing"] = "keras-load-img-v0"
+    with pytest.raises(ModelContractError, match="training/serving skew"):
+        ModelMetadata.from_json(json.dumps(fields))
+    fields["preprocessing"], fields["resize_method"] = KERAS_LOAD_IMG, "magic"
+    with pytest.raises(ModelContractError, match="resize_method 'magic'"):
+        ModelMetadata.from_json(json.dumps(fields))
+
+
+def test_binary_csv_is_refused_for_a_many_class_model_and_multiclass_has_every_class(
+        logits_model, notebook_data, tmp_path):
+    model_dir = str(tmp_path / "m")
+    assert package_cli("--keras", logits_model, "--classes", "cats,dogs", "--scaling", "none",
+                       "--from-logits", "--output", model_dir) == 0
+    out = str(tmp_path / "out")
+    # Two classes without 'dog': the binary label is the second class, the sigmoid's one.
+    assert score.main(["--input", os.path.join(notebook_data["images"], "*"), "--model-dir", model_dir,
+                       "--output", out, "--csv-format", "multiclass"]) == 0
+    with open(os.path.join(out, "submission.csv"), newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "cats", "dogs"] and len(rows) == 1 + 13
+    for row in rows[1:]:
+        assert float(row[1]) + float(row[2]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["tf", "torch", "caffe"])
+def test_scaling_inside_the_model_equals_preprocess_input_in_a_graph(mode):
+    """Exported models run as graphs, where TF would turn x / 127.5 into x * (1 / 127.5)."""
+    import tensorflow as tf
+
+    from model.architecture import SCALINGS
+
+    pixels = np.tile(np.arange(256, dtype=np.float32)[:, None, None], (1, 2, 3)).reshape(1, 256, 2, 3)
+    layer = SCALINGS[mode]()
+    graph = tf.function(lambda x: layer(x))
+    want = keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode=mode)
+    assert np.array_equal(graph(tf.constant(pixels)).numpy(), want)
