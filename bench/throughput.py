@@ -107,7 +107,8 @@ def run_tfdata(model_dir: str, paths: list[str], runtime: str, pillow: bool, bat
     def decode(path):
         if pillow:  # the model's own preprocessing, as model/data.py feeds training
             pixels = tf.numpy_function(
-                lambda p: decode_and_resize(open(p, "rb").read(), size, metadata.resize_method),
+                lambda p: decode_and_resize(open(p, "rb").read(), size, metadata.resize_method,
+                                            preprocessing=metadata.preprocessing),
                 [path], tf.uint8, stateful=False)
             return tf.ensure_shape(pixels, (*size, 3))
         image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)

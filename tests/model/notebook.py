@@ -43,11 +43,11 @@ def small_cnn(size: tuple[int, int], head: layers.Layer) -> keras.Model:
 
 
 def fit_and_save(model: keras.Model, generator: ImageDataGenerator, train_dir: str, size, class_mode: str,
-                 path: str) -> keras.Model:
-    """compile, fit on flow_from_directory for an epoch, model.save(path): the notebook's last cells."""
+                 path: str, epochs: int = 1) -> keras.Model:
+    """compile, fit on flow_from_directory, model.save(path): the notebook's last cells."""
     loss = "binary_crossentropy" if class_mode == "binary" else "categorical_crossentropy"
     model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])
-    model.fit(train_folder(generator, train_dir, size, class_mode), epochs=1, verbose=0)
+    model.fit(train_folder(generator, train_dir, size, class_mode), epochs=epochs, verbose=0)
     model.save(path)
     return model
 
