@@ -116,18 +116,13 @@ def main(argv: list[str] | None = None) -> int:
 
     kinds = set(args.kinds.split(","))
     rescale = ImageDataGenerator(rescale=1. / 255)
-    if "1" in kinds:
-        path = os.path.join(args.work, "best_model.h5")
-        model = notebook.small_cnn((150, 150), keras.layers.Dense(1, activation="sigmoid"))
-        notebook.fit_and_save(model, rescale, split["train"], (150, 150), "binary", path, args.epochs)
-        measure(1, path, ["--scaling", "1/255"],
-                lambda: notebook.predict_folder(rescale, split["test"], (150, 150), model)[1])
-    if "2" in kinds:
-        path = os.path.join(args.work, "model2.keras")
-        model = notebook.small_cnn((224, 224), keras.layers.Dense(2, activation="softmax"))
-        notebook.fit_and_save(model, rescale, split["train"], (224, 224), "categorical", path, args.epochs)
-        measure(2, path, ["--scaling", "1/255"],
-                lambda: notebook.predict_folder(rescale, split["test"], (224, 224), model)[1])
+    for kind, build, file, size in ((1, notebook.kind1_binary_cnn, "best_model.h5", (150, 150)),
+                                    (2, notebook.kind2_softmax_cnn, "model2.keras", (224, 224))):
+        if str(kind) in kinds:
+            path = os.path.join(args.work, file)
+            model = build(split["train"], path, size, args.epochs)
+            measure(kind, path, ["--scaling", "1/255"],
+                    lambda: notebook.predict_folder(rescale, split["test"], size, model)[1])
     if "3" in kinds:
         path = os.path.join(args.work, "model3.h5")
         base = mobilenet.MobileNet(input_shape=(224, 224, 3), alpha=0.25, include_top=False, weights=None)

@@ -52,16 +52,16 @@ def fit_and_save(model: keras.Model, generator: ImageDataGenerator, train_dir: s
     return model
 
 
-def kind1_binary_cnn(train_dir: str, path: str, size=(150, 150)) -> keras.Model:
+def kind1_binary_cnn(train_dir: str, path: str, size=(150, 150), epochs: int = 1) -> keras.Model:
     """CNN from scratch, rescale 1/255, class_mode binary, Dense(1, sigmoid), saved as .h5."""
     return fit_and_save(small_cnn(size, layers.Dense(1, activation="sigmoid")),
-                        ImageDataGenerator(rescale=1. / 255), train_dir, size, "binary", path)
+                        ImageDataGenerator(rescale=1. / 255), train_dir, size, "binary", path, epochs)
 
 
-def kind2_softmax_cnn(train_dir: str, path: str, size=(224, 224)) -> keras.Model:
+def kind2_softmax_cnn(train_dir: str, path: str, size=(224, 224), epochs: int = 1) -> keras.Model:
     """CNN from scratch, rescale 1/255, class_mode categorical, Dense(2, softmax), saved as .keras."""
     return fit_and_save(small_cnn(size, layers.Dense(2, activation="softmax")),
-                        ImageDataGenerator(rescale=1. / 255), train_dir, size, "categorical", path)
+                        ImageDataGenerator(rescale=1. / 255), train_dir, size, "categorical", path, epochs)
 
 
 def kind3_mobilenet_transfer(train_dir: str, path: str, size=(128, 128)) -> keras.Model:
