@@ -8,6 +8,7 @@ sit in the model too; Keras runs them only when ``training=True``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import keras
@@ -49,11 +50,13 @@ class NotebookScaling(layers.Layer):
         self.mode = mode
 
     def build(self, input_shape):
-        divisor = {"1/255": 1.0, "tf": 127.5, "torch": 255.0}[self.mode]
-        self.divisor = self.add_weight(shape=(), initializer=keras.initializers.Constant(divisor),
-                                       trainable=False, name="divisor")
-        self.std = self.add_weight(shape=(3,), initializer=keras.initializers.Constant(
-            IMAGENET_TORCH_STD_RGB), trainable=False, name="std")
+        if self.mode in ("tf", "torch"):
+            self.divisor = self.add_weight(
+                shape=(), initializer=keras.initializers.Constant(127.5 if self.mode == "tf" else 255.0),
+                trainable=False, name="divisor")
+        if self.mode == "torch":
+            self.std = self.add_weight(shape=(3,), initializer=keras.initializers.Constant(
+                IMAGENET_TORCH_STD_RGB), trainable=False, name="std")
 
     def call(self, inputs):
         if self.mode == "1/255":
@@ -123,15 +126,25 @@ FEATURE_EXTRACTORS: dict[str, BaseSpec] = {
 }
 
 
+def is_weights_file(weights: str) -> bool:
+    """``imagenet`` and ``none`` are Keras's own choices; anything else is a local weights file."""
+    return weights.lower() not in ("imagenet", "none")
+
+
+def weights_label(weights: str) -> str:
+    """How metadata names the weights: ``imagenet``/``none``, or the weights file's name."""
+    return os.path.basename(weights) if is_weights_file(weights) else weights
+
+
 def build_base(name: str, input_size: tuple[int, int], weights: str, alpha: float = 1.0) -> keras.Model:
     """A Keras application without its top. ``weights``: ``imagenet`` (downloads through Keras),
     ``none`` (random) or a path to a local ``include_top=False`` weights file."""
     spec = FEATURE_EXTRACTORS[name]
     kwargs = {"alpha": alpha} if spec.takes_alpha else {}
-    keras_weights = {"imagenet": "imagenet", "none": None}.get(weights.lower(), None)
+    keras_weights = "imagenet" if weights.lower() == "imagenet" else None  # a file loads below
     base = spec.constructor(input_shape=(*input_size, 3), include_top=False, weights=keras_weights,
                             **kwargs)
-    if weights.lower() not in ("imagenet", "none"):
+    if is_weights_file(weights):
         base.load_weights(weights)
     return base
 

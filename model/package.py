@@ -26,7 +26,14 @@ import sys
 import keras
 import numpy as np
 
-from model.architecture import FEATURE_EXTRACTORS, SCALINGS, SigmoidToTwoClasses, build_base
+from model.architecture import (
+    FEATURE_EXTRACTORS,
+    SCALINGS,
+    SigmoidToTwoClasses,
+    build_base,
+    is_weights_file,
+    weights_label,
+)
 from model.export import export_model
 from model.metadata import file_sha256
 from model.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
@@ -139,7 +146,8 @@ def _saved_model_as_keras(path: str) -> keras.Model:
 
 
 def resolve_input_size(args: argparse.Namespace, model: keras.Model) -> tuple[int, int]:
-    """The side(s) from ``--input-size``, else from the model's input shape."""
+    """The side(s) from ``--input-size``, else from the model's input shape (one RGB image
+    input: ``check_channels`` has passed unless a feature extractor feeds the model)."""
     if args.input_size:
         if len(args.input_size) > 2:
             raise PackagingError("--input-size takes a side, or a height and a width")
@@ -147,9 +155,6 @@ def resolve_input_size(args: argparse.Namespace, model: keras.Model) -> tuple[in
     if args.feature_extractor:
         return 224, 224
     shape = model.input_shape
-    if isinstance(shape, list) or len(shape) != 4:
-        raise PackagingError(f"the model takes {shape}; petscore scores models with one image input "
-                             "(batch, height, width, 3)")
     if shape[1] is None or shape[2] is None:
         raise PackagingError(f"the model's input shape {shape} does not fix the image size: "
                              "pass --input-size (the target_size the notebook used)")
@@ -166,7 +171,7 @@ def check_channels(model: keras.Model, what: str) -> None:
 def build_feature_extractor(args: argparse.Namespace, size: tuple[int, int],
                             head: keras.Model) -> keras.Model:
     weights = args.feature_weights
-    if weights.lower() not in ("imagenet", "none") and not os.path.isfile(weights):
+    if is_weights_file(weights) and not os.path.isfile(weights):
         raise PackagingError(f"--feature-weights {weights} is not a file: pass the "
                              f"{args.feature_extractor} include_top=False weights file, or "
                              "'imagenet' to download them (needs internet)")
@@ -238,20 +243,17 @@ def package(args: argparse.Namespace):
         raise PackagingError("--scaling is required: how the notebook scaled pixels "
                              "(1/255, tf, caffe, torch or none)")
     model, source_format = load_notebook_model(args.keras)
-    size = resolve_input_size(args, model)
-    base = None
-    if args.feature_extractor:
-        base = build_feature_extractor(args, size, model)
-    else:
+    if not args.feature_extractor:
         check_channels(model, args.keras)
+    size = resolve_input_size(args, model)
+    base = build_feature_extractor(args, size, model) if args.feature_extractor else None
     classifier, scores, units = wrap(model, size, scaling, base, args.from_logits)
     check_outputs(scores, units, class_names, size)
 
     source = os.path.abspath(args.keras)
     stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
     version = args.model_version or f"{stem}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}"
-    feature_weights = (args.feature_weights if args.feature_weights.lower() in ("imagenet", "none")
-                       else os.path.basename(args.feature_weights))
+    feature_weights = weights_label(args.feature_weights)
     packaged_from = {
         "path": source, "format": source_format,
         "sha256": file_sha256(source) if os.path.isfile(source) else None,

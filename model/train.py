@@ -17,7 +17,13 @@ import time
 
 import keras
 
-from model.architecture import BASES, build_classifier, calibrate_batchnorm, unfreeze_top_layers
+from model.architecture import (
+    BASES,
+    build_classifier,
+    calibrate_batchnorm,
+    unfreeze_top_layers,
+    weights_label,
+)
 from model.data import (
     LabelledImages,
     class_weights,
@@ -128,8 +134,7 @@ def train(args: argparse.Namespace) -> dict:
         f"{args.base}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}")
     metadata = export_model(
         classifier, args.output, class_names=data.class_names, base=args.base,
-        base_weights=args.base_weights if args.base_weights in ("imagenet", "none")
-        else os.path.basename(args.base_weights),
+        base_weights=weights_label(args.base_weights),
         model_version=version, resize_method=args.resize_method,
         training={"data": os.path.abspath(args.data), "seed": args.seed,
                   "train": summarise_split(train_split), "validation": summarise_split(val_split),
