@@ -16,11 +16,10 @@ from apache_beam.metrics import Metrics
 
 from model.metadata import file_chunks
 from model.preprocessing import PREPROCESSING_VERSION, decode_and_resize
-from pipeline.rows import error_row
+from pipeline.rows import METRICS_NAMESPACE, error_row
 
 ERRORS = "errors"
 SKIPPED = "skipped"
-METRICS_NAMESPACE = "petscore"
 
 
 def is_permanent_read_error(error: Exception) -> bool:

@@ -18,14 +18,24 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from model.metadata import ModelMetadata
 from model.serving import ServingModel
-from pipeline.decode import METRICS_NAMESPACE
-from pipeline.rows import UNCERTAIN, image_id, probability_column, top_classes, utc_now
+from pipeline.rows import METRICS_NAMESPACE, UNCERTAIN, image_id, probability_column, top_classes, utc_now
 
 _LOG = logging.getLogger(__name__)
+
+try:
+    import resource
+except ImportError:  # Windows: Beam's memory figures are unavailable there, and it says so
+    resource = None
+if inference_base.resource is None:
+    # Beam 2.77 imports ``resource`` in one try block with a model manager that needs PyTorch,
+    # so without PyTorch it takes the module for missing and logs "Resource module is not
+    # available" twice per run (and reports no memory). The module is there: hand it back.
+    inference_base.resource = resource
 
 
 class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
@@ -65,10 +75,7 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
 
 
 class ToPredictionRowFn(beam.DoFn):
-    """``((path, content_sha256), PredictionResult)`` -> a row of the predictions schema; logs
-    progress."""
-
-    PROGRESS_EVERY_SECONDS = 5.0
+    """``((path, content_sha256), PredictionResult)`` -> a row of the predictions schema."""
 
     def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0):
         self._class_names = list(metadata.class_names)
@@ -81,11 +88,6 @@ class ToPredictionRowFn(beam.DoFn):
         self._scored = Metrics.counter(METRICS_NAMESPACE, "images_scored")
         self._uncertain = Metrics.counter(METRICS_NAMESPACE, "images_uncertain")
 
-    def setup(self):
-        self._started = time.monotonic()
-        self._last_report = self._started
-        self._count = 0
-
     def process(self, keyed_result):
         (path, content_sha256), result = keyed_result
         probabilities = [float(p) for p in result.inference]
@@ -96,7 +98,6 @@ class ToPredictionRowFn(beam.DoFn):
             decision = UNCERTAIN
             self._uncertain.inc()
         self._scored.inc()
-        self._report_progress()
         yield {
             "path": path,
             "image_id": image_id(path),
@@ -111,14 +112,6 @@ class ToPredictionRowFn(beam.DoFn):
             "run_id": self._run_id,
             "scored_at": utc_now(),
         }
-
-    def _report_progress(self) -> None:
-        self._count += 1
-        now = time.monotonic()
-        if now - self._last_report >= self.PROGRESS_EVERY_SECONDS:
-            self._last_report = now
-            _LOG.info("progress: %d images scored by this worker, %.1f images/s",
-                      self._count, self._count / (now - self._started))
 
 
 class ScoreImages(beam.PTransform):

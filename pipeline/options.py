@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import difflib
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
@@ -116,3 +117,31 @@ class ScoreOptions(PipelineOptions):
                   f"--output gs://bkt/scores/dt={RUN_DATE_PLACEHOLDER} (default: today).")
         flag("run-id", default=None,
              help="Identifier stored in every row (default: UTC timestamp of the launch).")
+
+
+class UnknownFlagError(ValueError):
+    """A flag that neither petscore nor Beam knows: most likely a typo, never silently ignored."""
+
+
+def refuse_unknown_flags(argv: list[str]) -> None:
+    """Raise before any work when ``argv`` holds a flag no PipelineOptions class defines.
+
+    Beam itself only logs a warning and runs with the default (``--min-confidance 0.8`` would
+    score everything with 0). The parser is Beam's own, with every option class loaded, so
+    every real runner option still passes.
+    """
+    parsers = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
+    _, unknown = parsers[0].parse_known_args(argv)
+    if not unknown:
+        return
+    first = unknown[0]
+    if not first.startswith("-"):
+        raise UnknownFlagError(f"unexpected argument {first!r}: every value follows its flag, "
+                               "e.g. --input 'images/*.jpg' (quote globs so the shell leaves them)")
+    name = first.split("=", 1)[0]
+    known = [option for action in parsers[0]._actions for option in action.option_strings]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise UnknownFlagError(f"unknown flag {name}{hint} (python -m pipeline.score --help lists "
+                           "petscore's flags; every Apache Beam pipeline option is accepted too)")

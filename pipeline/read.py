@@ -31,6 +31,24 @@ def check_input_exists(pattern: str | None, manifest: str | None) -> None:
         raise EmptyInputError(f"--input {pattern!r} matches no file")
 
 
+def count_inputs(pattern: str | None, manifest: str | None) -> int:
+    """How many inputs the run will account for: the glob's matches, or the manifest's entries
+    (duplicates included: each becomes a row)."""
+    if pattern:
+        return len(FileSystems.match([pattern])[0].metadata_list)
+    with FileSystems.open(manifest) as handle:
+        return sum(is_manifest_entry(line.decode("utf-8").strip()) for line in handle)
+
+
+def directory_glob(pattern: str) -> str | None:
+    """``pattern/**`` when ``pattern`` (no wildcard) names a directory or, on an object store,
+    a prefix with objects under it; else None."""
+    if any(character in pattern for character in "*?["):
+        return None
+    recursive = FileSystems.join(pattern.rstrip("/"), "**")
+    return recursive if FileSystems.match([recursive], limits=[1])[0].metadata_list else None
+
+
 def is_manifest_entry(line: str) -> bool:
     return bool(line) and not line.startswith("#")
 

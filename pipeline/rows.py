@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 UNCERTAIN = "uncertain"
+METRICS_NAMESPACE = "petscore"  # Beam metrics of the job, locally and in the Dataflow UI
 
 ERROR_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),

@@ -40,20 +40,31 @@ from model.metadata import (
     saved_model_sha256,
 )
 from model.serving import ServingModel
+from pipeline import progress
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ScoreImages
-from pipeline.options import RUN_DATE_PLACEHOLDER, ScoreOptions, parse_resource_hints, resolve_run_date
-from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists
+from pipeline.options import (
+    RUN_DATE_PLACEHOLDER,
+    ScoreOptions,
+    parse_resource_hints,
+    refuse_unknown_flags,
+    resolve_run_date,
+)
+from pipeline.progress import ReportProgress
+from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists, count_inputs, directory_glob
 from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema
 from pipeline.summary import WriteRunSummary
 from pipeline.write import (
     BINARY,
+    CSV_PARTS_DIR,
     ERRORS_DIR,
     PREDICTIONS_DIR,
     WriteKaggleCsv,
     WriteParquetRows,
+    find_run_files,
     output_paths,
     resolve_csv_format,
+    run_directories,
 )
 
 _LOG = logging.getLogger("petscore")
@@ -105,16 +116,31 @@ def load_checked_model(model_dir: str, runtime: str) -> ModelMetadata:
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse to mix two runs' files under one prefix; with ``overwrite``, clear the old run."""
-    existing = [m.path for result in FileSystems.match(list(output_paths(output).values()))
-                for m in result.metadata_list]
-    if existing and not overwrite:
+    """Refuse to mix two runs' files under one prefix; with ``overwrite``, delete everything an
+    earlier run or a killed attempt left there, its completion record first."""
+    found = find_run_files(output)
+    if not found:
+        return
+    record = output_paths(output)["summary"]
+    examples = ", ".join(path.removeprefix(output.rstrip("/") + "/") for path in found[:3])
+    if not overwrite and record in found:
         raise OutputExistsError(
-            f"{output} already holds outputs ({len(existing)} files, e.g. {existing[0]}); "
-            "pass --overwrite to replace them or choose another --output")
-    if existing:
-        _LOG.info("--overwrite: deleting %d files of the previous run under %s", len(existing), output)
-        FileSystems.delete(existing)
+            f"{output} already holds a complete run (summary.json and {len(found) - 1} more files); "
+            "pass --overwrite to replace it or choose another --output")
+    if not overwrite:
+        raise OutputExistsError(
+            f"{output} holds {len(found)} files of an incomplete run ({examples}, ...) and no "
+            "summary.json: a run was killed there, or one is still writing; readers must not "
+            "trust them. If no job is writing there, rerun with --overwrite: it deletes them "
+            "before scoring again")
+    _LOG.info("--overwrite: deleting %d files a %s run left under %s", len(found),
+              "complete" if record in found else "killed (incomplete)", output)
+    if record in found:
+        FileSystems.delete([record])  # a reader must never see a record listing deleted files
+    FileSystems.delete([path for path in found if path != record])
+    leftover_directories = [d for d in run_directories(output) if FileSystems.exists(d)]
+    if leftover_directories:  # local filesystems keep emptied directories; object stores have none
+        FileSystems.delete(leftover_directories)
 
 
 def read_previously_scored(pipeline: beam.Pipeline, pattern: str | None, metadata: ModelMetadata):
@@ -136,7 +162,8 @@ def read_previously_scored(pipeline: beam.Pipeline, pattern: str | None, metadat
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
-                   run_id: str, started: float, inference_hints: dict[str, str]) -> None:
+                   run_id: str, started: float, inference_hints: dict[str, str],
+                   report_progress: bool = False) -> None:
     """Wire read -> decode -> score -> write, as in the architecture diagram."""
     paths = output_paths(options.output)
     listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
@@ -154,18 +181,23 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 
-    csv_rows = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
-        paths["csv"], metadata.class_names, options.csv_format, options.positive_class, options.clip)
-    predictions | "WritePredictions" >> WriteParquetRows(
+    csv = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
+        paths["csv"], FileSystems.join(options.output, CSV_PARTS_DIR), metadata.class_names,
+        options.csv_format, options.positive_class, options.clip)
+    prediction_files = predictions | "WritePredictions" >> WriteParquetRows(
         FileSystems.join(options.output, PREDICTIONS_DIR), "predictions",
         prediction_schema(metadata.class_names, options.top_k))
-    errors | "WriteErrors" >> WriteParquetRows(
+    error_files = errors | "WriteErrors" >> WriteParquetRows(
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
+    written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
+    if report_progress:
+        ((predictions, errors, decoded[SKIPPED]) | "Finished" >> beam.Flatten()
+         | "ReportProgress" >> ReportProgress())
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
                "output": options.output}
-    ({"inputs": inputs, "predictions": predictions, "errors": errors, "csv_rows": csv_rows,
-      "skipped": decoded[SKIPPED]}
+    ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
+      "csv_rows": csv["rows"], "skipped": decoded[SKIPPED]}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
 
 
@@ -210,6 +242,8 @@ class CheckedRun:
 def check_run(argv: list[str] | None) -> CheckedRun:
     """Every check that can be made before work starts. A refusal raises a ``ValueError`` or
     ``FileExistsError`` (subclass) whose message alone tells the user what to fix."""
+    argv = sys.argv[1:] if argv is None else argv
+    refuse_unknown_flags(argv)
     pipeline_options = PipelineOptions(argv)
     FileSystems.set_options(pipeline_options)  # driver-side gs:// calls use the job's auth options
     options = pipeline_options.view_as(ScoreOptions)
@@ -219,6 +253,10 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     started = time.time()
     run_id = options.run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     inference_hints = parse_resource_hints(options.inference_resource_hint)
+    if options.input and (every_file := directory_glob(options.input)):
+        _LOG.info("--input %s is a directory: scoring every file under it (%s)", options.input,
+                  every_file)
+        options.input = every_file
     check_input_exists(options.input, options.manifest)
     metadata = load_checked_model(options.model_dir, options.runtime)
     resolve_model_dependent_options(options, metadata)
@@ -232,9 +270,13 @@ def execute(checked: CheckedRun) -> dict:
     _LOG.info("scoring %s with model %s (%s), run %s -> %s", options.input or options.manifest,
               checked.metadata.model_version, checked.metadata.base, checked.run_id, options.output)
     pipeline_options = checked.pipeline_options
-    with beam.Pipeline(runner=local_runner(pipeline_options), options=pipeline_options) as pipeline:
+    runner = local_runner(pipeline_options)
+    in_process = pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+    if runner is not None and in_process:
+        progress.start(count_inputs(options.input, options.manifest))
+    with beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
-                       checked.inference_hints)
+                       checked.inference_hints, report_progress=runner is not None and in_process)
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())

@@ -1,7 +1,13 @@
-"""The run summary: exact counts computed inside the pipeline, written as ``summary.json``.
+"""The run summary, ``summary.json``: the run's completion record, written last.
 
 Counts come from the data (Count over the PCollections), not from metrics, so they are exact on
 every runner; ``accounted`` proves that every input became exactly one prediction or error row.
+
+The record's main input is the list of files the sinks finalised (the Parquet sinks' written
+file names and the CSV's path), gathered by one global combine: on any runner it cannot be
+written before every other output is final, and a run killed at any point has none. It lists
+those files (path relative to the output prefix, and size), so a reader trusts a run only once
+``summary.json`` exists, and only the files it lists.
 """
 
 from __future__ import annotations
@@ -11,13 +17,22 @@ import time
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.write import write_file_atomically
 
 
-def build_summary(_, *, inputs: int, predictions: int, error_types: dict[str, int],
-                  csv_rows: int, uncertain: int, skipped: int, started: float,
-                  context: dict[str, Any]) -> dict[str, Any]:
+def listed_files(paths: list[str], output: str) -> list[dict[str, Any]]:
+    """``[{'path': relative to output, 'bytes': size}]``, sorted: the files a reader may trust."""
+    prefix = output.rstrip("/") + "/"
+    sizes = {metadata.path: metadata.size_in_bytes
+             for result in FileSystems.match(paths) for metadata in result.metadata_list}
+    return [{"path": path.removeprefix(prefix), "bytes": sizes[path]} for path in sorted(paths)]
+
+
+def build_summary(written: list[str], *, inputs: int, predictions: int,
+                  error_types: dict[str, int], csv_rows: int, uncertain: int, skipped: int,
+                  started: float, context: dict[str, Any]) -> dict[str, Any]:
     errors = sum(error_types.values())
     elapsed = time.time() - started
     return {
@@ -33,6 +48,7 @@ def build_summary(_, *, inputs: int, predictions: int, error_types: dict[str, in
         "error_rate": errors / inputs if inputs else 0.0,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
+        "files": listed_files(written, context["output"]),
     }
 
 
@@ -41,11 +57,12 @@ def _count(pcoll, label: str):
 
 
 class WriteRunSummary(beam.PTransform):
-    """Counts the inputs, predictions, errors and CSV rows and writes ``summary.json``.
+    """``{'written': final paths of every other output, 'inputs', 'predictions', 'errors',
+    'skipped', 'csv_rows'}`` in; ``summary.json`` out, last.
 
     ``elapsed_seconds`` runs from the launch (``started``, a wall-clock timestamp) to the moment
-    every count is known, i.e. after the last image was scored. Inputs = predictions + errors +
-    skipped (already scored by this model version, with ``--skip-scored``).
+    every other output is final. Inputs = predictions + errors + skipped (already scored by this
+    model version, with ``--skip-scored``).
     """
 
     def __init__(self, path: str, started: float, context: dict[str, Any]):
@@ -66,15 +83,18 @@ class WriteRunSummary(beam.PTransform):
             write_file_atomically(path, json.dumps(summary, indent=2, sort_keys=True).encode())
             return summary
 
-        return (outputs["predictions"].pipeline
-                | "Once" >> beam.Create([None])
+        # Without defaults, the list travels as BuildSummary's main input, through a
+        # GroupByKey (a default would arrive beside it, as the side input of an injected
+        # element). There is always a written file: the CSV, even for an empty run.
+        return (outputs["written"]
+                | "AllWrittenFiles" >> beam.CombineGlobally(
+                    beam.combiners.ToListCombineFn()).without_defaults()
                 | "BuildSummary" >> beam.Map(
                     build_summary,
                     inputs=beam.pvalue.AsSingleton(_count(outputs["inputs"], "CountInputs")),
                     predictions=beam.pvalue.AsSingleton(_count(outputs["predictions"], "CountPredictions")),
                     error_types=beam.pvalue.AsDict(error_types),
-                    csv_rows=beam.pvalue.AsSingleton(
-                        outputs["csv_rows"] | "SumCsvRows" >> beam.CombineGlobally(sum)),
+                    csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
                     uncertain=beam.pvalue.AsSingleton(_count(uncertain, "CountUncertain")),
                     skipped=beam.pvalue.AsSingleton(_count(outputs["skipped"], "CountSkipped")),
                     started=self._started,

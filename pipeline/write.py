@@ -7,20 +7,29 @@ temporary directory first. A reader never sees a half-written file at a final pa
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import csv
 import io
+import math
+import shutil
 import uuid
+from collections.abc import Iterable
 
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.stats import ApproximateQuantiles
 
-from pipeline.rows import file_stem, probability_column
+from pipeline.rows import METRICS_NAMESPACE, file_stem, probability_column
 
 CSV_NAME = "submission.csv"
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
 SUMMARY_NAME = "summary.json"
+CSV_PARTS_DIR = "csv-parts"
+COPY_CHUNK_BYTES = 1 << 20
 BINARY, MULTICLASS = "binary", "multiclass"
 CSV_FORMATS = ("auto", BINARY, MULTICLASS)
 
@@ -35,36 +44,62 @@ def output_paths(output: str) -> dict[str, str]:
     }
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Write to a unique sibling name, then rename over ``path``: a reader sees the old file or
-    the new one, never a partial one (``os.rename`` locally; a whole-object copy on GCS)."""
+def run_directories(output: str) -> list[str]:
+    """The directories a run writes under ``output``; Beam's sinks stage in ``beam-temp-*``
+    directories inside them."""
+    return [FileSystems.join(output, name) for name in (PREDICTIONS_DIR, ERRORS_DIR, CSV_PARTS_DIR)]
+
+
+def find_run_files(output: str) -> list[str]:
+    """Every file a run, finished or killed, can leave under ``output``: the outputs, their
+    ``.tmp-*`` staging siblings, CSV parts and the sinks' temporary files. Nothing else under
+    the prefix is touched."""
+    patterns = [FileSystems.join(output, f"{name}*") for name in (CSV_NAME, SUMMARY_NAME)]
+    patterns += [FileSystems.join(directory, "**") for directory in run_directories(output)]
+    return sorted({metadata.path for result in FileSystems.match(patterns)
+                   for metadata in result.metadata_list})
+
+
+@contextlib.contextmanager
+def atomically_created(path: str):
+    """A handle on a unique sibling name that is renamed over ``path`` once closed: a reader
+    sees the old file or the new one, never a partial one (``os.rename`` locally; a whole-object
+    copy on GCS). A crash leaves only the ``.tmp-*`` sibling, which --overwrite deletes."""
     staging = f"{path}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(staging) as handle:
-        handle.write(data)
+        yield handle
     FileSystems.rename([staging], [path])
 
 
-def kaggle_csv(rows: list[tuple[int, float]], clip: float) -> bytes:
-    """``id,label`` rows sorted by id; labels clipped to [clip, 1 - clip] when clip > 0."""
-    lines = ["id,label"]
-    for image_id, label in sorted(rows):
+def write_file_atomically(path: str, data: bytes) -> None:
+    with atomically_created(path) as handle:
+        handle.write(data)
+
+
+def csv_header(csv_format: str, class_names: list[str]) -> bytes:
+    """``id,label`` (binary) or ``id,<class 1>,...,<class N>`` (multiclass)."""
+    return _csv_text([["id", *(["label"] if csv_format == BINARY else class_names)]])
+
+
+def csv_lines(rows: Iterable[tuple[int | str, list[float]]], csv_format: str, clip: float) -> bytes:
+    """CSV lines sorted by id, values clipped to [clip, 1 - clip] when clip > 0.
+
+    binary (Kaggle dogs-vs-cats): integer ids, one label with 6 decimals. multiclass (Kaggle Dog
+    Breed Identification): ids are file stems as they are, every class with 6 significant digits.
+    The csv module quotes what needs quoting (class names with commas).
+    """
+    number = "{:.6f}" if csv_format == BINARY else "{:.6g}"
+    lines = []
+    for key, values in sorted(rows):
         if clip > 0:
-            label = min(max(label, clip), 1.0 - clip)
-        lines.append(f"{image_id},{label:.6f}")
-    return ("\n".join(lines) + "\n").encode("ascii")
+            values = [min(max(value, clip), 1.0 - clip) for value in values]
+        lines.append([key, *(number.format(value) for value in values)])
+    return _csv_text(lines)
 
 
-def multiclass_csv(rows: list[tuple[str, list[float]]], class_names: list[str], clip: float) -> bytes:
-    """Multi-class Kaggle submission (e.g. Dog Breed Identification): ``id,<class 1>,...``, one
-    row per image sorted by id, every class's probability (clipped to [clip, 1 - clip] when
-    clip > 0); ids are file stems as they are (hex strings there, not integers)."""
+def _csv_text(rows: list[list]) -> bytes:
     text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", *class_names])
-    for stem, probabilities in sorted(rows):
-        if clip > 0:
-            probabilities = [min(max(p, clip), 1.0 - clip) for p in probabilities]
-        writer.writerow([stem, *(f"{p:.6g}" for p in probabilities)])
+    csv.writer(text, lineterminator="\n").writerows(rows)
     return text.getvalue().encode("utf-8")
 
 
@@ -78,53 +113,96 @@ def resolve_csv_format(csv_format: str, class_names: list[str]) -> str:
     return csv_format
 
 
+def csv_part_of(key, quantiles: list, rows: int, rows_per_part: int) -> int:
+    """Index of the CSV part holding ``key``: ranges of ids cut at approximate quantiles, so
+    that parts hold about ``rows_per_part`` rows each (one part for a Kaggle-sized run)."""
+    parts = min(len(quantiles) - 1, math.ceil(rows / rows_per_part)) if quantiles else 1
+    step = (len(quantiles) - 1) / max(parts, 1)
+    boundaries = [quantiles[round(i * step)] for i in range(1, parts)]
+    return bisect.bisect_right(boundaries, key)
+
+
 class WriteKaggleCsv(beam.PTransform):
-    """Prediction rows in; one ``submission.csv`` out. Emits the number of CSV rows written.
+    """Prediction rows in; one ``submission.csv`` sorted by id out, without any worker holding
+    the whole run: ``{'csv': the CSV's path, 'rows': its row count}``.
 
     ``binary`` (dogs-vs-cats): ``id,label`` with label = P(``positive_class``), only rows whose
     file stem is an integer (the Kaggle id). ``multiclass``: ``id,<every class>``, every row.
-    All rows meet in one worker to be sorted: about 100 bytes per image as Python objects for
-    binary (about 100 MB for a million images), plus 8 bytes per class for multiclass.
+    Rows are cut into ranges of ids at approximate quantiles (Beam's ApproximateQuantiles, a
+    bounded sketch), each range is sorted and written by one worker as a part under
+    ``csv-parts/``, then the parts are streamed in order into the CSV (constant memory) and
+    deleted. A worker holds at most about ``rows_per_part`` rows; a Kaggle run is one part.
     """
 
-    def __init__(self, path: str, class_names: list[str], csv_format: str, positive_class: str,
-                 clip: float):
+    MAX_PARTS = 256
+
+    def __init__(self, path: str, parts_dir: str, class_names: list[str], csv_format: str,
+                 positive_class: str, clip: float, rows_per_part: int = 1_000_000):
         super().__init__()
         self._path = path
+        self._parts_dir = parts_dir
         self._class_names = list(class_names)
         self._format = csv_format
         self._positive_class = positive_class
         self._clip = clip
+        self._rows_per_part = rows_per_part
 
     def expand(self, predictions):
-        path, clip, class_names = self._path, self._clip, self._class_names
-        if self._format == BINARY:
+        csv_format, clip, rows_per_part = self._format, self._clip, self._rows_per_part
+        if csv_format == BINARY:
             label_column = probability_column(self._positive_class)
             keyed = (predictions
                      | "WithKaggleId" >> beam.Filter(lambda row: row["image_id"] is not None)
-                     | "IdAndLabel" >> beam.Map(lambda row: (row["image_id"], row[label_column])))
-
-            def render(rows):
-                return kaggle_csv(rows, clip)
+                     | "IdAndLabel" >> beam.Map(lambda row: (row["image_id"], [row[label_column]])))
         else:
-            columns = [probability_column(name) for name in class_names]
+            columns = [probability_column(name) for name in self._class_names]
             keyed = predictions | "IdAndProbabilities" >> beam.Map(
                 lambda row: (file_stem(row["path"]), [row[column] for column in columns]))
+        rows = keyed | "CountRows" >> beam.combiners.Count.Globally()
+        quantiles = (keyed
+                     | "Ids" >> beam.Keys()
+                     | "IdQuantiles" >> ApproximateQuantiles.Globally(self.MAX_PARTS + 1))
+        part_rows = Metrics.distribution(METRICS_NAMESPACE, "csv_part_rows")
+        parts_dir = self._parts_dir
 
-            def render(rows):
-                return multiclass_csv(rows, class_names, clip)
+        def write_part(index, part):
+            part = list(part)
+            part_rows.update(len(part))
+            path = FileSystems.join(parts_dir, f"part-{index:05d}.csv")
+            with FileSystems.create(path) as handle:  # a retried bundle rewrites the same name
+                handle.write(csv_lines(part, csv_format, clip))
+            return index, path
 
-        def write(rows):
-            write_file_atomically(path, render(rows))
-            return len(rows)
+        header = csv_header(csv_format, self._class_names)
+        path = self._path
 
-        return (keyed
-                | "AllRows" >> beam.combiners.ToList()
-                | "WriteCsv" >> beam.Map(write))
+        def concatenate(parts):
+            with atomically_created(path) as output:
+                output.write(header)
+                for _, part in sorted(parts):
+                    with FileSystems.open(part) as handle:
+                        shutil.copyfileobj(handle, output, COPY_CHUNK_BYTES)
+            if parts:
+                FileSystems.delete([part for _, part in parts])
+            if FileSystems.exists(parts_dir):  # a local directory; object stores have none
+                FileSystems.delete([parts_dir])
+            return path
+
+        csv = (keyed
+               | "AssignPart" >> beam.Map(
+                   lambda row, quantiles, count: (
+                       csv_part_of(row[0], quantiles, count, rows_per_part), row),
+                   quantiles=beam.pvalue.AsSingleton(quantiles), count=beam.pvalue.AsSingleton(rows))
+               | "GroupPart" >> beam.GroupByKey()
+               | "WriteSortedPart" >> beam.MapTuple(write_part)
+               | "AllParts" >> beam.combiners.ToList()
+               | "ConcatenateParts" >> beam.Map(concatenate))
+        return {"csv": csv, "rows": rows}
 
 
 class WriteParquetRows(beam.PTransform):
-    """Rows in; Parquet shards ``<directory>/<name>-SSSSS-of-NNNNN.parquet`` out."""
+    """Rows in; Parquet shards ``<directory>/<name>-SSSSS-of-NNNNN.parquet`` out. Emits the
+    final names of the shards once Beam has renamed them into place (what the record lists)."""
 
     def __init__(self, directory: str, name: str, schema: pa.Schema):
         super().__init__()

@@ -14,6 +14,7 @@ import pytest
 from model.metadata import ModelContractError, read_metadata
 from model.serving import gpu_possible
 from pipeline import score
+from pipeline.options import UnknownFlagError, refuse_unknown_flags
 from pipeline.read import EmptyInputError
 from pipeline.rows import ERROR_SCHEMA, prediction_schema
 from tests.corpus import GOOD
@@ -292,6 +293,48 @@ def test_the_cli_refuses_in_one_line_without_a_traceback(trained, tmp_path):
     assert process.returncode == 1
     assert "petscore: refused before any work: --input" in process.stderr
     assert "matches no file" in process.stderr and "Traceback" not in process.stderr
+
+
+def test_a_mistyped_flag_is_refused_before_any_work_with_the_nearest_flag(trained, corpus, tmp_path):
+    root, _ = corpus
+    process = subprocess.run(
+        [sys.executable, "-m", "pipeline.score", *score_args(root, trained["model_dir"],
+                                                             str(tmp_path / "o")),
+         "--min-confidance", "0.8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 1
+    refusal = [line for line in process.stderr.splitlines() if line.startswith("petscore:")]
+    assert refusal == ["petscore: refused before any work: unknown flag --min-confidance; did you "
+                       "mean --min-confidence? (python -m pipeline.score --help lists petscore's "
+                       "flags; every Apache Beam pipeline option is accepted too)"]
+    assert "WARNING" not in process.stderr and not os.path.exists(tmp_path / "o")
+
+
+def test_every_beam_option_still_passes_and_stray_arguments_are_refused():
+    refuse_unknown_flags(["--input", "x", "--runner=DataflowRunner", "--project", "p",
+                          "--temp_location", "gs://b/tmp", "--experiments", "use_runner_v2",
+                          "--sdk_container_image", "img", "--num_workers=3", "--min_confidence=0.5",
+                          "--direct_running_mode", "multi_processing", "--overwrite"])
+    with pytest.raises(UnknownFlagError, match="did you mean --machine_type"):
+        refuse_unknown_flags(["--machine-type", "n2-standard-4"])
+    with pytest.raises(UnknownFlagError, match="unexpected argument 'images/1.jpg'"):
+        refuse_unknown_flags(["--input", "images/*.jpg", "images/1.jpg"])
+
+
+def test_a_directory_input_scores_every_file_under_it(corpus, trained, tmp_path, caplog):
+    root, expected = corpus
+    caplog.set_level("INFO", logger="petscore")
+    summary = score.run(["--input", root, "--model-dir", trained["model_dir"],
+                         "--output", str(tmp_path / "o"), "--max-error-rate", "1"])
+    assert summary["inputs"] == len(expected) and summary["accounted"] is True
+    assert summary["input"] == os.path.join(root, "**")
+    assert f"--input {root} is a directory: scoring every file under it" in caplog.text
+
+
+def test_a_clean_local_run_reports_progress_and_no_unrelated_warnings(scored):
+    stderr = scored["process"].stderr
+    total = len(scored["expected"])
+    assert f"progress: {total}/{total} images (100%)" in stderr
+    assert [line for line in stderr.splitlines() if " WARNING " in line] == []
 
 
 def test_help_documents_every_flag():

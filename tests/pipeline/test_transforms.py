@@ -17,7 +17,7 @@ from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.inference import ExportedModelHandler, ScoreImages, ToPredictionRowFn
 from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
 from pipeline.rows import image_id, top_classes
-from pipeline.write import kaggle_csv, multiclass_csv
+from pipeline.write import BINARY, MULTICLASS, csv_header, csv_lines
 from tests.corpus import GOOD
 
 
@@ -176,9 +176,10 @@ def test_litert_gets_its_thread_count_and_plans_memory_for_the_largest_batch(tra
 
 
 def test_kaggle_csv_is_sorted_by_id_and_optionally_clipped():
-    rows = [(10, 0.5), (2, 0.9999), (1, 0.00001)]
-    assert kaggle_csv(rows, 0.0).decode() == "id,label\n1,0.000010\n2,0.999900\n10,0.500000\n"
-    assert kaggle_csv(rows, 0.005).decode() == "id,label\n1,0.005000\n2,0.995000\n10,0.500000\n"
+    rows = [(10, [0.5]), (2, [0.9999]), (1, [0.00001])]
+    assert csv_header(BINARY, ["cat", "dog"]) == b"id,label\n"
+    assert csv_lines(rows, BINARY, 0.0).decode() == "1,0.000010\n2,0.999900\n10,0.500000\n"
+    assert csv_lines(rows, BINARY, 0.005).decode() == "1,0.005000\n2,0.995000\n10,0.500000\n"
 
 
 def test_image_id_is_the_integer_stem():
@@ -189,10 +190,10 @@ def test_image_id_is_the_integer_stem():
 
 def test_multiclass_csv_has_every_class_ids_as_they_are_sorted_and_clipped():
     rows = [("ff01", [0.5, 0.25, 0.25]), ("0a9c", [1.0, 0.0, 0.0])]
-    text = multiclass_csv(rows, ["affenpinscher", "beagle", "collie, rough"], 0.0).decode()
+    text = (csv_header(MULTICLASS, ["affenpinscher", "beagle", "collie, rough"])
+            + csv_lines(rows, MULTICLASS, 0.0)).decode()
     assert text == ('id,affenpinscher,beagle,"collie, rough"\n0a9c,1,0,0\nff01,0.5,0.25,0.25\n')
-    clipped = multiclass_csv(rows[1:], ["a", "b", "c"], 0.01).decode()
-    assert clipped == "id,a,b,c\n0a9c,0.99,0.01,0.01\n"
+    assert csv_lines(rows[1:], MULTICLASS, 0.01).decode() == "0a9c,0.99,0.01,0.01\n"
 
 
 def test_top_classes_are_the_most_probable_first():

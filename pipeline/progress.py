@@ -1,0 +1,68 @@
+"""Progress of a local run: done / total, images/s and time left, logged every few seconds.
+
+The total is counted before the run (the glob's matches or the manifest's lines), and every input
+that leaves as a prediction, error or skipped row moves the count on. Local runners execute
+DoFns in the launching process, where the one ``ProgressLog`` lives; on Dataflow the job's
+metrics (``images_scored`` and friends) show progress instead, and this step is not added.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import apache_beam as beam
+
+_LOG = logging.getLogger("petscore")
+_CURRENT: ProgressLog | None = None
+
+
+class ProgressLog:
+    """Counts finished inputs against ``total`` and logs a line at most every ``every`` seconds,
+    and once more when the last input is done."""
+
+    def __init__(self, total: int, every: float = 5.0):
+        self.total = total
+        self.done = 0
+        self._every = every
+        self._started = self._last_line = time.monotonic()
+        self._lock = threading.Lock()
+
+    def advance(self, count: int = 1) -> None:
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if self.done < self.total and now - self._last_line < self._every:
+                return
+            self._last_line = now
+            _LOG.info("progress: %s", self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self._started, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        share = self.done / self.total if self.total else 1.0
+        return (f"{self.done:,}/{self.total:,} images ({share:.0%}), {rate:.1f} images/s, "
+                f"about {left:.0f} s left")
+
+
+def start(total: int) -> ProgressLog:
+    """Make the progress log the DoFns of this process report to."""
+    global _CURRENT
+    _CURRENT = ProgressLog(total)
+    return _CURRENT
+
+
+class _AdvanceProgress(beam.DoFn):
+    def process(self, _):
+        if _CURRENT is not None:
+            _CURRENT.advance()
+        return ()
+
+
+class ReportProgress(beam.PTransform):
+    """Every finished input (prediction, error or skipped row) in; nothing out."""
+
+    def expand(self, finished):
+        return finished | "Advance" >> beam.ParDo(_AdvanceProgress())
