@@ -9,7 +9,7 @@
 # Configure with environment variables (defaults in brackets):
 #   PROJECT, REGION [europe-west1], BUCKET (gs://… without trailing slash), PROFILE [gpu|cpu],
 #   MODEL_DIR [$BUCKET/models/current], INPUT [$BUCKET/incoming/dt={run_date}/*.jpg],
-#   OUTPUT [$BUCKET/scores/dt={run_date}], SKIP_SCORED [$BUCKET/scores/dt=*/predictions/*.parquet],
+#   OUTPUT [$BUCKET/scores/dt={run_date}], SKIP_SCORED [$BUCKET/scores/dt=*],
 #   TAG [git short hash], SCHEDULE [0 2 * * *]
 # Credentials: whatever gcloud is logged in as (ADC); nothing is stored in this script.
 set -euo pipefail
@@ -22,8 +22,9 @@ MODEL_DIR="${MODEL_DIR:-$BUCKET/models/current}"
 DATE='{run_date}'  # replaced by the pipeline with --run-date at launch
 INPUT="${INPUT:-$BUCKET/incoming/dt=$DATE/*.jpg}"
 OUTPUT="${OUTPUT:-$BUCKET/scores/dt=$DATE}"
-# Incremental: skip images whose bytes an earlier night already scored with the same model version.
-SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*/predictions/*.parquet}"
+# Incremental: skip images an earlier committed night already scored with the same model version.
+# Only the nights' completion records are read unless a night's paths can overlap tonight's.
+SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*}"
 RUN_DATE="${RUN_DATE:-yesterday}"
 SCHEDULE="${SCHEDULE:-0 2 * * *}"
 TAG="${TAG:-$(git rev-parse --short HEAD)}"

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 
 from model.metadata import file_chunks
 from model.preprocessing import PREPROCESSING_VERSION, decode_and_resize
-from pipeline.rows import METRICS_NAMESPACE, error_row
+from pipeline.rows import METRICS_NAMESPACE, ImageSource, ListedImage, error_row
 
 ERRORS = "errors"
 SKIPPED = "skipped"
@@ -38,9 +38,9 @@ class FileTooLargeError(ValueError):
 
 
 class ReadAndDecodeFn(beam.DoFn):
-    """A batch of paths -> per path ``((path, content_sha256), uint8 [height, width, 3])``, or an
-    error row tagged ``errors``, or (with ``previously_scored``) the path tagged ``skipped`` when
-    these exact bytes were already scored by this model version.
+    """A batch of ``ListedImage`` -> per image ``(ImageSource, uint8 [height, width, 3])``, or an
+    error row tagged ``errors``, or the path tagged ``skipped`` when these exact bytes were
+    already scored by this model version under this path (``scored_sha256``, --skip-scored).
 
     The paths of a batch are read and decoded on a thread pool: storage reads wait on the
     network and Pillow releases the GIL while decoding, so one process keeps every core and
@@ -67,9 +67,9 @@ class ReadAndDecodeFn(beam.DoFn):
     def teardown(self):
         self._pool.shutdown(wait=False)
 
-    def process(self, paths: list[str], previously_scored: dict[str, str] | None = None):
+    def process(self, images: list[ListedImage]):
         # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
-        for size, output in self._pool.map(lambda path: self._handle(path, previously_scored), paths):
+        for size, output in self._pool.map(self._handle, images):
             if size is not None:
                 self._read.inc()
                 self._bytes.update(size)
@@ -79,8 +79,9 @@ class ReadAndDecodeFn(beam.DoFn):
                 self._decoded.inc()
             yield output
 
-    def _handle(self, path: str, previously_scored: dict[str, str] | None):
-        """``(bytes read or None, output)`` for one path."""
+    def _handle(self, image: ListedImage):
+        """``(bytes read or None, output)`` for one image."""
+        path = image.path
         try:
             data = self._read_bytes(path)
         except Exception as error:  # noqa: BLE001 - classified just below
@@ -88,7 +89,7 @@ class ReadAndDecodeFn(beam.DoFn):
                 raise
             return None, beam.pvalue.TaggedOutput(ERRORS, error_row(path, "read", error, self._run_id))
         content_sha256 = hashlib.sha256(data).hexdigest()
-        if previously_scored and previously_scored.get(path) == content_sha256:
+        if content_sha256 in image.scored_sha256:
             return len(data), beam.pvalue.TaggedOutput(SKIPPED, path)
         try:
             pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
@@ -96,7 +97,7 @@ class ReadAndDecodeFn(beam.DoFn):
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
             return len(data), beam.pvalue.TaggedOutput(
                 ERRORS, error_row(path, "decode", error, self._run_id))
-        return len(data), ((path, content_sha256), pixels)
+        return len(data), (ImageSource(path, content_sha256, len(data), image.updated_seconds), pixels)
 
     def _read_bytes(self, path: str) -> bytes:
         # In chunks: one read(max_bytes + 1) would allocate and free the whole cap (64 MiB) for
@@ -111,27 +112,20 @@ class ReadAndDecodeFn(beam.DoFn):
 
 
 class DecodeImages(beam.PTransform):
-    """Paths in; ``{'images': ((path, sha256), pixels), 'errors': rows, 'skipped': paths}`` out.
-
-    ``previously_scored``: optional PCollection of ``(path, content_sha256)`` already scored by
-    this model version (incremental nightly runs); those files are read and hashed, not decoded.
-    ``preprocessing``: the model's loader version (its metadata says which).
-    """
+    """``ListedImage`` in; ``{'images': (ImageSource, pixels), 'errors': rows, 'skipped': paths}``
+    out. ``preprocessing``: the model's loader version (its metadata says which)."""
 
     def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,
-                 previously_scored=None, preprocessing: str = PREPROCESSING_VERSION):
+                 preprocessing: str = PREPROCESSING_VERSION):
         super().__init__()
         self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id, preprocessing)
-        self._previously_scored = previously_scored
 
-    def expand(self, paths):
-        side_inputs = ([beam.pvalue.AsDict(self._previously_scored)]
-                       if self._previously_scored is not None else [])
+    def expand(self, images):
         # Reshuffle so that decoding fans out across workers even when one task matched the glob;
         # small batches feed the decoder's thread pool.
-        results = (paths
+        results = (images
                    | "Reshuffle" >> beam.Reshuffle()
                    | "BatchForThreads" >> beam.BatchElements(min_batch_size=4, max_batch_size=32)
-                   | "ReadAndDecode" >> beam.ParDo(self._fn, *side_inputs).with_outputs(
+                   | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(
                        ERRORS, SKIPPED, main="images"))
         return {"images": results.images, ERRORS: results[ERRORS], SKIPPED: results[SKIPPED]}

@@ -75,7 +75,7 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
 
 
 class ToPredictionRowFn(beam.DoFn):
-    """``((path, content_sha256), PredictionResult)`` -> a row of the predictions schema."""
+    """``(ImageSource, PredictionResult)`` -> a row of the predictions schema."""
 
     def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0):
         self._class_names = list(metadata.class_names)
@@ -89,7 +89,8 @@ class ToPredictionRowFn(beam.DoFn):
         self._uncertain = Metrics.counter(METRICS_NAMESPACE, "images_uncertain")
 
     def process(self, keyed_result):
-        (path, content_sha256), result = keyed_result
+        source, result = keyed_result
+        path = source.path
         probabilities = [float(p) for p in result.inference]
         best = int(np.argmax(probabilities))
         confidence = probabilities[best]
@@ -101,7 +102,9 @@ class ToPredictionRowFn(beam.DoFn):
         yield {
             "path": path,
             "image_id": image_id(path),
-            "content_sha256": content_sha256,
+            "content_sha256": source.content_sha256,
+            "file_bytes": source.file_bytes,
+            "file_updated_seconds": source.file_updated_seconds,
             "predicted_class": self._class_names[best],
             **dict(zip(self._columns, probabilities, strict=True)),
             "confidence": confidence,
@@ -115,7 +118,7 @@ class ToPredictionRowFn(beam.DoFn):
 
 
 class ScoreImages(beam.PTransform):
-    """``((path, content_sha256), pixels)`` in; prediction rows out."""
+    """``(ImageSource, pixels)`` in; prediction rows out."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, min_confidence: float, run_id: str,

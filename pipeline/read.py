@@ -6,7 +6,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.rows import error_row
+from pipeline.rows import ListedImage, error_row
 
 DUPLICATES = "duplicates"
 
@@ -54,7 +54,8 @@ def is_manifest_entry(line: str) -> bool:
 
 
 class ReadImagePaths(beam.PTransform):
-    """Emit each distinct image path once.
+    """Emit each distinct image path once, as a ``ListedImage`` (with the listing's size and
+    update time for a glob).
 
     A path listed more than once in a manifest is scored once; each extra listing leaves as an
     error row on the ``duplicates`` output, so that every input line is accounted for.
@@ -71,7 +72,9 @@ class ReadImagePaths(beam.PTransform):
             return {
                 "paths": (pbegin
                           | "MatchFiles" >> fileio.MatchFiles(self._pattern)
-                          | "MetadataToPath" >> beam.Map(lambda metadata: metadata.path)),
+                          | "ToListedImage" >> beam.Map(lambda metadata: ListedImage(
+                              metadata.path, metadata.size_in_bytes,
+                              metadata.last_updated_in_seconds))),
                 DUPLICATES: pbegin | "NoDuplicates" >> beam.Create([]),
             }
         listed = (pbegin
@@ -81,7 +84,7 @@ class ReadImagePaths(beam.PTransform):
                   | "CountListings" >> beam.combiners.Count.PerElement())
         run_id = self._run_id
         return {
-            "paths": listed | "DistinctPath" >> beam.Keys(),
+            "paths": listed | "DistinctPath" >> beam.Keys() | "ToListedImage" >> beam.Map(ListedImage),
             DUPLICATES: listed | "ExtraListings" >> beam.FlatMap(
                 lambda item: [error_row(item[0], "read",
                                         f"listed {item[1]} times in the manifest; scored once",

@@ -5,12 +5,31 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 UNCERTAIN = "uncertain"
 METRICS_NAMESPACE = "petscore"  # Beam metrics of the job, locally and in the Dataflow UI
+
+class ListedImage(NamedTuple):
+    """An input path with what the storage listing said of it (None for manifest entries) and,
+    with --skip-scored, the SHA-256s this model version already scored under that path."""
+
+    path: str
+    size_bytes: int | None = None
+    updated_seconds: float | None = None
+    scored_sha256: tuple[str, ...] = ()
+
+
+class ImageSource(NamedTuple):
+    """What a prediction row records of the file it scored."""
+
+    path: str
+    content_sha256: str
+    file_bytes: int
+    file_updated_seconds: float | None
+
 
 ERROR_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
@@ -46,6 +65,9 @@ def prediction_schema(class_names: list[str], top_k: int = 0) -> pa.Schema:
         pa.field("path", pa.string(), nullable=False),
         pa.field("image_id", pa.int64()),  # integer file stem, null when the stem is not a number
         pa.field("content_sha256", pa.string(), nullable=False),  # of the file's bytes
+        pa.field("file_bytes", pa.int64(), nullable=False),
+        # the storage listing's update time (seconds since the epoch); null for manifest inputs
+        pa.field("file_updated_seconds", pa.float64()),
         pa.field("predicted_class", pa.string(), nullable=False),
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         pa.field("confidence", pa.float64(), nullable=False),

@@ -42,6 +42,7 @@ from model.metadata import (
 from model.serving import ServingModel
 from pipeline import progress
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
+from pipeline.incremental import SkipScored, common_path_prefix, earlier_scored_files, fixed_prefix
 from pipeline.inference import ScoreImages
 from pipeline.options import (
     RUN_DATE_PLACEHOLDER,
@@ -143,35 +144,24 @@ def prepare_output(output: str, overwrite: bool) -> None:
         FileSystems.delete(leftover_directories)
 
 
-def read_previously_scored(pipeline: beam.Pipeline, pattern: str | None, metadata: ModelMetadata):
-    """``(path, content_sha256)`` of earlier predictions by this model version, or None.
-
-    A pattern that matches nothing yet (the first night) means nothing was scored before.
-    """
-    if not pattern:
-        return None
-    if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
-        _LOG.info("--skip-scored %s matches no file yet: scoring everything", pattern)
-        return pipeline | "NothingScoredBefore" >> beam.Create([])
-    version = metadata.model_version
-    return (pipeline
-            | "ReadPreviousPredictions" >> beam.io.ReadFromParquet(
-                pattern, columns=["path", "content_sha256", "model_version"])
-            | "SameModelVersion" >> beam.Filter(lambda row: row["model_version"] == version)
-            | "PathAndHash" >> beam.Map(lambda row: (row["path"], row["content_sha256"])))
+def input_prefix(options: ScoreOptions) -> str:
+    """What every input path of this run starts with ('' for a manifest: anything)."""
+    return fixed_prefix(options.input) if options.input else ""
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
                    run_id: str, started: float, inference_hints: dict[str, str],
-                   report_progress: bool = False) -> None:
-    """Wire read -> decode -> score -> write, as in the architecture diagram."""
+                   scored_files: list[str] = (), report_progress: bool = False) -> None:
+    """Wire read -> decode -> score -> write, as in the architecture diagram. ``scored_files``:
+    earlier predictions files --skip-scored found (``incremental.earlier_scored_files``)."""
     paths = output_paths(options.output)
     listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
-    decoded = listed["paths"] | "DecodeImages" >> DecodeImages(
+    tonight_prefix = input_prefix(options)
+    unscored = listed["paths"] | "SkipScored" >> SkipScored(list(scored_files), tonight_prefix)
+    decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
-        options.max_image_bytes, run_id,
-        previously_scored=read_previously_scored(pipeline, options.skip_scored, metadata),
-        preprocessing=metadata.preprocessing)
+        options.max_image_bytes, run_id, preprocessing=metadata.preprocessing)
+    skipped = (unscored[SKIPPED], decoded[SKIPPED]) | "AllSkipped" >> beam.Flatten()
     predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
@@ -180,6 +170,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     ).with_resource_hints(**inference_hints)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
+    paths_prefix = (listed["paths"]
+                    | "Path" >> beam.Map(lambda image: image.path)
+                    | "PathsPrefix" >> beam.CombineGlobally(common_path_prefix))
 
     csv = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
         paths["csv"], FileSystems.join(options.output, CSV_PARTS_DIR), metadata.class_names,
@@ -191,13 +184,13 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
     written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
     if report_progress:
-        ((predictions, errors, decoded[SKIPPED]) | "Finished" >> beam.Flatten()
+        ((predictions, errors, skipped) | "Finished" >> beam.Flatten()
          | "ReportProgress" >> ReportProgress())
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
                "output": options.output}
     ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
-      "csv_rows": csv["rows"], "skipped": decoded[SKIPPED]}
+      "csv_rows": csv["rows"], "skipped": skipped, "paths_prefix": paths_prefix}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
 
 
@@ -237,6 +230,7 @@ class CheckedRun:
     run_id: str
     started: float
     inference_hints: dict[str, str]
+    scored_files: list[str]
 
 
 def check_run(argv: list[str] | None) -> CheckedRun:
@@ -260,8 +254,12 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     check_input_exists(options.input, options.manifest)
     metadata = load_checked_model(options.model_dir, options.runtime)
     resolve_model_dependent_options(options, metadata)
+    scored_files = (earlier_scored_files(options.skip_scored, metadata.model_version,
+                                         input_prefix(options), exclude_run=options.output)
+                    if options.skip_scored else [])
     prepare_output(options.output, options.overwrite)
-    return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints)
+    return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints,
+                      scored_files)
 
 
 def execute(checked: CheckedRun) -> dict:
@@ -276,7 +274,8 @@ def execute(checked: CheckedRun) -> dict:
         progress.start(count_inputs(options.input, options.manifest))
     with beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
-                       checked.inference_hints, report_progress=runner is not None and in_process)
+                       checked.inference_hints, checked.scored_files,
+                       report_progress=runner is not None and in_process)
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())

@@ -93,7 +93,7 @@ def test_scheduler_launch_body_uses_only_template_parameters():
         launch = json.loads(body.stdout)["launchParameter"]
         assert set(launch["parameters"]) <= {p["name"] for p in flex_parameters()}
         assert launch["parameters"]["output"] == "gs://my-bucket/scores/dt={run_date}"
-        assert launch["parameters"]["skip_scored"] == "gs://my-bucket/scores/dt=*/predictions/*.parquet"
+        assert launch["parameters"]["skip_scored"] == "gs://my-bucket/scores/dt=*"
         assert launch["environment"]["machineType"] == machine
         assert launch["environment"]["sdkContainerImage"] == IMAGE
         assert (GPU in launch["environment"]["additionalExperiments"]) == (profile == "gpu")

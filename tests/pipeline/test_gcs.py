@@ -3,6 +3,7 @@ emulator (gcp-storage-emulator) through Beam's GCS filesystem and google-cloud-s
 
 import csv
 import io
+import json
 import os
 import socket
 import subprocess
@@ -79,9 +80,9 @@ def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, traine
     root, expected = corpus
     upload_tree(gcs, root, "incoming/dt=2026-11-21")
     upload_tree(gcs, trained["model_dir"], "models/tiny")
-    summary = score.run([
-        "--input", f"gs://{BUCKET}/incoming/dt={{run_date}}/*", "--model-dir", f"gs://{BUCKET}/models/tiny",
-        "--output", f"gs://{BUCKET}/scores/dt={{run_date}}", "--run-date", "2026-11-21", "--no_auth"])
+    night = ["--input", f"gs://{BUCKET}/incoming/dt={{run_date}}/*", "--model-dir",
+             f"gs://{BUCKET}/models/tiny", "--run-date", "2026-11-21", "--no_auth"]
+    summary = score.run([*night, "--output", f"gs://{BUCKET}/scores/dt={{run_date}}"])
     good = sum(outcome == GOOD for outcome in expected.values())
     assert (summary["inputs"], summary["predictions"], summary["accounted"]) == (len(expected), good, True)
 
@@ -100,6 +101,24 @@ def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, traine
     error_shards = [n for n in names if n.startswith("scores/dt=2026-11-21/errors/")]
     errors = pq.read_table(io.BytesIO(bucket.blob(error_shards[0]).download_as_bytes()))
     assert errors.num_rows == len(expected) - good
+
+
+    # The same files again, incremental: all scored by this model version, skipped on their
+    # listing (size and update time), not downloaded again.
+    again = score.run([*night, "--output", f"gs://{BUCKET}/scores/again",
+                       "--skip-scored", f"gs://{BUCKET}/scores/dt=*"])
+    assert (again["skipped_already_scored"], again["predictions"]) == (good, 0)
+
+    # A killed attempt's leftovers on GCS: named and refused, then cleared by --overwrite.
+    bucket.blob("scores/dt=2026-11-21/summary.json").delete()
+    bucket.blob("scores/dt=2026-11-21/predictions/beam-temp-predictions-0f/a1").upload_from_string(b"half")
+    with pytest.raises(score.OutputExistsError, match="of an incomplete run"):
+        score.run([*night, "--output", f"gs://{BUCKET}/scores/dt={{run_date}}"])
+    score.run([*night, "--output", f"gs://{BUCKET}/scores/dt={{run_date}}", "--overwrite"])
+    names = sorted(blob.name for blob in gcs.list_blobs(BUCKET, prefix="scores/dt=2026-11-21/"))
+    record = json.loads(bucket.blob("scores/dt=2026-11-21/summary.json").download_as_text())
+    assert names == sorted([f"scores/dt=2026-11-21/{f['path']}" for f in record["files"]]
+                           + ["scores/dt=2026-11-21/summary.json"])
 
 
 def test_a_saved_model_on_gcs_is_copied_whole_and_reproduces_its_export(

@@ -216,7 +216,8 @@ def test_incremental_run_scores_only_new_and_changed_images_and_all_after_a_mode
                "--max-error-rate", "1"])
     shutil.copy(night / "1.jpg", night / "15.jpg")  # new path (same bytes as 1.jpg)
     shutil.copy(night / "3.jpg", night / "2.jpg")  # changed bytes under an old path
-    previous = str(tmp_path / "scores" / "dt=*" / "predictions" / "*.parquet")
+    os.utime(night / "4.jpg", (1.7e9, 1.7e9))  # touched, same bytes: read, then skipped by SHA-256
+    previous = str(tmp_path / "scores" / "dt=*")
     second = str(tmp_path / "scores" / "dt=2026-11-21")
     summary = score.run(["--input", str(night / "*"), "--model-dir", trained["model_dir"],
                          "--output", second, "--skip-scored", previous, "--max-error-rate", "1"])

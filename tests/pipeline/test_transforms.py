@@ -2,22 +2,27 @@
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from model.metadata import ModelContractError, read_metadata
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
+from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ExportedModelHandler, ScoreImages, ToPredictionRowFn
 from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
-from pipeline.rows import image_id, top_classes
-from pipeline.write import BINARY, MULTICLASS, csv_header, csv_lines
+from pipeline.rows import ImageSource, ListedImage, image_id, top_classes
+from pipeline.write import BINARY, MULTICLASS, WriteKaggleCsv, csv_header, csv_lines, csv_part_of
 from tests.corpus import GOOD
 
 
@@ -25,7 +30,9 @@ def test_glob_lists_every_file_once(corpus):
     root, expected = corpus
     with TestPipeline() as p:
         out = p | ReadImagePaths(os.path.join(root, "*"), None, "run")
-        assert_that(out["paths"], equal_to([os.path.join(root, n) for n in expected]))
+        assert_that(out["paths"], equal_to([
+            ListedImage(os.path.join(root, n), os.path.getsize(os.path.join(root, n)),
+                        os.path.getmtime(os.path.join(root, n))) for n in expected]))
         assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
 
 
@@ -34,7 +41,7 @@ def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp
     manifest.write_text("# nightly list\n/a/1.jpg\n\n/a/2.jpg\n/a/1.jpg\n  /a/1.jpg  \n")
     with TestPipeline() as p:
         out = p | ReadImagePaths(None, str(manifest), "run-7")
-        assert_that(out["paths"], equal_to(["/a/1.jpg", "/a/2.jpg"]))
+        assert_that(out["paths"], equal_to([ListedImage("/a/1.jpg"), ListedImage("/a/2.jpg")]))
         assert_that(out[DUPLICATES] | beam.Map(lambda r: (r["path"], r["error_type"], r["run_id"],
                                                           r["message"])),
                     equal_to([("/a/1.jpg", "DuplicatePath", "run-7",
@@ -56,9 +63,11 @@ def test_decode_sends_good_files_on_and_bad_files_to_error_rows(corpus):
     root, expected = corpus
     paths = [os.path.join(root, name) for name in expected] + [os.path.join(root, "missing.jpg")]
     with TestPipeline() as p:
-        out = p | beam.Create(paths) | DecodeImages((16, 24), "bilinear", 1_000_000, 1 << 20, "run")
+        out = (p | beam.Create([ListedImage(path, None, 1.5) for path in paths])
+               | DecodeImages((16, 24), "bilinear", 1_000_000, 1 << 20, "run"))
         assert_that(out["images"] | beam.Map(lambda kv: (*kv[0], kv[1].shape, str(kv[1].dtype))),
-                    equal_to([(os.path.join(root, n), sha256_of(os.path.join(root, n)), (16, 24, 3), "uint8")
+                    equal_to([(os.path.join(root, n), sha256_of(os.path.join(root, n)),
+                               os.path.getsize(os.path.join(root, n)), 1.5, (16, 24, 3), "uint8")
                               for n, outcome in expected.items() if outcome == GOOD]))
         assert_that(out[ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error_type"])),
                     equal_to([(os.path.join(root, n), *outcome)
@@ -75,19 +84,84 @@ def sha256_of(path: str) -> str:
 def test_files_already_scored_with_the_same_bytes_are_skipped_not_decoded(corpus, tmp_path):
     root, _ = corpus
     same, changed, new = (os.path.join(root, f"{i}.jpg") for i in (1, 2, 3))
+    images = [ListedImage(same, scored_sha256=("0" * 64, sha256_of(same))),
+              ListedImage(changed, scored_sha256=("0" * 64,)), ListedImage(new)]
     with TestPipeline() as p:
-        previous = p | "Previous" >> beam.Create([(same, sha256_of(same)), (changed, "0" * 64)])
-        out = (p | beam.Create([same, changed, new])
-               | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run", previously_scored=previous))
+        out = p | beam.Create(images) | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run")
         assert_that(out[SKIPPED], equal_to([same]), label="Skipped")
-        assert_that(out["images"] | beam.Map(lambda kv: kv[0][0]), equal_to([changed, new]))
+        assert_that(out["images"] | beam.Map(lambda kv: kv[0].path), equal_to([changed, new]))
+
+
+def write_scored(path: str, rows: list[tuple[str, str, int | None, float | None]], legacy=False):
+    """A predictions-like Parquet file (``legacy``: without the listing columns, as written
+    before they existed)."""
+    columns = {"path": [r[0] for r in rows], "content_sha256": [r[1] for r in rows],
+               "file_bytes": [r[2] for r in rows], "file_updated_seconds": [r[3] for r in rows]}
+    if legacy:
+        del columns["file_bytes"], columns["file_updated_seconds"]
+    pq.write_table(pa.table(columns), path)
+
+
+@pytest.mark.parametrize("known_paths_limit", [100, 2], ids=["few-paths-known", "many-paths"])
+def test_skip_scored_trusts_an_unchanged_listing_and_otherwise_reads_the_bytes(tmp_path,
+                                                                              known_paths_limit):
+    history = str(tmp_path / "scored.parquet")
+    write_scored(history, [
+        ("/night/listed-same.jpg", "a" * 64, 100, 1700000000.25),  # same size and update time
+        ("/night/touched.jpg", "b" * 64, 100, 1600000000.0),  # same size, updated since
+        ("/night/touched.jpg", "c" * 64, 120, 1500000000.0),  # an older version of it
+        ("/elsewhere/listed-same.jpg", "d" * 64, 100, 1700000000.25),  # not under tonight's prefix
+        ("/night/gone.jpg", "e" * 64, 1, 1.0),  # scored before, not listed tonight
+    ])
+    legacy = str(tmp_path / "legacy.parquet")
+    write_scored(legacy, [("/night/manifest-entry.jpg", "f" * 64, None, None)], legacy=True)
+    listed = [ListedImage("/night/listed-same.jpg", 100, 1700000000.25),
+              ListedImage("/night/touched.jpg", 100, 1700000000.0),
+              ListedImage("/night/manifest-entry.jpg"),
+              ListedImage("/night/new.jpg", 5, 1.0)]
+    with TestPipeline() as p:
+        out = p | beam.Create(listed) | SkipScored([history, legacy], "/night/", known_paths_limit)
+        # skipped on the listing alone: the file does not even exist, so it was never read
+        assert_that(out[SKIPPED], equal_to(["/night/listed-same.jpg"]), label="Skipped")
+        assert_that(out["images"], equal_to([
+            ListedImage("/night/touched.jpg", 100, 1700000000.0, ("b" * 64, "c" * 64)),
+            ListedImage("/night/manifest-entry.jpg", None, None, ("f" * 64,)),
+            ListedImage("/night/new.jpg", 5, 1.0)]))
+
+
+def test_skip_scored_reads_only_committed_runs_of_this_model_that_can_hold_tonights_paths(tmp_path):
+    def run(name, model_version, paths_prefix, files=("predictions/p-0.parquet",)):
+        folder = tmp_path / "scores" / name
+        (folder / "predictions").mkdir(parents=True)
+        record = {"model_version": model_version, "paths_prefix": paths_prefix,
+                  "files": [{"path": f, "bytes": 1} for f in files] + [
+                      {"path": "submission.csv", "bytes": 1}]}
+        if paths_prefix is None:  # a record from before records listed files and prefixes
+            record = {"model_version": model_version}
+            (folder / "predictions" / "predictions-00000-of-00001.parquet").write_bytes(b"")
+        (folder / "summary.json").write_text(json.dumps(record))
+        return str(folder)
+
+    same_folder = run("dt=1", "v1", "/in/all/")
+    run("dt=2", "v1", "/in/dt=2/")  # another night's folder: cannot hold tonight's paths
+    run("dt=3", "v0", "/in/all/")  # another model version
+    old = run("dt=4", "v1", None)
+    tonight = run("dt=5", "v1", "/in/all/")  # tonight's own prefix, about to be overwritten
+    (tmp_path / "scores" / "dt=6" / "predictions").mkdir(parents=True)  # killed: no record
+    files = earlier_scored_files(str(tmp_path / "scores" / "dt=*"), "v1", "/in/all/", tonight)
+    assert sorted(files) == [os.path.join(same_folder, "predictions", "p-0.parquet"),
+                             os.path.join(old, "predictions", "predictions-00000-of-00001.parquet")]
+    assert earlier_scored_files(str(tmp_path / "scores" / "dt=*"), "v1", "/in/dt=9/", tonight) == [
+        os.path.join(old, "predictions", "predictions-00000-of-00001.parquet")]
+    with pytest.raises(ValueError, match="drop the '/predictions/\\*.parquet'"):
+        earlier_scored_files("gs://b/scores/dt=*/predictions/*.parquet", "v1", "", tonight)
 
 
 def test_files_over_the_byte_cap_are_error_rows(corpus):
     root, _ = corpus
     path = os.path.join(root, "1.jpg")
     with TestPipeline() as p:
-        out = p | beam.Create([path]) | DecodeImages((8, 8), "bilinear", 1_000_000, 100, "run")
+        out = p | beam.Create([ListedImage(path)]) | DecodeImages((8, 8), "bilinear", 1_000_000, 100, "run")
         assert_that(out[ERRORS] | beam.Map(lambda r: (r["error_type"], r["message"])),
                     equal_to([("FileTooLargeError", "file is larger than the 100-byte cap")]))
 
@@ -101,21 +175,23 @@ def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows
     monkeypatch.setattr(FileSystems, "open", unavailable)
     with pytest.raises(Exception, match="storage briefly unavailable"):
         with TestPipeline() as p:
-            p | beam.Create([os.path.join(root, "1.jpg")]) | DecodeImages((8, 8), "bilinear", 10**6,
-                                                                           10**6, "run")
+            (p | beam.Create([ListedImage(os.path.join(root, "1.jpg"))])
+             | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run"))
 
 
 def test_prediction_rows_carry_probabilities_and_the_uncertain_decision(trained):
     metadata = read_metadata(trained["model_dir"])
     fn = ToPredictionRowFn(metadata, min_confidence=0.7, run_id="run-1")
-    fn.setup()
-    sure, = fn.process((("/x/12.jpg", "ab" * 32), PredictionResult(None, np.array([0.2, 0.8]))))
-    unsure, = fn.process((("/x/cat.jpg", "cd" * 32), PredictionResult(None, np.array([0.65, 0.35]))))
+    sure, = fn.process((ImageSource("/x/12.jpg", "ab" * 32, 2048, 1.5),
+                        PredictionResult(None, np.array([0.2, 0.8]))))
+    unsure, = fn.process((ImageSource("/x/cat.jpg", "cd" * 32, 10, None),
+                          PredictionResult(None, np.array([0.65, 0.35]))))
     assert (sure["image_id"], sure["predicted_class"], sure["decision"]) == (12, "dog", "dog")
     assert (sure["prob_cat"], sure["prob_dog"], sure["confidence"]) == (0.2, 0.8, 0.8)
     assert (unsure["image_id"], unsure["predicted_class"], unsure["decision"]) == (None, "cat", "uncertain")
     assert sure["model_version"] == "tiny-test-1" and sure["model_sha256"] == metadata.sha256
-    assert sure["content_sha256"] == "ab" * 32
+    assert (sure["content_sha256"], sure["file_bytes"], sure["file_updated_seconds"]) == (
+        "ab" * 32, 2048, 1.5)
 
 
 def test_score_images_batches_through_run_inference_and_matches_direct_prediction(trained):
@@ -126,7 +202,8 @@ def test_score_images_batches_through_run_inference_and_matches_direct_predictio
     images = reference_batch(metadata.height, metadata.width, seeds=range(10))
     want = ServingModel(trained["model_dir"], metadata).predict(images)[:, 1]
     with TestPipeline() as p:
-        rows = (p | beam.Create([((f"/img/{i}.jpg", str(i)), images[i]) for i in range(10)])
+        rows = (p | beam.Create([(ImageSource(f"/img/{i}.jpg", str(i), 1, None), images[i])
+                                 for i in range(10)])
                 | ScoreImages(trained["model_dir"], metadata, min_batch_size=3, max_batch_size=4,
                               min_confidence=0.0, run_id="r"))
         assert_that(rows | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
@@ -199,3 +276,33 @@ def test_multiclass_csv_has_every_class_ids_as_they_are_sorted_and_clipped():
 def test_top_classes_are_the_most_probable_first():
     assert top_classes([0.1, 0.6, 0.3], ["a", "b", "c"], 2) == {
         "top_classes": ["b", "c"], "top_probabilities": [0.6, 0.3]}
+
+
+@pytest.mark.parametrize("csv_format", [BINARY, MULTICLASS])
+def test_the_csv_is_sorted_in_parts_no_worker_holding_the_run(tmp_path, csv_format):
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(5000)[:1200]
+    rows = [{"path": f"/n/{i}.jpg", "image_id": int(i), "prob_cat": 1 - p, "prob_dog": p}
+            for i, p in zip(ids, rng.random(len(ids)), strict=True)]
+    path, parts = str(tmp_path / "submission.csv"), str(tmp_path / "csv-parts")
+    pipeline = TestPipeline()
+    out = pipeline | beam.Create(rows) | WriteKaggleCsv(path, parts, ["cat", "dog"], csv_format,
+                                                         "dog", 0.0, rows_per_part=100)
+    assert_that(out["rows"], equal_to([1200]), label="Rows")
+    result = pipeline.run()
+    result.wait_until_finish()
+    keyed = ([(int(i), [r["prob_dog"]]) for i, r in zip(ids, rows, strict=True)]
+             if csv_format == BINARY else
+             [(str(i), [r["prob_cat"], r["prob_dog"]]) for i, r in zip(ids, rows, strict=True)])
+    with open(path, "rb") as handle:
+        assert handle.read() == csv_header(csv_format, ["cat", "dog"]) + csv_lines(keyed, csv_format, 0.0)
+    assert not os.path.exists(parts)
+    part_rows = result.metrics().query(MetricsFilter().with_name("csv_part_rows"))["distributions"]
+    sizes = part_rows[0].committed
+    assert sizes.count == 12 and sizes.sum == 1200 and sizes.max <= 200  # ~100 rows a part
+
+
+def test_a_kaggle_sized_csv_is_one_part():
+    assert csv_part_of(7, list(range(0, 12500, 48)), 12_500, 1_000_000) == 0
+    quantiles = list(range(0, 257))
+    assert [csv_part_of(k, quantiles, 2_000_000, 1_000_000) for k in (0, 127, 128, 256)] == [0, 0, 1, 1]
