@@ -4,8 +4,8 @@ already scored?
 Earlier runs are found through their completion records (``<run prefix>/summary.json``): only
 committed runs count and only the files a record lists are read. A run is read at all only when
 it scored this model version and its paths can overlap tonight's: its record's
-``paths_prefix`` (the common prefix of the paths it scored) and tonight's (the glob's part
-before its first wildcard) must be prefixes of one another. With a dated input layout
+``paths_prefix`` and tonight's (what every input path starts with: the glob's part before its
+first wildcard, nothing for a manifest) must be prefixes of one another. With a dated input layout
 (``incoming/dt=YYYY-MM-DD/``) no earlier night can hold tonight's paths and no row is read: a
 night costs one listing and one small read per earlier run, whatever their size.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
@@ -41,20 +40,6 @@ from pipeline.rows import METRICS_NAMESPACE
 from pipeline.write import PREDICTIONS_DIR, SUMMARY_NAME
 
 _LOG = logging.getLogger("petscore")
-WILDCARDS = "*?["
-
-
-def fixed_prefix(pattern: str) -> str:
-    """The part of a glob before its first wildcard: every path it matches starts with it."""
-    cut = min((pattern.index(c) for c in WILDCARDS if c in pattern), default=len(pattern))
-    return pattern[:cut]
-
-
-def common_path_prefix(paths) -> str:
-    """Longest common prefix of the paths (a CombineGlobally function: associative)."""
-    return os.path.commonprefix(list(paths))
-
-
 def may_overlap(prefix: str, other: str) -> bool:
     return prefix.startswith(other) or other.startswith(prefix)
 

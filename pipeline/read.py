@@ -40,10 +40,16 @@ def count_inputs(pattern: str | None, manifest: str | None) -> int:
         return sum(is_manifest_entry(line.decode("utf-8").strip()) for line in handle)
 
 
+def fixed_prefix(pattern: str) -> str:
+    """The part of a glob before its first wildcard: every path it matches starts with it."""
+    cut = min((pattern.index(c) for c in "*?[" if c in pattern), default=len(pattern))
+    return pattern[:cut]
+
+
 def directory_glob(pattern: str) -> str | None:
     """``pattern/**`` when ``pattern`` (no wildcard) names a directory or, on an object store,
     a prefix with objects under it; else None."""
-    if any(character in pattern for character in "*?["):
+    if fixed_prefix(pattern) != pattern:
         return None
     recursive = FileSystems.join(pattern.rstrip("/"), "**")
     return recursive if FileSystems.match([recursive], limits=[1])[0].metadata_list else None

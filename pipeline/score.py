@@ -42,7 +42,7 @@ from model.metadata import (
 from model.serving import ServingModel
 from pipeline import progress
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
-from pipeline.incremental import SkipScored, common_path_prefix, earlier_scored_files, fixed_prefix
+from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ScoreImages
 from pipeline.options import (
     RUN_DATE_PLACEHOLDER,
@@ -52,7 +52,14 @@ from pipeline.options import (
     resolve_run_date,
 )
 from pipeline.progress import ReportProgress
-from pipeline.read import DUPLICATES, ReadImagePaths, check_input_exists, count_inputs, directory_glob
+from pipeline.read import (
+    DUPLICATES,
+    ReadImagePaths,
+    check_input_exists,
+    count_inputs,
+    directory_glob,
+    fixed_prefix,
+)
 from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema
 from pipeline.summary import WriteRunSummary
 from pipeline.write import (
@@ -170,9 +177,6 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     ).with_resource_hints(**inference_hints)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
-    paths_prefix = (listed["paths"]
-                    | "Path" >> beam.Map(lambda image: image.path)
-                    | "PathsPrefix" >> beam.CombineGlobally(common_path_prefix))
 
     csv = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
         paths["csv"], FileSystems.join(options.output, CSV_PARTS_DIR), metadata.class_names,
@@ -188,9 +192,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
          | "ReportProgress" >> ReportProgress())
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
-               "output": options.output}
+               "paths_prefix": tonight_prefix, "output": options.output}
     ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
-      "csv_rows": csv["rows"], "skipped": skipped, "paths_prefix": paths_prefix}
+      "csv_rows": csv["rows"], "skipped": skipped}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
 
 

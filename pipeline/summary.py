@@ -32,7 +32,7 @@ def listed_files(paths: list[str], output: str) -> list[dict[str, Any]]:
 
 def build_summary(written: list[str], *, inputs: int, predictions: int,
                   error_types: dict[str, int], csv_rows: int, uncertain: int, skipped: int,
-                  paths_prefix: str, started: float, context: dict[str, Any]) -> dict[str, Any]:
+                  started: float, context: dict[str, Any]) -> dict[str, Any]:
     errors = sum(error_types.values())
     elapsed = time.time() - started
     return {
@@ -49,7 +49,6 @@ def build_summary(written: list[str], *, inputs: int, predictions: int,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
         "files": listed_files(written, context["output"]),
-        "paths_prefix": paths_prefix,
     }
 
 
@@ -59,10 +58,9 @@ def _count(pcoll, label: str):
 
 class WriteRunSummary(beam.PTransform):
     """``{'written': final paths of every other output, 'inputs', 'predictions', 'errors',
-    'skipped', 'csv_rows', 'paths_prefix'}`` in; ``summary.json`` out, last.
-
-    ``paths_prefix``, the common prefix of the run's input paths, tells later --skip-scored
-    runs whether this run can hold their paths at all.
+    'skipped', 'csv_rows'}`` in; ``summary.json`` out, last. ``context`` goes in as it is; its
+    ``paths_prefix`` (what every input path starts with) tells later --skip-scored runs whether
+    this run can hold their paths at all.
 
     ``elapsed_seconds`` runs from the launch (``started``, a wall-clock timestamp) to the moment
     every other output is final. Inputs = predictions + errors + skipped (already scored by this
@@ -101,7 +99,6 @@ class WriteRunSummary(beam.PTransform):
                     csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
                     uncertain=beam.pvalue.AsSingleton(_count(uncertain, "CountUncertain")),
                     skipped=beam.pvalue.AsSingleton(_count(outputs["skipped"], "CountSkipped")),
-                    paths_prefix=beam.pvalue.AsSingleton(outputs["paths_prefix"]),
                     started=self._started,
                     context=self._context)
                 | "WriteSummary" >> beam.Map(write))

@@ -98,15 +98,18 @@ def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, traine
     assert sum(pq.read_metadata(io.BytesIO(bucket.blob(s).download_as_bytes())).num_rows
                for s in shards) == good
     assert table.column("path").to_pylist()[0].startswith(f"gs://{BUCKET}/incoming/dt=2026-11-21/")
+    assert table.column("file_updated_seconds").null_count == 0  # GCS listings carry update times
     error_shards = [n for n in names if n.startswith("scores/dt=2026-11-21/errors/")]
     errors = pq.read_table(io.BytesIO(bucket.blob(error_shards[0]).download_as_bytes()))
     assert errors.num_rows == len(expected) - good
 
 
-    # The same files again, incremental: all scored by this model version, skipped on their
-    # listing (size and update time), not downloaded again.
-    again = score.run([*night, "--output", f"gs://{BUCKET}/scores/again",
+    # The same files again, named as a folder, incremental: all scored by this model version,
+    # skipped on their listing (size and update time), not downloaded again.
+    again = score.run(["--input", f"gs://{BUCKET}/incoming/dt=2026-11-21", *night[2:],
+                       "--output", f"gs://{BUCKET}/scores/again",
                        "--skip-scored", f"gs://{BUCKET}/scores/dt=*"])
+    assert again["input"] == f"gs://{BUCKET}/incoming/dt=2026-11-21/**"
     assert (again["skipped_already_scored"], again["predictions"]) == (good, 0)
 
     # A killed attempt's leftovers on GCS: named and refused, then cleared by --overwrite.
