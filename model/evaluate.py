@@ -29,7 +29,7 @@ from model.metrics import (
     reliability_curve,
 )
 from model.preprocessing import decode_and_resize
-from model.report import render_report
+from model.report import render_evaluation_report
 from model.serving import ServingModel
 
 _LOG = logging.getLogger("petscore.evaluate")
@@ -116,11 +116,10 @@ def evaluate(args: argparse.Namespace) -> dict:
                    "examples": {c: {g: [paths[i] for i in idx] for g, idx in groups.items()}
                                 for c, groups in examples.items()}}, handle, indent=2)
     with open(os.path.join(args.output, "report.html"), "w") as handle:
-        handle.write(render_report(title=f"petscore evaluation: {metadata.model_version}",
-                                   metrics=metrics, class_names=metadata.class_names, matrix=matrix,
-                                   curve=curve, coverage=coverage,
-                                   examples=examples, paths=paths, labels=labels,
-                                   probabilities=probabilities))
+        handle.write(render_evaluation_report(
+            title=f"petscore evaluation: {metadata.model_version}", metrics=metrics,
+            class_names=metadata.class_names, matrix=matrix, curve=curve, coverage=coverage,
+            examples=examples, paths=paths, labels=labels, probabilities=probabilities))
     return metrics
 
 

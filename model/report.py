@@ -1,24 +1,137 @@
-"""A self-contained HTML evaluation report: metrics, plots and thumbnails in one file."""
+"""Self-contained HTML reports: the evaluation report of ``model.evaluate`` and the run report of
+``pipeline.report`` share this page, its tables, plots and thumbnails.
+
+Plots are matplotlib PNGs and thumbnails small JPEGs, embedded as data URIs, so a report is one
+file that opens anywhere (mailed, archived, opened from a bucket). Every number a report shows is
+also embedded as JSON (``<script type="application/json" id="report-data">``) for machines.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+esc = html.escape
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse;margin-bottom:1em} th,td{border:1px solid #ccc;padding:4px 8px;
+text-align:left} td.num{text-align:right} .grid{display:flex;flex-wrap:wrap}
+figure{margin:6px;width:150px;font-size:11px;word-break:break-all} .plots img{margin-right:1.5em}
+.alert{color:#b00020;font-weight:bold} .ok{color:#1b5e20}"""
 
 
-def _png(figure) -> str:
+def page(title: str, sections: list[str], data: dict) -> str:
+    """The whole HTML document: a title, the sections in order, and ``data`` as embedded JSON."""
+    embedded = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{''.join(sections)}"
+            f'<script type="application/json" id="report-data">{embedded}</script></body></html>')
+
+
+def section(heading: str, *parts: str) -> str:
+    return f"<section><h2>{esc(heading)}</h2>{''.join(parts)}</section>"
+
+
+def table(header: list[str], rows: list[list], table_id: str = "") -> str:
+    """Numbers are right-aligned and printed as given (format them before)."""
+    def cell(value):
+        kind = ' class="num"' if isinstance(value, (int, float)) else ""
+        return f"<td{kind}>{esc(str(value))}</td>"
+    head = "".join(f"<th>{esc(name)}</th>" for name in header)
+    body = "".join(f"<tr>{''.join(cell(value) for value in row)}</tr>" for row in rows)
+    identity = f' id="{esc(table_id)}"' if table_id else ""
+    return f"<table{identity}><tr>{head}</tr>{body}</table>"
+
+
+def key_values(mapping: dict, table_id: str = "") -> str:
+    identity = f' id="{esc(table_id)}"' if table_id else ""
+    rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in mapping.items())
+    return f"<table{identity}>{rows}</table>"
+
+
+def image(png_base64: str, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{png_base64}">'
+
+
+def plots(*images: str) -> str:
+    return f"<div class=plots>{''.join(images)}</div>"
+
+
+def png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def bar_plot(labels: list[str], values: list[float], title: str, xlabel: str) -> str:
+    figure, axis = plt.subplots(figsize=(4.2, 0.35 * len(labels) + 1.0))
+    axis.barh(range(len(labels)), values, color="#4e79a7")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.invert_yaxis()
+    axis.set_xlabel(xlabel)
+    axis.set_title(title)
+    return png(figure)
+
+
+def histogram_plot(edges: list[float], counts: list[int], title: str, xlabel: str,
+                   baseline: list[float] | None = None) -> str:
+    """Bars of ``counts`` as shares; ``baseline`` shares (earlier nights) as a step line."""
+    figure, axis = plt.subplots(figsize=(4.2, 3.0))
+    total = max(sum(counts), 1)
+    widths = np.diff(edges)
+    axis.bar(edges[:-1], np.asarray(counts) / total, width=widths, align="edge",
+             color="#4e79a7", edgecolor="white", label="tonight")
+    if baseline is not None:
+        axis.step(edges, [*baseline, baseline[-1]], where="post", color="#e15759",
+                  label="earlier nights")
+        axis.legend(fontsize=8)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("share of images")
+    axis.set_title(title)
+    return png(figure)
+
+
+def series_plot(labels: list[str], values: list[float], title: str, alert: bool) -> str:
+    """A small time series: earlier nights, then tonight as the last, highlighted point."""
+    figure, axis = plt.subplots(figsize=(3.2, 1.8))
+    axis.plot(range(len(values)), values, "-o", color="#4e79a7", markersize=3)
+    axis.plot([len(values) - 1], [values[-1]], "o", color="#b00020" if alert else "#1b5e20",
+              markersize=7)
+    ticks = [0, len(labels) - 1] if len(labels) > 1 else [0]
+    axis.set_xticks(ticks, [labels[i] for i in ticks], fontsize=7)
+    axis.tick_params(axis="y", labelsize=7)
+    axis.set_title(title, fontsize=9)
+    return png(figure)
+
+
+def thumbnail(data: bytes, side: int = 128) -> str:
+    """A small upright JPEG of the image's bytes, base64: enough for a person to label it."""
+    with Image.open(io.BytesIO(data)) as opened:
+        picture = ImageOps.exif_transpose(opened).convert("RGB")
+        picture.thumbnail((side, side))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=75)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def cards(items: list[tuple[str | None, list[str]]]) -> str:
+    """Thumbnails (or a note where there is none) with caption lines, in a wrapping grid."""
+    figures = []
+    for picture, lines in items:
+        shown = (f'<img src="data:image/jpeg;base64,{picture}">' if picture
+                 else "<div>(no thumbnail)</div>")
+        figures.append(f"<figure>{shown}<figcaption>{'<br>'.join(esc(line) for line in lines)}"
+                       "</figcaption></figure>")
+    return f"<div class=grid>{''.join(figures)}</div>" if figures else "<p>none</p>"
 
 
 def confusion_plot(matrix: np.ndarray, class_names: list[str]) -> str:
@@ -31,7 +144,7 @@ def confusion_plot(matrix: np.ndarray, class_names: list[str]) -> str:
     axis.set_yticks(range(len(class_names)), class_names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    return _png(figure)
+    return png(figure)
 
 
 def reliability_plot(curve: dict) -> str:
@@ -44,7 +157,7 @@ def reliability_plot(curve: dict) -> str:
     axis.set_ylabel("accuracy")
     axis.set_title(f"ECE {curve['expected_calibration_error']:.3f}")
     axis.legend(loc="upper left", fontsize=8)
-    return _png(figure)
+    return png(figure)
 
 
 def coverage_plot(coverage: list[dict]) -> str:
@@ -55,42 +168,31 @@ def coverage_plot(coverage: list[dict]) -> str:
     axis.set_ylabel("accuracy of the scored")
     axis.set_xlim(0, 1.02)
     axis.invert_xaxis()
-    return _png(figure)
+    return png(figure)
 
 
-def thumbnail(path: str, side: int = 128) -> str:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((side, side))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def render_report(*, title: str, metrics: dict, class_names: list[str], matrix: np.ndarray,
-                  curve: dict, coverage: list[dict], examples: dict, paths: list[str], labels: np.ndarray,
-                  probabilities: np.ndarray) -> str:
-    """HTML text; images are embedded as data URIs so the file can be mailed or archived."""
-    esc = html.escape
-    metric_rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in metrics.items())
-    sections = []
-    for name, groups in examples.items():
-        for group, indices in groups.items():
-            cards = "".join(
-                f'<figure><img src="data:image/jpeg;base64,{thumbnail(paths[i])}">'
-                f"<figcaption>{esc(paths[i].rsplit('/', 1)[-1])}<br>true {esc(class_names[labels[i]])}, "
-                f"P({esc(class_names[int(np.argmax(probabilities[i]))])})="
-                f"{probabilities[i].max():.3f}</figcaption></figure>"
-                for i in indices) or "<p>none</p>"
-            heading = f"{esc(name)}: {esc(group.replace('_', ' '))}"
-            sections.append(f"<h3>{heading}</h3><div class=grid>{cards}</div>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .grid{{display:flex;flex-wrap:wrap}}
-figure{{margin:6px;width:140px;font-size:11px}} .plots img{{margin-right:2em}}</style></head><body>
-<h1>{esc(title)}</h1><table>{metric_rows}</table>
-<h2>Confusion matrix, calibration, accuracy versus coverage</h2><div class=plots>
-<img alt="confusion matrix" src="data:image/png;base64,{confusion_plot(matrix, class_names)}">
-<img alt="reliability curve" src="data:image/png;base64,{reliability_plot(curve)}">
-<img alt="accuracy versus coverage" src="data:image/png;base64,{coverage_plot(coverage)}"></div>
-<h2>Error analysis</h2>{''.join(sections)}</body></html>"""
+def render_evaluation_report(*, title: str, metrics: dict, class_names: list[str],
+                             matrix: np.ndarray, curve: dict, coverage: list[dict], examples: dict,
+                             paths: list[str], labels: np.ndarray, probabilities: np.ndarray) -> str:
+    """``model.evaluate``'s report: metrics, confusion matrix, calibration, accuracy versus
+    coverage, and thumbnails of the examples of each error group."""
+    groups = []
+    for name, by_group in examples.items():
+        for group, indices in by_group.items():
+            items = []
+            for i in indices:
+                with open(paths[i], "rb") as handle:
+                    picture = thumbnail(handle.read())
+                items.append((picture, [paths[i].rsplit("/", 1)[-1],
+                                        f"true {class_names[labels[i]]}, "
+                                        f"P({class_names[int(np.argmax(probabilities[i]))]})="
+                                        f"{probabilities[i].max():.3f}"]))
+            groups.append(f"<h3>{esc(name)}: {esc(group.replace('_', ' '))}</h3>{cards(items)}")
+    return page(title, [
+        key_values(metrics),
+        section("Confusion matrix, calibration, accuracy versus coverage", plots(
+            image(confusion_plot(matrix, class_names), "confusion matrix"),
+            image(reliability_plot(curve), "reliability curve"),
+            image(coverage_plot(coverage), "accuracy versus coverage"))),
+        section("Error analysis", *groups),
+    ], {"metrics": metrics})
