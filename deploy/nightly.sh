@@ -10,6 +10,7 @@
 #   PROJECT, REGION [europe-west1], BUCKET (gs://… without trailing slash), PROFILE [gpu|cpu],
 #   MODEL_DIR [$BUCKET/models/current], INPUT [$BUCKET/incoming/dt={run_date}/*.jpg],
 #   OUTPUT [$BUCKET/scores/dt={run_date}], SKIP_SCORED [$BUCKET/scores/dt=*],
+#   COMPARE_TO [$BUCKET/scores/dt=*] (drift against earlier committed nights),
 #   TAG [git short hash], SCHEDULE [0 2 * * *]
 # Credentials: whatever gcloud is logged in as (ADC); nothing is stored in this script.
 set -euo pipefail
@@ -25,6 +26,8 @@ OUTPUT="${OUTPUT:-$BUCKET/scores/dt=$DATE}"
 # Incremental: skip images an earlier committed night already scored with the same model version.
 # Only the nights' completion records are read unless a night's paths can overlap tonight's.
 SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*}"
+# Drift: tonight's profile against the earlier committed nights' records (no predictions reread).
+COMPARE_TO="${COMPARE_TO:-$BUCKET/scores/dt=*}"
 RUN_DATE="${RUN_DATE:-yesterday}"
 SCHEDULE="${SCHEDULE:-0 2 * * *}"
 TAG="${TAG:-$(git rev-parse --short HEAD)}"
@@ -57,7 +60,7 @@ launch_body() {
   "jobName": "$job_name",
   "containerSpecGcsPath": "$TEMPLATE",
   "parameters": {"input": "$INPUT", "model_dir": "$MODEL_DIR", "output": "$OUTPUT",
-                 "skip_scored": "$SKIP_SCORED",
+                 "skip_scored": "$SKIP_SCORED", "compare_to": "$COMPARE_TO",
                  "run_date": "$RUN_DATE", "share_model_across_processes": "$(share_model)"},
   "environment": {"serviceAccountEmail": "$WORKER_SA", "tempLocation": "$BUCKET/tmp",
                   "sdkContainerImage": "$IMAGE", $(profile_environment)}}}

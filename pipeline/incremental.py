@@ -23,9 +23,7 @@ those under tonight's prefix. Which signal decides:
 
 from __future__ import annotations
 
-import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import pyarrow as pa
@@ -36,8 +34,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline.decode import SKIPPED
+from pipeline.records import committed_runs
 from pipeline.rows import METRICS_NAMESPACE
-from pipeline.write import PREDICTIONS_DIR, SUMMARY_NAME
+from pipeline.write import PREDICTIONS_DIR
 
 _LOG = logging.getLogger("petscore")
 def may_overlap(prefix: str, other: str) -> bool:
@@ -53,14 +52,10 @@ def earlier_scored_files(pattern: str, model_version: str, tonight_prefix: str,
         raise ValueError(f"--skip-scored takes earlier runs' output prefixes (e.g. "
                          f"'gs://bkt/scores/dt=*'), whose summary.json lists their files; got "
                          f"Parquet files {pattern!r}: drop the '/predictions/*.parquet'")
-    records = [metadata.path for metadata in
-               FileSystems.match([FileSystems.join(pattern.rstrip("/"), SUMMARY_NAME)])[0].metadata_list]
+    runs = committed_runs(pattern, exclude_run)
 
-    def relevant_files(record_path: str) -> list[str]:
-        with FileSystems.open(record_path) as handle:
-            record = json.loads(handle.read())
-        run = record_path[:-len(SUMMARY_NAME)]
-        if record.get("model_version") != model_version or run.rstrip("/") == exclude_run.rstrip("/"):
+    def relevant_files(run: str, record: dict) -> list[str]:
+        if record.get("model_version") != model_version:
             return []
         if not may_overlap(record.get("paths_prefix", ""), tonight_prefix):  # older records: read
             return []
@@ -70,11 +65,10 @@ def earlier_scored_files(pattern: str, model_version: str, tonight_prefix: str,
         return [run + entry["path"] for entry in record["files"]
                 if entry["path"].startswith(PREDICTIONS_DIR + "/")]
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        per_run = list(pool.map(relevant_files, records))
+    per_run = [relevant_files(run, record) for run, record in runs]
     files = [path for run_files in per_run for path in run_files]
     _LOG.info("--skip-scored %s: %d committed runs, %d of model %s whose paths may overlap %s*: "
-              "reading %d predictions files", pattern, len(records), sum(map(bool, per_run)),
+              "reading %d predictions files", pattern, len(runs), sum(map(bool, per_run)),
               model_version, tonight_prefix, len(files))
     return files
 

@@ -111,6 +111,17 @@ class ScoreOptions(PipelineOptions):
                   "'min_ram=16GB'. On Dataflow (right fitting) decoding then runs on plain CPU "
                   "workers and only inference on the hinted ones; a runner that does not know "
                   "a hint ignores it. Beam's --resource_hint applies to every step instead.")
+        flag("compare-to", default=None,
+             help="Glob of earlier runs' output prefixes (e.g. 'gs://bkt/scores/dt=*'): the "
+                  "summary's drift block and the report compare tonight with their committed runs "
+                  "of the same model version (class mix, score distribution, uncertain and error "
+                  "rates, input count).")
+        flag("fail-on-drift", nargs="?", const=True, default=False, type=parse_bool,
+             help="Exit with code 4 (after writing every output) when a drift check crosses its "
+                  "threshold, so a schedule can alert on it (default: report only).")
+        flag("review-size", type=int, default=50,
+             help="How many of the least confident images the review queue and the report show "
+                  "(default 50).")
         flag("run-date", default="today",
              help=f"Date of this run: 'today', 'yesterday' (UTC) or YYYY-MM-DD (backfills). It "
                   f"replaces {RUN_DATE_PLACEHOLDER} in --input, --manifest and --output, e.g. "

@@ -60,13 +60,15 @@ from pipeline.read import (
     directory_glob,
     fixed_prefix,
 )
-from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema
-from pipeline.summary import WriteRunSummary
+from pipeline.report import earlier_records
+from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema, probability_column
+from pipeline.summary import ReportSettings, WriteRunSummary
 from pipeline.write import (
     BINARY,
     CSV_PARTS_DIR,
     ERRORS_DIR,
     PREDICTIONS_DIR,
+    REPORT_NAME,
     WriteKaggleCsv,
     WriteParquetRows,
     find_run_files,
@@ -77,6 +79,7 @@ from pipeline.write import (
 
 _LOG = logging.getLogger("petscore")
 EXIT_TOO_MANY_ERRORS = 3
+EXIT_DRIFT = 4
 
 
 def local_runner(pipeline_options: PipelineOptions) -> PipelineRunner | None:
@@ -158,9 +161,11 @@ def input_prefix(options: ScoreOptions) -> str:
 
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
                    run_id: str, started: float, inference_hints: dict[str, str],
-                   scored_files: list[str] = (), report_progress: bool = False) -> None:
+                   scored_files: list[str] = (), earlier: list[dict] = (),
+                   report_progress: bool = False) -> None:
     """Wire read -> decode -> score -> write, as in the architecture diagram. ``scored_files``:
-    earlier predictions files --skip-scored found (``incremental.earlier_scored_files``)."""
+    earlier predictions files --skip-scored found (``incremental.earlier_scored_files``);
+    ``earlier``: records of the runs --compare-to found (``report.earlier_records``)."""
     paths = output_paths(options.output)
     listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
     tonight_prefix = input_prefix(options)
@@ -192,10 +197,17 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
          | "ReportProgress" >> ReportProgress())
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
-               "paths_prefix": tonight_prefix, "output": options.output}
+               "paths_prefix": tonight_prefix, "output": options.output,
+               "class_names": list(metadata.class_names)}
+    two_classes = len(metadata.class_names) == 2
+    settings = ReportSettings(
+        class_names=list(metadata.class_names),
+        score_column=probability_column(options.positive_class) if two_classes else "confidence",
+        score_label=f"P({options.positive_class})" if two_classes else "confidence",
+        review_size=options.review_size, earlier=list(earlier))
     ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
       "csv_rows": csv["rows"], "skipped": skipped}
-     | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context))
+     | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context, settings))
 
 
 def resolve_date_placeholders(options: ScoreOptions) -> None:
@@ -235,6 +247,7 @@ class CheckedRun:
     started: float
     inference_hints: dict[str, str]
     scored_files: list[str]
+    earlier: list[dict]
 
 
 def check_run(argv: list[str] | None) -> CheckedRun:
@@ -261,9 +274,12 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     scored_files = (earlier_scored_files(options.skip_scored, metadata.model_version,
                                          input_prefix(options), exclude_run=options.output)
                     if options.skip_scored else [])
+    if options.review_size < 0:
+        raise ValueError(f"--review-size {options.review_size} must be 0 or more")
+    earlier = earlier_records(options.compare_to, metadata.model_version, options.output)
     prepare_output(options.output, options.overwrite)
     return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints,
-                      scored_files)
+                      scored_files, earlier)
 
 
 def execute(checked: CheckedRun) -> dict:
@@ -278,12 +294,16 @@ def execute(checked: CheckedRun) -> dict:
         progress.start(count_inputs(options.input, options.manifest))
     with beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
-                       checked.inference_hints, checked.scored_files,
+                       checked.inference_hints, checked.scored_files, checked.earlier,
                        report_progress=runner is not None and in_process)
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())
-    _LOG.info("run summary: %s", json.dumps(summary, sort_keys=True))
+    headline = ("inputs", "predictions", "errors", "errors_by_type", "skipped_already_scored",
+                "uncertain", "accounted", "images_per_second")
+    _LOG.info("run summary (%s): %s", summary_path, json.dumps(
+        {key: summary[key] for key in headline} | {"drift_alerts": summary["drift"].get("alerts", [])},
+        sort_keys=True))
     if not summary["accounted"]:
         _LOG.error("inputs (%d) != predictions (%d) + errors (%d) + skipped (%d)", summary["inputs"],
                    summary["predictions"], summary["errors"], summary["skipped_already_scored"])
@@ -311,7 +331,8 @@ def print_help() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; exit 3 when the error rate is above --max-error-rate."""
+    """Console entry point: exit 1 refused before any work, 3 error rate above --max-error-rate,
+    4 drift alert with --fail-on-drift (3 wins when both apply), else 0."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print_help()
@@ -330,10 +351,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} {path}")
     print(f"{summary['inputs']} inputs: {summary['predictions']} predictions, "
           f"{summary['errors']} errors, {summary['images_per_second']} images/s")
+    print(f"  {'report':12s} {FileSystems.join(summary['output'], REPORT_NAME)}")
     if summary["error_rate"] > options.max_error_rate:
         _LOG.error("error rate %.3f exceeds --max-error-rate %.3f", summary["error_rate"],
                    options.max_error_rate)
         return EXIT_TOO_MANY_ERRORS
+    if options.fail_on_drift and summary["drift"]["alert"]:
+        return EXIT_DRIFT
     return 0
 
 

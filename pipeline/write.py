@@ -28,7 +28,9 @@ CSV_NAME = "submission.csv"
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
 SUMMARY_NAME = "summary.json"
+REPORT_NAME = "report.html"
 CSV_PARTS_DIR = "csv-parts"
+REVIEW_DIR = "review"
 COPY_CHUNK_BYTES = 1 << 20
 BINARY, MULTICLASS = "binary", "multiclass"
 CSV_FORMATS = ("auto", BINARY, MULTICLASS)
@@ -47,14 +49,15 @@ def output_paths(output: str) -> dict[str, str]:
 def run_directories(output: str) -> list[str]:
     """The directories a run writes under ``output``; Beam's sinks stage in ``beam-temp-*``
     directories inside them."""
-    return [FileSystems.join(output, name) for name in (PREDICTIONS_DIR, ERRORS_DIR, CSV_PARTS_DIR)]
+    return [FileSystems.join(output, name)
+            for name in (PREDICTIONS_DIR, ERRORS_DIR, CSV_PARTS_DIR, REVIEW_DIR)]
 
 
 def find_run_files(output: str) -> list[str]:
     """Every file a run, finished or killed, can leave under ``output``: the outputs, their
     ``.tmp-*`` staging siblings, CSV parts and the sinks' temporary files. Nothing else under
     the prefix is touched."""
-    patterns = [FileSystems.join(output, f"{name}*") for name in (CSV_NAME, SUMMARY_NAME)]
+    patterns = [FileSystems.join(output, f"{name}*") for name in (CSV_NAME, SUMMARY_NAME, REPORT_NAME)]
     patterns += [FileSystems.join(directory, "**") for directory in run_directories(output)]
     return sorted({metadata.path for result in FileSystems.match(patterns)
                    for metadata in result.metadata_list})

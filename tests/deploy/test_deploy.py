@@ -13,7 +13,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from model.metadata import read_metadata
 from pipeline import score
 from pipeline.options import ScoreOptions, parse_resource_hints
-from pipeline.score import build_pipeline, resolve_date_placeholders
+from pipeline.score import build_pipeline, resolve_date_placeholders, resolve_model_dependent_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -94,6 +94,7 @@ def test_scheduler_launch_body_uses_only_template_parameters():
         assert set(launch["parameters"]) <= {p["name"] for p in flex_parameters()}
         assert launch["parameters"]["output"] == "gs://my-bucket/scores/dt={run_date}"
         assert launch["parameters"]["skip_scored"] == "gs://my-bucket/scores/dt=*"
+        assert launch["parameters"]["compare_to"] == "gs://my-bucket/scores/dt=*"
         assert launch["environment"]["machineType"] == machine
         assert launch["environment"]["sdkContainerImage"] == IMAGE
         assert (GPU in launch["environment"]["additionalExperiments"]) == (profile == "gpu")
@@ -134,8 +135,10 @@ def dry_run_dataflow_job(trained, *flags):
     options = PipelineOptions(argv)
     score_options = options.view_as(ScoreOptions)
     resolve_date_placeholders(score_options)
+    metadata = read_metadata(trained["model_dir"])
+    resolve_model_dependent_options(score_options, metadata)
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, score_options, read_metadata(trained["model_dir"]), "run", 0.0,
+    build_pipeline(pipeline, score_options, metadata, "run", 0.0,
                    parse_resource_hints(score_options.inference_resource_hint))
     return pipeline.run().job
 

@@ -6,6 +6,7 @@ import csv
 import glob
 import json
 import os
+from html.parser import HTMLParser
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,3 +29,43 @@ def read_run(output: str) -> dict:
         "errors": read_parquet_shards(os.path.join(output, "errors")),
         "summary": summary,
     }
+
+
+class ReportParser(HTMLParser):
+    """Tables by id (rows of cell texts), embedded JSON data, and the images' data URIs."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables, self.images, self.data = {}, [], None
+        self._table = self._row = self._cell = None
+        self._in_data = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("id", f"table-{len(self.tables)}"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(attrs["src"].split(",", 1)[0])
+        elif tag == "script" and attrs.get("id") == "report-data":
+            self._in_data = True
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+        elif tag == "script":
+            self._in_data = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._in_data:
+            self.data = json.loads(data)

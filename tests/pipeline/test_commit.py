@@ -123,7 +123,7 @@ def test_a_killed_run_leaves_no_record_and_the_rerun_recovers(night, trained, tm
     on_disk = {os.path.relpath(path, output) for path in glob.glob(os.path.join(output, "**"),
                                                                     recursive=True)
                if os.path.isfile(path)}
-    assert on_disk == {entry["path"] for entry in record["files"]} | {"summary.json"}
+    assert on_disk == {entry["path"] for entry in record["files"]} | {"summary.json", "report.html"}
 
 
 def test_overwrite_deletes_staging_leftovers_but_nothing_else(night, trained, tmp_path):

@@ -13,8 +13,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import score
+from pipeline import report, score
 from tests.corpus import GOOD
+from tests.pipeline.outputs import ReportParser
 
 BUCKET = "petscore-nightly"
 
@@ -104,6 +105,14 @@ def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, traine
     assert errors.num_rows == len(expected) - good
 
 
+    # The run report, rendered again from the bucket: thumbnails read from gs:// like the job.
+    assert report.main([f"gs://{BUCKET}/scores/dt=2026-11-21"]) == 0
+    parsed = ReportParser(bucket.blob("scores/dt=2026-11-21/report.html").download_as_text())
+    assert parsed.data["summary"]["predictions"] == good
+    assert len(parsed.data["review"]) == good and all(row["thumbnail"] for row in parsed.data["review"])
+    assert parsed.images.count("data:image/jpeg;base64") == good
+    assert "scores/dt=2026-11-21/review/review-queue.csv" in names
+
     # The same files again, named as a folder, incremental: all scored by this model version,
     # skipped on their listing (size and update time), not downloaded again.
     again = score.run(["--input", f"gs://{BUCKET}/incoming/dt=2026-11-21", *night[2:],
@@ -121,7 +130,7 @@ def test_scoring_from_and_to_gcs(gcs, anonymous_beam_credentials, corpus, traine
     names = sorted(blob.name for blob in gcs.list_blobs(BUCKET, prefix="scores/dt=2026-11-21/"))
     record = json.loads(bucket.blob("scores/dt=2026-11-21/summary.json").download_as_text())
     assert names == sorted([f"scores/dt=2026-11-21/{f['path']}" for f in record["files"]]
-                           + ["scores/dt=2026-11-21/summary.json"])
+                           + ["scores/dt=2026-11-21/summary.json", "scores/dt=2026-11-21/report.html"])
 
 
 def test_a_saved_model_on_gcs_is_copied_whole_and_reproduces_its_export(

@@ -1,0 +1,232 @@
+"""The run report: one self-contained HTML page per run, and the review queue.
+
+    python -m pipeline.report OUTPUT_PREFIX [--compare-to 'gs://bkt/scores/dt=*'] [--html PATH]
+
+Every run writes ``review/review-queue.parquet`` and ``.csv`` (its least confident images, with an
+empty ``label`` column for a labelling tool) and ``report.html`` just before its completion
+record. The report is built from the record (counts, profile, drift) and the review queue; its
+thumbnails are read from storage with the job's reader, never re-scored. This command renders it
+again for any committed run, local or ``gs://``, e.g. against other earlier nights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from model import report as html
+from model.metadata import file_chunks
+from pipeline.drift import compute_drift
+from pipeline.records import committed_runs, read_record
+from pipeline.rows import probability_column
+from pipeline.write import REPORT_NAME, REVIEW_DIR, atomically_created, write_file_atomically
+
+REVIEW_NAME = "review-queue"
+THUMBNAIL_MAX_BYTES = 32 * 1024 * 1024
+
+
+def review_schema(class_names: list[str]) -> pa.Schema:
+    return pa.schema([
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("predicted_class", pa.string(), nullable=False),
+        pa.field("decision", pa.string(), nullable=False),
+        pa.field("confidence", pa.float64(), nullable=False),
+        *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
+        pa.field("label", pa.string()),  # empty: for the person who labels the image
+    ])
+
+
+def review_paths(output: str) -> dict[str, str]:
+    return {kind: FileSystems.join(output, REVIEW_DIR, f"{REVIEW_NAME}.{kind}")
+            for kind in ("parquet", "csv")}
+
+
+def write_review_queue(output: str, rows: list[dict], class_names: list[str]) -> list[str]:
+    """The least confident rows, least confident first, as Parquet and CSV; returns their paths."""
+    schema = review_schema(class_names)
+    table = pa.Table.from_pylist([{**row, "label": None} for row in rows], schema=schema)
+    paths = review_paths(output)
+    with atomically_created(paths["parquet"]) as handle:
+        pq.write_table(table, handle)
+    text = io.BytesIO()
+    pacsv.write_csv(table, text)
+    write_file_atomically(paths["csv"], text.getvalue())
+    return [paths["parquet"], paths["csv"]]
+
+
+def read_review_queue(output: str) -> list[dict]:
+    path = review_paths(output)["parquet"]
+    if not FileSystems.exists(path):
+        return []
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return pq.read_table(handle).to_pylist()
+
+
+def thumbnail_of(path: str) -> str | None:
+    """A thumbnail read with the job's reader; None when the file is gone or unreadable now."""
+    try:
+        data = b"".join(file_chunks(path))
+        return html.thumbnail(data, side=128) if len(data) <= THUMBNAIL_MAX_BYTES else None
+    except Exception:  # noqa: BLE001 - a report shows what it can; the run's outputs stand
+        return None
+
+
+def _series(earlier: list[dict], summary: dict, value, title: str, alert: bool) -> str:
+    runs = [*earlier, summary]
+    return html.image(html.series_plot([str(run.get("run_date")) for run in runs],
+                                       [value(run) for run in runs], title, alert), title)
+
+
+def _share(run: dict, class_name: str) -> float:
+    counts = run["profile"]["class_counts"]
+    return counts.get(class_name, 0) / max(sum(counts.values()), 1)
+
+
+def drift_section(summary: dict, earlier: list[dict]) -> str:
+    drift = summary["drift"]
+    if not drift["compared_to"]:
+        return html.section("Drift against earlier nights", f"<p>{html.esc(drift['note'])}</p>")
+    rows = []
+    for name in ("class_mix", "score_distribution", "uncertain_rate", "error_rate", "input_count"):
+        check = drift[name]
+        value = check.get("value", check.get("z"))
+        threshold = check["threshold"]
+        if isinstance(threshold, dict):
+            threshold = f"p < {threshold['p_value']} and a change of at least {threshold['min_change']:.0%}"
+        elif check["statistic"] == "z-score":
+            threshold = f"|z| >= {threshold}"
+        else:
+            threshold = f">= {threshold}"
+        detail = (f"{check['before']:.2%} before, {check['tonight']:.2%} tonight"
+                  if check["statistic"] == "two-proportion z" else check.get("note", ""))
+        if check["statistic"] == "z-score" and value is not None:
+            detail = f"{check['tonight']} tonight, {check['mean']:.0f} ± {check['sd']:.0f} before"
+        rows.append([name.replace("_", " "), check["statistic"], "" if value is None else value,
+                     "" if check.get("p_value") is None else f"{check['p_value']:.3g}",
+                     threshold, detail, "ALERT" if check["alert"] else "ok"])
+    top_class = max(summary["profile"]["class_counts"], default=None,
+                    key=lambda name: summary["profile"]["class_counts"][name])
+    series = [
+        _series(earlier, summary, lambda run: run["inputs"], "inputs", drift["input_count"]["alert"]),
+        _series(earlier, summary, lambda run: run["errors"] / max(run["inputs"], 1), "error rate",
+                drift["error_rate"]["alert"]),
+        _series(earlier, summary, lambda run: run["uncertain"] / max(run["predictions"], 1),
+                "uncertain rate", drift["uncertain_rate"]["alert"]),
+    ]
+    if top_class is not None:
+        series.append(_series(earlier, summary, lambda run: _share(run, top_class),
+                              f"share of {top_class}", drift["class_mix"]["alert"]))
+    verdict = (f'<p class="alert">ALERT: {html.esc(", ".join(drift["alerts"]))}</p>' if drift["alert"]
+               else '<p class="ok">no drift alert</p>')
+    return html.section(
+        f"Drift against {len(drift['compared_to'])} earlier nights", verdict,
+        html.table(["check", "statistic", "value", "p-value", "alert when", "detail", "result"],
+                   rows, table_id="drift"),
+        html.plots(*series))
+
+
+def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) -> str:
+    profile = summary["profile"]
+    class_names = summary["class_names"]
+    headline = {key: summary.get(key) for key in (
+        "inputs", "predictions", "errors", "skipped_already_scored", "uncertain", "error_rate",
+        "images_per_second", "elapsed_seconds", "model_version", "run_id", "run_date", "input",
+        "output")}
+    headline["error_rate"] = f"{summary['error_rate']:.2%}"
+    uncertain_share = summary["uncertain"] / max(summary["predictions"], 1)
+    headline["uncertain"] = f"{summary['uncertain']} ({uncertain_share:.1%} of predictions)"
+    counts = profile["class_counts"]
+    ranked = sorted(counts, key=lambda name: (-counts[name], name))
+    class_rows = [[name, counts[name], f"{counts[name] / max(summary['predictions'], 1):.1%}"]
+                  for name in ranked]
+    shown = ranked[:15]
+    baseline = summary["drift"].get("score_distribution", {}).get("before")
+    mix = html.plots(
+        html.image(html.bar_plot(shown, [counts[name] for name in shown],
+                                 "predicted classes" if len(ranked) <= 15
+                                 else f"top 15 of {len(ranked)} predicted classes", "images"),
+                   "class mix"),
+        html.image(html.histogram_plot(profile["histogram_edges"], profile["histogram_counts"],
+                                       f"distribution of {profile['score']}", profile["score"],
+                                       list(baseline.values()) if baseline else None),
+                   "score histogram"))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        thumbnails = list(pool.map(thumbnail_of, [row["path"] for row in review]))
+    review_cards = html.cards([
+        (picture, [row["path"].rsplit("/", 1)[-1], f"decision: {row['decision']}",
+                   *(f"P({name}) = {row[probability_column(name)]:.3f}"
+                     for name in sorted(class_names, key=lambda n: -row[probability_column(n)])[:3])])
+        for picture, row in zip(thumbnails, review, strict=True)])
+    error_rows = [[kind, count, " | ".join(f"{path}: {message}" for path, message in
+                                           profile["error_examples"].get(kind, []))]
+                  for kind, count in summary["errors_by_type"].items()]
+    sections = [
+        html.key_values(headline, table_id="headline"),
+        html.section("Class mix and scores",
+                     html.table(["class", "images", "share"], class_rows, table_id="classes"), mix),
+        drift_section(summary, earlier),
+        html.section(f"Review queue: the {len(review)} least confident images",
+                     "<p>Also in review/review-queue.csv and .parquet (with an empty label "
+                     "column) for a labelling tool.</p>", review_cards),
+        html.section("Errors by type", html.table(["error type", "count", "examples"], error_rows,
+                                                  table_id="errors") if error_rows
+                     else "<p>no errors</p>"),
+    ]
+    data = {"summary": {k: v for k, v in summary.items() if k != "files"},
+            "review": [{"path": row["path"], "decision": row["decision"],
+                        "confidence": row["confidence"], "thumbnail": picture is not None}
+                       for row, picture in zip(review, thumbnails, strict=True)]}
+    return html.page(f"petscore run {summary.get('run_id')} ({summary.get('run_date')})", sections, data)
+
+
+def write_run_report(output: str, summary: dict, review: list[dict], earlier: list[dict],
+                     path: str | None = None) -> str:
+    target = path or FileSystems.join(output, REPORT_NAME)
+    write_file_atomically(target, render_run_report(summary, review, earlier).encode())
+    return target
+
+
+def earlier_records(pattern: str | None, model_version: str, exclude_run: str) -> list[dict]:
+    """Records of the committed runs of ``model_version`` under ``pattern``, oldest first."""
+    if not pattern:
+        return []
+    return [record for _, record in committed_runs(pattern, exclude_run)
+            if record.get("model_version") == model_version and "profile" in record]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="A run's output prefix (local or gs://).")
+    parser.add_argument("--compare-to", help="Glob of earlier runs' prefixes to compute drift "
+                                             "against (default: the nights the run compared to).")
+    parser.add_argument("--html", help=f"Where to write the report (default: OUTPUT/{REPORT_NAME}).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = read_record(args.output)
+    if summary is None or "profile" not in summary:
+        print(f"petscore: {args.output} has no completion record with a profile (summary.json): "
+              "the run is incomplete or older than run reports; rerun it", file=sys.stderr)
+        return 1
+    if args.compare_to:
+        earlier = earlier_records(args.compare_to, summary["model_version"], args.output)
+        summary["drift"] = compute_drift(summary, earlier, summary["drift"].get("thresholds"))
+    else:
+        earlier = [record for record in (read_record(run["output"])
+                                         for run in summary["drift"]["compared_to"]) if record]
+    path = write_run_report(args.output, summary, read_review_queue(args.output), earlier, args.html)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

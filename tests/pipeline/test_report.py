@@ -1,0 +1,118 @@
+"""The run report and drift alerts on generated nights: every section read back and checked."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from model.synthetic import write_kaggle_test_folder
+from pipeline import report, score
+from tests.pipeline.outputs import ReportParser, read_run
+
+
+@pytest.fixture(scope="module")
+def night_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incoming")
+    truth = write_kaggle_test_folder(str(root / "all"), 60, side_range=(40, 64))
+    (root / "all" / "61.jpg").write_bytes(b"")
+    (root / "all" / "62.jpg").write_text("not an image")
+    os.makedirs(root / "broken")  # a night when a camera starts sending empty files
+    for image_id in list(truth)[:30]:
+        shutil.copy(root / "all" / f"{image_id}.jpg", root / "broken" / f"{image_id}.jpg")
+    for image_id in range(100, 120):
+        (root / "broken" / f"{image_id}.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_night(night_images, trained, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("scores") / "dt=2026-11-20")
+    summary = score.run(["--input", str(night_images / "all" / "*"), "--model-dir", trained["model_dir"],
+                         "--output", output, "--run-date", "2026-11-20", "--review-size", "10",
+                         "--min-confidence", "0.6", "--max-error-rate", "1"])
+    return {"output": output, "summary": summary, "run": read_run(output)}
+
+
+def test_the_report_holds_every_section_with_the_runs_numbers(first_night):
+    output, run = first_night["output"], first_night["run"]
+    record = run["summary"]
+    with open(os.path.join(output, "report.html")) as handle:
+        parsed = ReportParser(handle.read())
+    assert parsed.data["summary"] == {k: v for k, v in record.items() if k != "files"}
+
+    headline = {row[0]: row[1] for row in parsed.tables["headline"]}
+    predictions = run["predictions"]
+    assert (int(headline["inputs"]), int(headline["predictions"]), int(headline["errors"])) == (
+        62, predictions.num_rows, run["errors"].num_rows)
+    assert headline["error_rate"] == f"{2 / 62:.2%}" and headline["model_version"] == "tiny-test-1"
+    assert headline["uncertain"].startswith(f"{record['uncertain']} (")
+
+    classes = {row[0]: int(row[1]) for row in parsed.tables["classes"][1:]}
+    assert classes == dict(collections.Counter(predictions.column("predicted_class").to_pylist()))
+
+    least_confident = sorted(predictions.select(["confidence", "path"]).to_pylist(),
+                             key=lambda row: (row["confidence"], row["path"]))[:10]
+    assert [row["path"] for row in parsed.data["review"]] == [row["path"] for row in least_confident]
+    assert all(row["thumbnail"] for row in parsed.data["review"])
+    assert parsed.images.count("data:image/jpeg;base64") == 10
+    assert parsed.images.count("data:image/png;base64") == 2  # class mix, score histogram
+
+    errors = {row[0]: (int(row[1]), row[2]) for row in parsed.tables["errors"][1:]}
+    assert set(errors) == {"EmptyImageError", "UnidentifiedImageError"}
+    assert errors["EmptyImageError"][0] == 1 and "61.jpg: empty file" in errors["EmptyImageError"][1]
+    assert parsed.data["summary"]["drift"]["compared_to"] == []
+
+
+def test_the_review_queue_is_a_file_a_labelling_tool_can_take(first_night):
+    output = first_night["output"]
+    record = first_night["run"]["summary"]
+    queue = pq.read_table(os.path.join(output, "review", "review-queue.parquet")).to_pylist()
+    with open(os.path.join(output, "review", "review-queue.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [row["path"] for row in queue] and len(rows) == 10
+    assert [row["confidence"] for row in queue] == sorted(row["confidence"] for row in queue)
+    assert all(row["label"] == "" for row in rows) and all(row["label"] is None for row in queue)
+    assert {"path", "predicted_class", "decision", "confidence", "prob_cat", "prob_dog"} <= set(rows[0])
+    listed = {entry["path"] for entry in record["files"]}
+    assert {"review/review-queue.parquet", "review/review-queue.csv"} <= listed
+
+
+def test_drift_alerts_on_a_changed_night_and_the_exit_code_says_so(first_night, night_images,
+                                                                   trained, tmp_path):
+    scores = os.path.dirname(first_night["output"])
+    base = ["--model-dir", trained["model_dir"], "--compare-to", os.path.join(scores, "dt=*"),
+            "--max-error-rate", "1", "--review-size", "10", "--min-confidence", "0.6"]
+    same = score.run(["--input", str(night_images / "all" / "*"), "--run-date", "2026-11-21",
+                      "--output", os.path.join(scores, "dt=2026-11-21"), *base])
+    assert same["drift"]["alert"] is False
+    assert same["drift"]["class_mix"]["value"] == 0.0
+    assert [run["run_date"] for run in same["drift"]["compared_to"]] == ["2026-11-20"]
+
+    changed = os.path.join(scores, "dt=2026-11-22")
+    exit_code = score.main(["--input", str(night_images / "broken" / "*"), "--run-date", "2026-11-22",
+                            "--output", changed, "--fail-on-drift", *base])
+    assert exit_code == score.EXIT_DRIFT
+    drift = read_run(changed)["summary"]["drift"]
+    assert drift["alert"] is True and "error_rate" in drift["alerts"]
+    assert drift["error_rate"]["tonight"] == 0.4  # 20 of 50, against 4 of 124 on two nights
+    assert drift["error_rate"]["before"] == pytest.approx(4 / 124, abs=1e-6)
+
+    # The report command renders it again (here against the first night only) from the outputs.
+    assert report.main([changed, "--compare-to", os.path.join(scores, "dt=2026-11-20"),
+                        "--html", str(tmp_path / "again.html")]) == 0
+    parsed = ReportParser((tmp_path / "again.html").read_text())
+    assert [run["run_date"] for run in parsed.data["summary"]["drift"]["compared_to"]] == ["2026-11-20"]
+    results = {row[0]: row[-1] for row in parsed.tables["drift"][1:]}
+    assert results["error rate"] == "ALERT" and results["input count"] == "ok"
+    assert parsed.images.count("data:image/png;base64") == 2 + 4  # and four time series
+
+
+def test_the_report_command_refuses_an_incomplete_run(tmp_path, capsys):
+    (tmp_path / "killed" / "predictions").mkdir(parents=True)
+    assert report.main([str(tmp_path / "killed")]) == 1
+    assert "no completion record" in capsys.readouterr().err
