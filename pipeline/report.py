@@ -172,6 +172,8 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
     sections = [
         html.key_values(headline, table_id="headline"),
         html.section("Class mix and scores",
+                     f"<p>the {len(shown)} most predicted of {len(ranked)} classes are plotted; the "
+                     "table lists every class</p>" if len(ranked) > len(shown) else "",
                      html.table(["class", "images", "share"], class_rows, table_id="classes"), mix),
         drift_section(summary, earlier),
         html.section(f"Review queue: the {len(review)} least confident images",

@@ -36,7 +36,7 @@ class ReportParser(HTMLParser):
 
     def __init__(self, text: str):
         super().__init__()
-        self.tables, self.images, self.data = {}, [], None
+        self.tables, self.images, self.data, self.text = {}, [], None, ""
         self._table = self._row = self._cell = None
         self._in_data = False
         self.feed(text)
@@ -65,6 +65,7 @@ class ReportParser(HTMLParser):
             self._in_data = False
 
     def handle_data(self, data):
+        self.text += data
         if self._cell is not None:
             self._cell += data
         if self._in_data:

@@ -116,3 +116,20 @@ def test_the_report_command_refuses_an_incomplete_run(tmp_path, capsys):
     (tmp_path / "killed" / "predictions").mkdir(parents=True)
     assert report.main([str(tmp_path / "killed")]) == 1
     assert "no completion record" in capsys.readouterr().err
+
+
+def test_a_many_class_report_ranks_the_top_predicted_classes():
+    breeds = [f"breed_{i:03d}" for i in range(133)]
+    counts = {name: (i * 7) % 40 for i, name in enumerate(breeds)}
+    summary = {"run_id": "r", "run_date": "2026-11-22", "inputs": sum(counts.values()),
+               "predictions": sum(counts.values()), "errors": 0, "uncertain": 0, "error_rate": 0.0,
+               "errors_by_type": {}, "class_names": breeds,
+               "drift": {"compared_to": [], "alert": False, "note": "nothing to compare with"},
+               "profile": {"class_counts": counts, "score": "confidence", "error_examples": {},
+                           "histogram_edges": [i / 10 for i in range(11)],
+                           "histogram_counts": [0] * 9 + [sum(counts.values())]}}
+    parsed = ReportParser(report.render_run_report(summary, [], []))
+    ranked = [row[0] for row in parsed.tables["classes"][1:]]
+    assert ranked == sorted(breeds, key=lambda name: (-counts[name], name))
+    assert [int(row[1]) for row in parsed.tables["classes"][1:16]] == sorted(counts.values())[::-1][:15]
+    assert "the 15 most predicted of 133 classes" in parsed.text
