@@ -76,7 +76,7 @@ def class_weights(data: LabelledImages) -> dict[int, float] | None:
 
 
 def image_dataset(data: LabelledImages, size: tuple[int, int], resize_method: str,
-                  batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+                  preprocessing: str, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
     """Parallel decode (through the shared preprocessing function), cache, shuffle, batch,
     prefetch. Unreadable images are skipped with a warning rather than ending training."""
     height, width = size
@@ -84,7 +84,7 @@ def image_dataset(data: LabelledImages, size: tuple[int, int], resize_method: st
     def load(path):
         pixels = tf.numpy_function(
             lambda p: decode_and_resize(tf.io.gfile.GFile(p.decode(), "rb").read(), (height, width),
-                                        resize_method),
+                                        resize_method, preprocessing=preprocessing),
             [path], tf.uint8, stateful=False)
         return tf.ensure_shape(pixels, (height, width, 3))
 

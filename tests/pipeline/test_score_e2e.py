@@ -352,3 +352,32 @@ def test_prediction_schema_lists_one_probability_column_per_class():
     schema = prediction_schema(["cat", "dog", "hot dog"])
     assert [n for n in schema.names if n.startswith("prob_")] == ["prob_cat", "prob_dog", "prob_hot_dog"]
     assert schema.field("scored_at").type == pa.timestamp("ms", tz="UTC")
+
+
+@pytest.mark.parametrize("recorded", ["pillow-rgb-draft-v1", "pillow-draft-cv2-v2"])
+def test_a_model_directory_scores_with_the_preprocessing_its_metadata_records(
+        corpus, trained, tmp_path, recorded):
+    """Directories exported before pillow-draft-cv2-v2 keep pillow-rgb-draft-v1, to the pixel,
+    and a v2 directory gets v2 pixels: each the pixels its model was trained on."""
+    from model.preprocessing import PREPROCESSING_VERSIONS, decode_and_resize
+    from model.serving import ServingModel
+
+    root, _ = corpus
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(trained["model_dir"], model_dir)
+    with open(os.path.join(model_dir, "metadata.json")) as handle:
+        fields = json.load(handle)
+    with open(os.path.join(model_dir, "metadata.json"), "w") as handle:
+        json.dump({**fields, "preprocessing": recorded}, handle)
+    images = [os.path.join(root, f"{i}.jpg") for i in (1, 2, 3, 4)]
+    score.run(["--input", os.path.join(root, "[1-4].jpg"), "--model-dir", model_dir,
+               "--output", str(tmp_path / "out"), "--runtime", "tflite"])
+    metadata = read_metadata(model_dir)
+    model = ServingModel(model_dir, metadata, "tflite")
+    rows = read_run(str(tmp_path / "out"))["predictions"].to_pylist()
+    got = [next(row["prob_dog"] for row in rows if row["path"] == path) for path in images]
+    for version in ("pillow-rgb-draft-v1", "pillow-draft-cv2-v2"):
+        assert "bilinear" in PREPROCESSING_VERSIONS[version]
+        pixels = np.stack([decode_and_resize(open(path, "rb").read(), (metadata.height, metadata.width),
+                                             preprocessing=version) for path in images])
+        assert np.allclose(got, model.predict(pixels)[:, 1], atol=1e-6) == (version == recorded), version
