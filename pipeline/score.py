@@ -199,15 +199,20 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
                "model_sha256": metadata.sha256, "input": options.input or options.manifest,
                "paths_prefix": tonight_prefix, "output": options.output,
                "class_names": list(metadata.class_names)}
+    ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
+      "csv_rows": csv["rows"], "skipped": skipped}
+     | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context,
+                                            report_settings(options, metadata, earlier)))
+
+
+def report_settings(options: ScoreOptions, metadata: ModelMetadata, earlier) -> ReportSettings:
+    """The night is profiled by P(positive class) for two classes, by the confidence otherwise."""
     two_classes = len(metadata.class_names) == 2
-    settings = ReportSettings(
+    return ReportSettings(
         class_names=list(metadata.class_names),
         score_column=probability_column(options.positive_class) if two_classes else "confidence",
         score_label=f"P({options.positive_class})" if two_classes else "confidence",
         review_size=options.review_size, earlier=list(earlier))
-    ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
-      "csv_rows": csv["rows"], "skipped": skipped}
-     | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context, settings))
 
 
 def resolve_date_placeholders(options: ScoreOptions) -> None:
