@@ -7,12 +7,14 @@ the runner retries the bundle instead of recording a transient outage as a bad i
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from model.metadata import file_chunks
 from model.preprocessing import PREPROCESSING_VERSION, decode_and_resize
@@ -44,8 +46,12 @@ class ReadAndDecodeFn(beam.DoFn):
 
     The paths of a batch are read and decoded on a thread pool: storage reads wait on the
     network and Pillow releases the GIL while decoding, so one process keeps every core and
-    many requests busy. A transient error re-raises and fails the bundle, which the runner retries.
+    many requests busy, and the next batches decode while the bundle's thread runs inference on
+    the earlier ones (decode-ahead). A transient error re-raises and fails the bundle, which the
+    runner retries.
     """
+
+    DECODE_AHEAD_BATCHES = 2
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
                  max_bytes: int, run_id: str, preprocessing: str = PREPROCESSING_VERSION):
@@ -67,17 +73,36 @@ class ReadAndDecodeFn(beam.DoFn):
     def teardown(self):
         self._pool.shutdown(wait=False)
 
-    def process(self, images: list[ListedImage]):
+    def start_bundle(self):
+        self._in_flight = collections.deque()
+
+    def process(self, images: list[ListedImage], window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam):
+        # Decode ahead: this batch goes to the pool now, and only batches older than the last
+        # DECODE_AHEAD_BATCHES are handed on, so the pool decodes while the bundle thread runs
+        # inference on what it was handed. Memory stays bounded by the batches in flight.
+        self._in_flight.append(([self._pool.submit(self._handle, image) for image in images],
+                                window, timestamp))
+        while len(self._in_flight) > self.DECODE_AHEAD_BATCHES:
+            yield from self._hand_on(*self._in_flight.popleft())
+
+    def finish_bundle(self):
+        while self._in_flight:
+            yield from self._hand_on(*self._in_flight.popleft())
+
+    def _hand_on(self, futures, window, timestamp):
         # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
-        for size, output in self._pool.map(self._handle, images):
+        for future in futures:
+            size, output = future.result()
             if size is not None:
                 self._read.inc()
                 self._bytes.update(size)
             if isinstance(output, beam.pvalue.TaggedOutput):
                 (self._failed if output.tag == ERRORS else self._skipped).inc()
+                yield beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
             else:
                 self._decoded.inc()
-            yield output
+                yield WindowedValue(output, timestamp, [window])
 
     def _handle(self, image: ListedImage):
         """``(bytes read or None, output)`` for one image."""

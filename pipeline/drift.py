@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 DEFAULT_THRESHOLDS = {
     "psi": 0.2,
@@ -53,6 +52,8 @@ def homogeneity_p_value(before_counts, tonight_counts) -> float | None:
     table = table[:, table.sum(axis=0) > 0]
     if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
         return None
+    from scipy import stats  # 0.8 s and 75 MB: only runs that compare with earlier nights pay
+
     return float(stats.chi2_contingency(table, correction=False).pvalue)
 
 
@@ -61,6 +62,8 @@ def two_proportions(before_hits: int, before_total: int, hits: int, total: int) 
     table = np.array([[hits, total - hits], [before_hits, before_total - before_hits]], dtype=float)
     if (table.sum(axis=0) == 0).any() or (table.sum(axis=1) == 0).any():
         return 0.0, 1.0
+    from scipy import stats
+
     result = stats.chi2_contingency(table, correction=False)
     sign = 1.0 if hits / total >= before_hits / before_total else -1.0
     return sign * math.sqrt(result.statistic), float(result.pvalue)

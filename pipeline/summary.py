@@ -14,7 +14,10 @@ those files (path relative to the output prefix, and size), so a reader trusts a
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
+import heapq
 import json
 import logging
 import time
@@ -25,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
 from pipeline.report import write_review_queue, write_run_report
-from pipeline.rows import probability_column
+from pipeline.rows import UNCERTAIN, probability_column
 from pipeline.write import write_file_atomically
 
 _LOG = logging.getLogger("petscore")
@@ -40,23 +43,81 @@ def listed_files(paths: list[str], output: str) -> list[dict[str, Any]]:
 
 
 HISTOGRAM_BINS = 10
+HISTOGRAM_EDGES = [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)]  # 0.3 is exactly 3 / 10
+ERROR_EXAMPLES = 3
 
 
-class HistogramCombineFn(beam.CombineFn):
-    """Counts of values in [0, 1] over ``HISTOGRAM_BINS`` equal bins (1.0 falls in the last)."""
+class PredictionProfileFn(beam.CombineFn):
+    """Prediction rows -> ``{'count', 'uncertain', 'class_counts', 'histogram', 'review'}`` in one
+    pass and bounded memory: counts per class, a ``HISTOGRAM_BINS``-bin histogram of
+    ``score_column`` (bins [a, b) at the edges i / 10, as NumPy's histogram with those edges; 1.0
+    falls in the last) and the ``review_size`` least
+    confident rows, least confident first (ties by path)."""
+
+    def __init__(self, score_column: str, review_columns: list[str], review_size: int):
+        self._score_column = score_column
+        self._review_columns = review_columns
+        self._review_size = review_size
 
     def create_accumulator(self):
-        return [0] * HISTOGRAM_BINS
+        return {"count": 0, "uncertain": 0, "class_counts": collections.Counter(),
+                "histogram": [0] * HISTOGRAM_BINS, "review": []}
 
-    def add_input(self, counts, value):
-        counts[min(int(value * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
-        return counts
+    def add_input(self, profile, row):
+        profile["count"] += 1
+        profile["uncertain"] += row["decision"] == UNCERTAIN
+        profile["class_counts"][row["predicted_class"]] += 1
+        bin_index = bisect.bisect_right(HISTOGRAM_EDGES, row[self._score_column]) - 1
+        profile["histogram"][min(max(bin_index, 0), HISTOGRAM_BINS - 1)] += 1
+        if self._review_size:
+            profile["review"].append((row["confidence"], row["path"],
+                                      {name: row[name] for name in self._review_columns}))
+            if len(profile["review"]) > 2 * self._review_size:  # trimmed now and then: O(log n)
+                profile["review"] = self._least_confident(profile["review"])
+        return profile
 
-    def merge_accumulators(self, accumulators):
-        return [sum(column) for column in zip(*accumulators, strict=True)]
+    def merge_accumulators(self, profiles):
+        merged = self.create_accumulator()
+        for profile in profiles:
+            merged["count"] += profile["count"]
+            merged["uncertain"] += profile["uncertain"]
+            merged["class_counts"].update(profile["class_counts"])
+            merged["histogram"] = [a + b for a, b in zip(merged["histogram"], profile["histogram"],
+                                                          strict=True)]
+            merged["review"] = self._least_confident(merged["review"] + profile["review"])
+        return merged
 
-    def extract_output(self, counts):
-        return counts
+    def extract_output(self, profile):
+        return {**profile, "class_counts": dict(profile["class_counts"]),
+                "review": [row for _, _, row in self._least_confident(profile["review"])]}
+
+    def _least_confident(self, entries):
+        return heapq.nsmallest(self._review_size, entries, key=lambda entry: entry[:2])
+
+
+class ErrorProfileFn(beam.CombineFn):
+    """Error rows -> ``{error_type: [count, first ERROR_EXAMPLES (path, message)]}``."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, profile, row):
+        count, examples = profile.setdefault(row["error_type"], [0, []])
+        profile[row["error_type"]][0] = count + 1
+        if len(examples) < ERROR_EXAMPLES:
+            examples.append((row["path"], row["message"]))
+        return profile
+
+    def merge_accumulators(self, profiles):
+        merged = {}
+        for profile in profiles:
+            for kind, (count, examples) in profile.items():
+                total, kept = merged.setdefault(kind, [0, []])
+                merged[kind] = [total + count, (kept + examples)[:ERROR_EXAMPLES]]
+        return merged
+
+    def extract_output(self, profile):
+        return profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,41 +137,42 @@ class ReportSettings:
     thresholds: dict | None = None
 
 
-def build_summary(written: list[str], *, inputs: int, predictions: int,
-                  error_types: dict[str, int], csv_rows: int, uncertain: int, skipped: int,
-                  class_counts: dict[str, int], histogram: list[int],
-                  error_examples: dict[str, list], score_label: str, started: float,
+def build_summary(written: list[str], *, inputs: int, predictions: dict, errors: dict,
+                  csv_rows: int, skipped: int, score_label: str, started: float,
                   context: dict[str, Any]) -> dict[str, Any]:
-    errors = sum(error_types.values())
+    """The record's fields; ``predictions`` and ``errors`` are the two profiles above."""
+    error_count = sum(count for count, _ in errors.values())
     elapsed = time.time() - started
     return {
         **context,
         "inputs": inputs,
-        "predictions": predictions,
-        "errors": errors,
-        "errors_by_type": dict(sorted(error_types.items())),
+        "predictions": predictions["count"],
+        "errors": error_count,
+        "errors_by_type": {kind: errors[kind][0] for kind in sorted(errors)},
         "skipped_already_scored": skipped,
-        "uncertain": uncertain,
+        "uncertain": predictions["uncertain"],
         "csv_rows": csv_rows,
-        "accounted": inputs == predictions + errors + skipped,
-        "error_rate": errors / inputs if inputs else 0.0,
+        "accounted": inputs == predictions["count"] + error_count + skipped,
+        "error_rate": error_count / inputs if inputs else 0.0,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
         "profile": {
-            "class_counts": dict(sorted(class_counts.items())),
+            "class_counts": dict(sorted(predictions["class_counts"].items())),
             "score": score_label,
-            "histogram_edges": [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)],
-            "histogram_counts": histogram,
-            "error_examples": {kind: [list(example) for example in examples]
-                               for kind, examples in sorted(error_examples.items())},
+            "histogram_edges": HISTOGRAM_EDGES,
+            "histogram_counts": predictions["histogram"],
+            "error_examples": {kind: [list(example) for example in errors[kind][1]]
+                               for kind in sorted(errors)},
         },
         "files": written,
     }
 
 
-def commit_run(summary: dict[str, Any], *, review: list[dict], settings: ReportSettings,
+def commit_run(summary: dict[str, Any], *, review: dict, settings: ReportSettings,
                path: str) -> dict[str, Any]:
-    """Drift, the review queue and the report, then the record listing every file, last."""
+    """Drift, the review queue and the report, then the record listing every file, last.
+    ``review``: the predictions profile, whose ``review`` rows the queue and report show."""
+    review = review["review"]
     output = summary["output"]
     summary["drift"] = compute_drift(summary, settings.earlier, settings.thresholds)
     if summary["drift"]["alert"]:  # on Dataflow this runs on a worker: Cloud Logging has it
@@ -135,8 +197,8 @@ class WriteRunSummary(beam.PTransform):
 
     ``elapsed_seconds`` runs from the launch (``started``, a wall-clock timestamp) to the moment
     every other output is final. Inputs = predictions + errors + skipped (already scored by this
-    model version, with ``--skip-scored``). Every profile statistic is a bounded combine: class
-    counts, a histogram, the ``review_size`` least confident rows, 3 example errors per type.
+    model version, with ``--skip-scored``). The night's profile is two bounded combines, one over
+    the predictions and one over the errors, so the profile adds two steps to the graph.
     """
 
     def __init__(self, path: str, started: float, context: dict[str, Any], settings: ReportSettings):
@@ -148,29 +210,11 @@ class WriteRunSummary(beam.PTransform):
 
     def expand(self, outputs):
         settings = self._settings
-        predictions, errors = outputs["predictions"], outputs["errors"]
-        error_types = (errors
-                       | "ErrorType" >> beam.Map(lambda row: row["error_type"])
-                       | "CountErrorTypes" >> beam.combiners.Count.PerElement())
-        error_examples = (errors
-                          | "ErrorExample" >> beam.Map(
-                              lambda row: (row["error_type"], (row["path"], row["message"])))
-                          | "ThreePerType" >> beam.combiners.Sample.FixedSizePerKey(3))
-        uncertain = predictions | "Uncertain" >> beam.Filter(lambda row: row["decision"] == "uncertain")
-        class_counts = (predictions
-                        | "PredictedClass" >> beam.Map(lambda row: row["predicted_class"])
-                        | "CountClasses" >> beam.combiners.Count.PerElement())
-        score_column = settings.score_column
-        histogram = (predictions
-                     | "Score" >> beam.Map(lambda row: row[score_column])
-                     | "ScoreHistogram" >> beam.CombineGlobally(HistogramCombineFn()))
-        columns = ["path", "predicted_class", "decision", "confidence",
-                   *[probability_column(name) for name in settings.class_names]]
-        review = (predictions
-                  | "ReviewColumns" >> beam.Map(lambda row: {name: row[name] for name in columns})
-                  | "LeastConfident" >> beam.CombineGlobally(beam.combiners.TopCombineFn(
-                      settings.review_size, key=lambda row: (row["confidence"], row["path"]),
-                      reverse=True)))
+        review_columns = ["path", "predicted_class", "decision", "confidence",
+                          *[probability_column(name) for name in settings.class_names]]
+        predictions = outputs["predictions"] | "ProfilePredictions" >> beam.CombineGlobally(
+            PredictionProfileFn(settings.score_column, review_columns, settings.review_size))
+        errors = outputs["errors"] | "ProfileErrors" >> beam.CombineGlobally(ErrorProfileFn())
         # Without defaults, the list travels as BuildSummary's main input, through a
         # GroupByKey (a default would arrive beside it, as the side input of an injected
         # element). There is always a written file: the CSV, even for an empty run.
@@ -180,16 +224,12 @@ class WriteRunSummary(beam.PTransform):
                 | "BuildSummary" >> beam.Map(
                     build_summary,
                     inputs=beam.pvalue.AsSingleton(_count(outputs["inputs"], "CountInputs")),
-                    predictions=beam.pvalue.AsSingleton(_count(predictions, "CountPredictions")),
-                    error_types=beam.pvalue.AsDict(error_types),
+                    predictions=beam.pvalue.AsSingleton(predictions),
+                    errors=beam.pvalue.AsSingleton(errors),
                     csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
-                    uncertain=beam.pvalue.AsSingleton(_count(uncertain, "CountUncertain")),
                     skipped=beam.pvalue.AsSingleton(_count(outputs["skipped"], "CountSkipped")),
-                    class_counts=beam.pvalue.AsDict(class_counts),
-                    histogram=beam.pvalue.AsSingleton(histogram),
-                    error_examples=beam.pvalue.AsDict(error_examples),
                     score_label=settings.score_label,
                     started=self._started,
                     context=self._context)
-                | "WriteSummary" >> beam.Map(commit_run, review=beam.pvalue.AsSingleton(review),
+                | "WriteSummary" >> beam.Map(commit_run, review=beam.pvalue.AsSingleton(predictions),
                                              settings=settings, path=self._path))

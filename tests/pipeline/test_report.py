@@ -133,3 +133,34 @@ def test_a_many_class_report_ranks_the_top_predicted_classes():
     assert ranked == sorted(breeds, key=lambda name: (-counts[name], name))
     assert [int(row[1]) for row in parsed.tables["classes"][1:16]] == sorted(counts.values())[::-1][:15]
     assert "the 15 most predicted of 133 classes" in parsed.text
+
+
+def test_the_night_profile_is_exact_when_merged_from_parts():
+    import numpy as np
+
+    from pipeline.summary import HISTOGRAM_EDGES, ErrorProfileFn, PredictionProfileFn
+
+    rng = np.random.default_rng(5)
+    rows = [{"path": f"/n/{i:04d}.jpg", "prob_dog": float(p), "confidence": float(max(p, 1 - p)),
+             "predicted_class": "dog" if p >= 0.5 else "cat", "prob_cat": float(1 - p),
+             "decision": "uncertain" if max(p, 1 - p) < 0.6 else ("dog" if p >= 0.5 else "cat")}
+            for i, p in enumerate(np.round(rng.random(500), 2))]  # rounded: many ties
+    fn = PredictionProfileFn("prob_dog", ["path", "confidence"], review_size=7)
+    parts = [fn.create_accumulator() for _ in range(3)]
+    for i, row in enumerate(rows):
+        fn.add_input(parts[i % 3], row)
+    profile = fn.extract_output(fn.merge_accumulators(parts))
+    assert profile["count"] == 500
+    assert profile["uncertain"] == sum(row["decision"] == "uncertain" for row in rows)
+    assert profile["class_counts"] == dict(collections.Counter(row["predicted_class"] for row in rows))
+    want_histogram = np.histogram([row["prob_dog"] for row in rows], bins=HISTOGRAM_EDGES)[0]
+    assert profile["histogram"] == want_histogram.tolist()
+    least = sorted(rows, key=lambda row: (row["confidence"], row["path"]))[:7]
+    assert profile["review"] == [{"path": row["path"], "confidence": row["confidence"]} for row in least]
+
+    errors = ErrorProfileFn()
+    halves = [errors.create_accumulator(), errors.create_accumulator()]
+    for i in range(5):
+        errors.add_input(halves[i % 2], {"error_type": "OSError", "path": f"/n/bad{i}", "message": "m"})
+    merged = errors.extract_output(errors.merge_accumulators(halves))
+    assert merged["OSError"][0] == 5 and len(merged["OSError"][1]) == 3
