@@ -128,7 +128,8 @@ def drift_section(summary: dict, earlier: list[dict]) -> str:
     verdict = (f'<p class="alert">ALERT: {html.esc(", ".join(drift["alerts"]))}</p>' if drift["alert"]
                else '<p class="ok">no drift alert</p>')
     return html.section(
-        f"Drift against {len(drift['compared_to'])} earlier nights", verdict,
+        f"Drift against {len(drift['compared_to'])} earlier "
+        f"night{'' if len(drift['compared_to']) == 1 else 's'}", verdict,
         html.table(["check", "statistic", "value", "p-value", "alert when", "detail", "result"],
                    rows, table_id="drift"),
         html.plots(*series))
