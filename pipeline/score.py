@@ -71,6 +71,7 @@ from pipeline.write import (
     REPORT_NAME,
     WriteKaggleCsv,
     WriteParquetRows,
+    delete_with_directories,
     find_run_files,
     output_paths,
     resolve_csv_format,
@@ -148,10 +149,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
               "complete" if record in found else "killed (incomplete)", output)
     if record in found:
         FileSystems.delete([record])  # a reader must never see a record listing deleted files
-    FileSystems.delete([path for path in found if path != record])
-    leftover_directories = [d for d in run_directories(output) if FileSystems.exists(d)]
-    if leftover_directories:  # local filesystems keep emptied directories; object stores have none
-        FileSystems.delete(leftover_directories)
+    delete_with_directories([path for path in found if path != record], run_directories(output))
 
 
 def input_prefix(options: ScoreOptions) -> str:
@@ -269,6 +267,8 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     started = time.time()
     run_id = options.run_id or datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     inference_hints = parse_resource_hints(options.inference_resource_hint)
+    if options.review_size < 0:
+        raise ValueError(f"--review-size {options.review_size} must be 0 or more")
     if options.input and (every_file := directory_glob(options.input)):
         _LOG.info("--input %s is a directory: scoring every file under it (%s)", options.input,
                   every_file)
@@ -279,8 +279,6 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     scored_files = (earlier_scored_files(options.skip_scored, metadata.model_version,
                                          input_prefix(options), exclude_run=options.output)
                     if options.skip_scored else [])
-    if options.review_size < 0:
-        raise ValueError(f"--review-size {options.review_size} must be 0 or more")
     earlier = earlier_records(options.compare_to, metadata.model_version, options.output)
     prepare_output(options.output, options.overwrite)
     return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints,
@@ -294,13 +292,15 @@ def execute(checked: CheckedRun) -> dict:
               checked.metadata.model_version, checked.metadata.base, checked.run_id, options.output)
     pipeline_options = checked.pipeline_options
     runner = local_runner(pipeline_options)
-    in_process = pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing"
-    if runner is not None and in_process:
+    # Local DoFns run in this process, where the progress log lives, unless multi_processing.
+    report_progress = runner is not None and (
+        pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing")
+    if report_progress:
         progress.start(count_inputs(options.input, options.manifest))
     with beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
                        checked.inference_hints, checked.scored_files, checked.earlier,
-                       report_progress=runner is not None and in_process)
+                       report_progress=report_progress)
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())
@@ -354,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outputs under {summary['output']}:")
     for name, path in output_paths(summary["output"]).items():
         print(f"  {name:12s} {path}")
+    print(f"  {'report':12s} {FileSystems.join(summary['output'], REPORT_NAME)}")
     print(f"{summary['inputs']} inputs: {summary['predictions']} predictions, "
           f"{summary['errors']} errors, {summary['images_per_second']} images/s")
-    print(f"  {'report':12s} {FileSystems.join(summary['output'], REPORT_NAME)}")
     if summary["error_rate"] > options.max_error_rate:
         _LOG.error("error rate %.3f exceeds --max-error-rate %.3f", summary["error_rate"],
                    options.max_error_rate)

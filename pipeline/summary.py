@@ -2,8 +2,8 @@
 night's profile (class mix, score histogram, example errors) and its drift against earlier
 nights; the review queue and ``report.html`` are written just before it.
 
-Counts come from the data (Count over the PCollections), not from metrics, so they are exact on
-every runner; ``accounted`` proves that every input became exactly one prediction or error row.
+Counts come from the data (combines over the PCollections), not from metrics, so they are exact
+on every runner; ``accounted`` proves that every input became exactly one prediction or error row.
 
 The record's main input is the list of files the sinks finalised (the Parquet sinks' written
 file names and the CSV's path), gathered by one global combine: on any runner it cannot be
@@ -168,11 +168,15 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
     }
 
 
-def commit_run(summary: dict[str, Any], *, review: dict, settings: ReportSettings,
-               path: str) -> dict[str, Any]:
-    """Drift, the review queue and the report, then the record listing every file, last.
-    ``review``: the predictions profile, whose ``review`` rows the queue and report show."""
-    review = review["review"]
+def commit_run(written: list[str], *, inputs: int, predictions: dict, errors: dict,
+               csv_rows: int, skipped: int, settings: ReportSettings, started: float,
+               context: dict[str, Any], path: str) -> dict[str, Any]:
+    """The summary, its drift, the review queue and the report, then the record listing every
+    file, last. ``predictions`` and ``errors`` are the two profiles above."""
+    summary = build_summary(written, inputs=inputs, predictions=predictions, errors=errors,
+                            csv_rows=csv_rows, skipped=skipped, score_label=settings.score_label,
+                            started=started, context=context)
+    review = predictions["review"]
     output = summary["output"]
     summary["drift"] = compute_drift(summary, settings.earlier, settings.thresholds)
     if summary["drift"]["alert"]:  # on Dataflow this runs on a worker: Cloud Logging has it
@@ -215,21 +219,20 @@ class WriteRunSummary(beam.PTransform):
         predictions = outputs["predictions"] | "ProfilePredictions" >> beam.CombineGlobally(
             PredictionProfileFn(settings.score_column, review_columns, settings.review_size))
         errors = outputs["errors"] | "ProfileErrors" >> beam.CombineGlobally(ErrorProfileFn())
-        # Without defaults, the list travels as BuildSummary's main input, through a
+        # Without defaults, the list travels as WriteSummary's main input, through a
         # GroupByKey (a default would arrive beside it, as the side input of an injected
         # element). There is always a written file: the CSV, even for an empty run.
         return (outputs["written"]
                 | "AllWrittenFiles" >> beam.CombineGlobally(
                     beam.combiners.ToListCombineFn()).without_defaults()
-                | "BuildSummary" >> beam.Map(
-                    build_summary,
+                | "WriteSummary" >> beam.Map(
+                    commit_run,
                     inputs=beam.pvalue.AsSingleton(_count(outputs["inputs"], "CountInputs")),
                     predictions=beam.pvalue.AsSingleton(predictions),
                     errors=beam.pvalue.AsSingleton(errors),
                     csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
                     skipped=beam.pvalue.AsSingleton(_count(outputs["skipped"], "CountSkipped")),
-                    score_label=settings.score_label,
+                    settings=settings,
                     started=self._started,
-                    context=self._context)
-                | "WriteSummary" >> beam.Map(commit_run, review=beam.pvalue.AsSingleton(predictions),
-                                             settings=settings, path=self._path))
+                    context=self._context,
+                    path=self._path))

@@ -63,6 +63,16 @@ def find_run_files(output: str) -> list[str]:
                    for metadata in result.metadata_list})
 
 
+def delete_with_directories(paths: list[str], directories: list[str]) -> None:
+    """Delete ``paths``, then whichever of ``directories`` still exist: a local filesystem keeps
+    emptied directories (and Beam's sinks leave ``beam-temp-*`` ones); object stores have none."""
+    if paths:
+        FileSystems.delete(paths)
+    remaining = [directory for directory in directories if FileSystems.exists(directory)]
+    if remaining:
+        FileSystems.delete(remaining)
+
+
 @contextlib.contextmanager
 def atomically_created(path: str):
     """A handle on a unique sibling name that is renamed over ``path`` once closed: a reader
@@ -189,10 +199,7 @@ class WriteKaggleCsv(beam.PTransform):
                 for _, part in sorted(parts):
                     with FileSystems.open(part) as handle:
                         shutil.copyfileobj(handle, output, COPY_CHUNK_BYTES)
-            if parts:
-                FileSystems.delete([part for _, part in parts])
-            if FileSystems.exists(parts_dir):  # a local directory; object stores have none
-                FileSystems.delete([parts_dir])
+            delete_with_directories([part for _, part in parts], [parts_dir])
             return path
 
         csv = (keyed
