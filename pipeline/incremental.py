@@ -39,6 +39,8 @@ from pipeline.rows import METRICS_NAMESPACE
 from pipeline.write import PREDICTIONS_DIR
 
 _LOG = logging.getLogger("petscore")
+
+
 def may_overlap(prefix: str, other: str) -> bool:
     return prefix.startswith(other) or other.startswith(prefix)
 
