@@ -24,6 +24,7 @@ from model.metadata import (
     write_metadata,
 )
 from model.preprocessing import PREPROCESSING_VERSION
+from model.quantize import Int8Request, export_int8
 from model.reference import REFERENCE_SEEDS, reference_batch
 from model.serving import ServingModel
 
@@ -73,9 +74,11 @@ def export_model(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     save_keras: bool = True,
+    int8: Int8Request | None = None,
 ) -> ModelMetadata:
     """Write ``saved_model/``, ``model.keras`` (unless ``save_keras`` is false: a model wrapping
-    another SavedModel), ``model.tflite`` and ``metadata.json``.
+    another SavedModel), ``model.tflite``, with ``int8`` ``model_int8.tflite`` if it passes its
+    validation (``model.quantize``), and ``metadata.json``.
 
     The SavedModel's ``serving_default`` takes ``images``: uint8 [batch, height, width, 3]
     and returns ``probabilities``: float32 [batch, classes]. Everything is written to a
@@ -118,6 +121,8 @@ def export_model(
             {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
             for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)
         ])
+        if int8 is not None:
+            metadata = dataclasses.replace(metadata, tflite_int8=export_int8(staging, metadata, int8))
         write_metadata(staging, metadata)
         if os.path.exists(export_dir):
             shutil.rmtree(export_dir)

@@ -6,6 +6,8 @@ An exported model directory looks like::
       saved_model/     TF SavedModel; signature ``serving_default``: uint8 images -> probabilities
       model.keras      the Keras model (for fine-tuning and evaluation; optional for scoring)
       model.tflite     optional: the same model for LiteRT (fast CPU scoring), checked at export
+      model_int8.tflite  optional, opt-in: a full-integer model, kept only if it passed its
+                       validation (see ``model.quantize``); scored only with --runtime tflite-int8
       metadata.json    this contract
 
 Paths go through Beam's filesystems so a model directory can live on ``gs://`` as well as disk.
@@ -28,6 +30,7 @@ METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
 KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
+INT8_TFLITE_FILE = "model_int8.tflite"
 FORMAT_VERSION = 1
 
 
@@ -55,6 +58,9 @@ class ModelMetadata:
     created_at: str = ""
     # {"sha256": ..., "max_abs_diff_vs_saved_model": ...} when model.tflite was exported
     tflite: dict[str, Any] | None = None
+    # model.quantize's verdict when an integer model was asked for: {"kept": ..., "sha256": ...,
+    # "calibration", "validation", "reference_predictions", "reference_tolerance" or "reason"}
+    tflite_int8: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -98,12 +104,17 @@ class ModelMetadata:
                             f"for {self.preprocessing}")
         if not self.model_version:
             problems.append("model_version is empty")
-        for ref in self.reference_predictions:
+        int8_references = (self.tflite_int8 or {}).get("reference_predictions", [])
+        for ref in [*self.reference_predictions, *int8_references]:
             if len(ref.get("probabilities", [])) != len(self.class_names):
                 problems.append(f"reference prediction {ref!r} does not have one probability per class")
                 break
         if problems:
             raise ModelContractError(f"{source} is inconsistent: " + "; ".join(problems))
+
+    @property
+    def int8_kept(self) -> bool:
+        return bool(self.tflite_int8 and self.tflite_int8.get("kept"))
 
     @property
     def height(self) -> int:

@@ -10,6 +10,9 @@ import numpy as np
 
 REFERENCE_SEEDS = (0, 1, 2, 3)
 REFERENCE_TOLERANCE = 1e-3
+# An integer model's probabilities move in steps of its output's quantum (1/256): kernels that
+# round one intermediate value differently (another CPU's instructions) move them a few steps.
+INT8_REFERENCE_TOLERANCE = 4 / 256
 
 
 def reference_image(seed: int, height: int, width: int) -> np.ndarray:

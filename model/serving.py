@@ -6,6 +6,9 @@ Two runtimes execute the same exported model:
   TensorFlow graph: load only models from a location you trust (see README).
 - ``tflite``: ``model.tflite``, converted from that SavedModel at export and checked against it,
   run by LiteRT's XNNPACK kernels: about 4x faster than TF on CPU for MobileNets.
+- ``tflite-int8``: ``model_int8.tflite``, the opt-in full-integer model (``model.quantize``),
+  about 2-3x faster again on CPU; its probabilities differ from the float runtimes' (by the
+  figures its metadata records), so it runs only when asked for, never by ``auto``.
 ``auto`` picks ``saved_model`` on a GPU and ``tflite`` on a CPU when the export has one.
 """
 
@@ -22,11 +25,19 @@ from collections.abc import Callable
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from model.metadata import SAVED_MODEL_DIR, TFLITE_FILE, ModelContractError, ModelMetadata, file_chunks
+from model.metadata import (
+    INT8_TFLITE_FILE,
+    SAVED_MODEL_DIR,
+    TFLITE_FILE,
+    ModelContractError,
+    ModelMetadata,
+    file_chunks,
+)
 from model.reference import REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
-RUNTIMES = ("auto", "saved_model", "tflite")
+RUNTIMES = ("auto", "saved_model", "tflite", "tflite-int8")
+LITERT_FILES = {"tflite": TFLITE_FILE, "tflite-int8": INT8_TFLITE_FILE}
 
 
 def gpu_possible() -> bool:
@@ -71,6 +82,13 @@ def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
         raise ValueError(f"runtime {requested!r} is not one of {RUNTIMES}")
     if requested == "tflite" and not metadata.tflite:
         raise ModelContractError("runtime 'tflite' requested but the export has no model.tflite")
+    if requested == "tflite-int8" and not metadata.int8_kept:
+        reason = (metadata.tflite_int8 or {}).get("reason")
+        raise ModelContractError(
+            "runtime 'tflite-int8' requested but the export has no model_int8.tflite"
+            + (f": it was not kept at export because {reason}" if reason else
+               ": export it with `model.train --int8` or `model.package --int8-images DIR`")
+            + "; score with --runtime auto")
     if requested != "auto":
         return requested
     return "tflite" if metadata.tflite and device == "CPU" else "saved_model"
@@ -83,11 +101,11 @@ class ServingModel:
                  tflite_threads: int = 0, max_batch_size: int = 0):
         self.metadata = metadata
         # LiteRT runs on the CPU: an explicit request for it needs no device probing (nor TF).
-        self.device = "CPU" if runtime == "tflite" else configure_devices()
+        self.device = "CPU" if runtime in LITERT_FILES else configure_devices()
         self.runtime = choose_runtime(runtime, metadata, self.device)
-        if self.runtime == "tflite":
-            self._predict = _load_tflite(model_dir.rstrip("/"), metadata,
-                                         tflite_threads or os.cpu_count(), max_batch_size)
+        if self.runtime in LITERT_FILES:
+            self._predict = _load_tflite(f"{model_dir.rstrip('/')}/{LITERT_FILES[self.runtime]}",
+                                         metadata, tflite_threads or os.cpu_count(), max_batch_size)
         else:
             self._predict = _load_saved_model(model_dir.rstrip("/"), metadata)
 
@@ -96,18 +114,22 @@ class ServingModel:
         return self._predict(images)
 
     def check_reference_predictions(self) -> float:
-        """Re-predict the metadata's reference images; return the largest absolute difference."""
-        refs = self.metadata.reference_predictions
+        """Re-predict the metadata's reference images (the integer model's own, within its
+        tolerance, for ``tflite-int8``); return the largest absolute difference."""
+        refs, tolerance = self.metadata.reference_predictions, REFERENCE_TOLERANCE
+        if self.runtime == "tflite-int8":
+            refs, tolerance = (self.metadata.tflite_int8["reference_predictions"],
+                               self.metadata.tflite_int8["reference_tolerance"])
         if not refs:
             return 0.0
         seeds = [ref["seed"] for ref in refs]
         got = self.predict(reference_batch(self.metadata.height, self.metadata.width, seeds))
         want = np.array([ref["probabilities"] for ref in refs], dtype=np.float64)
         worst = float(np.max(np.abs(got - want)))
-        if worst > REFERENCE_TOLERANCE:
+        if worst > tolerance:
             raise ModelContractError(
                 f"{self.runtime}: reference predictions differ from metadata by {worst:.2e} "
-                f"(> {REFERENCE_TOLERANCE}): the model or its preprocessing changed since export"
+                f"(> {tolerance:.3g}): the model or its preprocessing changed since export"
             )
         _LOG.info("%s reference predictions match metadata (max abs diff %.2e) on %s",
                   self.runtime, worst, self.device)
@@ -165,14 +187,13 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
     return predict
 
 
-def _load_tflite(model_dir: str, metadata: ModelMetadata, threads: int,
+def _load_tflite(path: str, metadata: ModelMetadata, threads: int,
                  max_batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """LiteRT's predict function. With ``max_batch_size`` the interpreter's memory is planned
-    and used for the largest batch at load, so a worker's memory does not creep up as batches
-    grow (LiteRT keeps its arena at the largest size it has needed)."""
+    """LiteRT's predict function for the flatbuffer at ``path``. With ``max_batch_size`` the
+    interpreter's memory is planned and used for the largest batch at load, so a worker's memory
+    does not creep up as batches grow (LiteRT keeps its arena at the largest size it has needed)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    path = f"{model_dir}/{TFLITE_FILE}"
     interpreter = Interpreter(model_content=b"".join(file_chunks(path)), num_threads=threads)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]

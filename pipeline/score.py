@@ -32,6 +32,7 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
 from model.metadata import (
+    INT8_TFLITE_FILE,
     TFLITE_FILE,
     ModelContractError,
     ModelMetadata,
@@ -119,6 +120,9 @@ def load_checked_model(model_dir: str, runtime: str) -> ModelMetadata:
     if metadata.tflite:
         hashes[TFLITE_FILE] = (file_sha256(FileSystems.join(model_dir, TFLITE_FILE)),
                                metadata.tflite["sha256"])
+    if metadata.int8_kept:
+        hashes[INT8_TFLITE_FILE] = (file_sha256(FileSystems.join(model_dir, INT8_TFLITE_FILE)),
+                                    metadata.tflite_int8["sha256"])
     for name, (actual, promised) in hashes.items():
         if actual != promised:
             raise ModelContractError(f"{model_dir}: {name} hashes to {actual}, metadata.json says "
@@ -194,7 +198,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         ((predictions, errors, skipped) | "Finished" >> beam.Flatten()
          | "ReportProgress" >> ReportProgress())
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
-               "model_sha256": metadata.sha256, "input": options.input or options.manifest,
+               "model_sha256": metadata.sha256, "runtime": options.runtime,
+               "input": options.input or options.manifest,
                "paths_prefix": tonight_prefix, "output": options.output,
                "class_names": list(metadata.class_names)}
     ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,

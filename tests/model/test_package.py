@@ -201,7 +201,25 @@ def test_a_savedmodel_directory_packages_and_scores_as_the_notebook(notebook_dat
     assert np.max(np.abs(want - expected)) > 1e-5, "interpolation should matter on these images"
 
 
+def test_int8_images_calibrate_on_one_half_and_judge_on_the_other(kind1, notebook_data, tmp_path, capsys):
+    path = str(notebook_data["root"] / "best_model.h5")  # written by the kind1 fixture
+    model_dir = str(tmp_path / "int8")
+    assert package_cli("--keras", path, "--output", model_dir, "--classes", "cat,dog",
+                       "--scaling", "1/255", "--int8-images", notebook_data["train"]) == 0
+    entry = read_metadata(model_dir).tflite_int8
+    assert entry["calibration"]["images"] == 12 and entry["validation"]["images"] == 12
+    assert entry["calibration"]["source"] == f"{notebook_data['train']} (seeded half)"
+    assert os.path.exists(os.path.join(model_dir, "model_int8.tflite")) == entry["kept"]
+    assert "model_int8.tflite kept" in capsys.readouterr().out or not entry["kept"]
+
+
 # --- refusals: one line, exit 1, nothing written ---------------------------------------------
+
+def test_int8_images_of_other_classes_are_refused(kind1, notebook_data, tmp_path, capsys):
+    message = refused(capsys, str(tmp_path / "m"), "--keras", str(notebook_data["root"] / "best_model.h5"),
+                      "--classes", "tabby,beagle", "--scaling", "1/255",
+                      "--int8-images", notebook_data["train"])
+    assert "holds classes ['cat', 'dog'], the model's are ['tabby', 'beagle']" in message
 
 def refused(capsys, output: str, *argv: str) -> str:
     assert package_cli(*argv, "--output", output) == 1

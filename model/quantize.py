@@ -1,0 +1,172 @@
+"""An integer model for CPU scoring, opt-in: ``model_int8.tflite``, kept only if it holds up.
+
+Full-integer post-training quantization (TFLite's converter: int8 weights with one scale per
+output channel, int8 activations whose ranges come from calibration images, uint8 pixels in and
+float32 probabilities out) runs about 2-3x faster than the float ``model.tflite`` on XNNPACK,
+but it rounds every activation to one of 256 levels, so its probabilities differ. The candidate
+is therefore scored on labelled validation images beside the float model and kept only if
+accuracy drops by at most ``MAX_ACCURACY_DROP`` and log loss rises by at most
+``MAX_LOG_LOSS_RISE``; the figures, the verdict and the model's own reference predictions are
+recorded in ``metadata.json`` (``tflite_int8``) either way. Calibration and validation images
+are read through the model's own preprocessing, so the ranges are those of the pixels it scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_chunks, file_sha256
+from model.metrics import accuracy, log_loss
+from model.preprocessing import decode_and_resize
+from model.reference import INT8_REFERENCE_TOLERANCE, REFERENCE_SEEDS, reference_batch
+from model.serving import ServingModel
+
+_LOG = logging.getLogger(__name__)
+MAX_ACCURACY_DROP = 0.005
+MAX_LOG_LOSS_RISE = 0.01
+CALIBRATION_IMAGES = 300
+VALIDATION_BATCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Request:
+    """What an integer export needs: images to calibrate on, labelled images to judge on."""
+
+    calibration_paths: Sequence[str]
+    validation_paths: Sequence[str]
+    validation_labels: Sequence[int]
+    calibration_source: str
+    validation_source: str
+    max_accuracy_drop: float = MAX_ACCURACY_DROP
+    max_log_loss_rise: float = MAX_LOG_LOSS_RISE
+
+
+def calibration_sample(paths: Sequence[str], seed: int, count: int = CALIBRATION_IMAGES) -> list[str]:
+    """A seeded sample of up to ``count`` paths, spread over every class folder and name."""
+    rng = np.random.default_rng(seed)
+    return [paths[i] for i in sorted(rng.permutation(len(paths))[:count])]
+
+
+def _pixels(paths: Sequence[str], metadata: ModelMetadata) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, pixels) of every readable image, through the model's own preprocessing;
+    an unreadable one is skipped with a warning, as training skips it."""
+    for index, path in enumerate(paths):
+        try:
+            yield index, decode_and_resize(b"".join(file_chunks(path)), (metadata.height, metadata.width),
+                                           metadata.resize_method, preprocessing=metadata.preprocessing)
+        except (OSError, ValueError) as error:
+            _LOG.warning("int8 export: skipping %s (%s)", path, error)
+
+
+def quantize(export_dir: str, metadata: ModelMetadata, calibration_paths: Sequence[str]) -> tuple[bytes, int]:
+    """(flatbuffer, images calibrated on): the SavedModel converted to full integer."""
+    import tensorflow as tf
+
+    pixels = [image for _, image in _pixels(calibration_paths, metadata)]
+    if not pixels:
+        raise ValueError("int8 export: none of the calibration images could be read")
+
+    def representative_dataset():
+        for image in pixels:
+            yield [image[np.newaxis]]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(export_dir, SAVED_MODEL_DIR))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert(), len(pixels)
+
+
+def validation_figures(float_model: ServingModel, int8_model: ServingModel, paths: Sequence[str],
+                       labels: Sequence[int], metadata: ModelMetadata) -> dict[str, Any]:
+    """Accuracy and log loss of both models on the readable validation images, in batches so
+    that memory does not grow with the validation set."""
+    kept, float_rows, int8_rows = [], [], []
+    batch: list[tuple[int, np.ndarray]] = []
+    for item in [*_pixels(paths, metadata), None]:
+        if item is not None:
+            batch.append(item)
+        if batch and (item is None or len(batch) == VALIDATION_BATCH):
+            images = np.stack([image for _, image in batch])
+            float_rows.append(float_model.predict(images))
+            int8_rows.append(int8_model.predict(images))
+            kept.extend(labels[index] for index, _ in batch)
+            batch = []
+    if not kept:
+        raise ValueError("int8 export: none of the validation images could be read")
+    truth = np.asarray(kept)
+    floats, int8s = np.concatenate(float_rows), np.concatenate(int8_rows)
+    difference = np.abs(floats.astype(np.float64) - int8s)
+    figures = {"images": len(kept), "float_runtime": float_model.runtime,
+               "float_accuracy": accuracy(truth, floats), "int8_accuracy": accuracy(truth, int8s),
+               "float_log_loss": log_loss(truth, floats), "int8_log_loss": log_loss(truth, int8s),
+               "max_abs_diff": float(difference.max()), "mean_abs_diff": float(difference.mean()),
+               "p99_abs_diff": float(np.quantile(difference, 0.99))}
+    figures["accuracy_drop"] = figures["float_accuracy"] - figures["int8_accuracy"]
+    figures["log_loss_rise"] = figures["int8_log_loss"] - figures["float_log_loss"]
+    return {name: round(value, 6) if isinstance(value, float) else value
+            for name, value in figures.items()}
+
+
+def acceptance_failures(figures: dict[str, Any], max_accuracy_drop: float,
+                        max_log_loss_rise: float) -> list[str]:
+    """Why the integer model must not be kept; empty when it may."""
+    failures = []
+    if figures["accuracy_drop"] > max_accuracy_drop:
+        failures.append(f"accuracy drops by {figures['accuracy_drop'] * 100:.2f} points "
+                        f"(> {max_accuracy_drop * 100:g})")
+    if figures["log_loss_rise"] > max_log_loss_rise:
+        failures.append(f"log loss rises by {figures['log_loss_rise']:.4f} (> {max_log_loss_rise:g})")
+    return failures
+
+
+def export_int8(export_dir: str, metadata: ModelMetadata, request: Int8Request) -> dict[str, Any]:
+    """Write ``model_int8.tflite`` into ``export_dir`` if it passes the acceptance rule; return the
+    metadata entry, which says why when it was not kept."""
+    path = os.path.join(export_dir, INT8_TFLITE_FILE)
+    flatbuffer, calibrated = quantize(export_dir, metadata, request.calibration_paths)
+    with open(path, "wb") as handle:
+        handle.write(flatbuffer)
+    entry: dict[str, Any] = {
+        "sha256": file_sha256(path),
+        "calibration": {"images": calibrated, "source": request.calibration_source},
+        "acceptance": {"max_accuracy_drop": request.max_accuracy_drop,
+                       "max_log_loss_rise": request.max_log_loss_rise},
+    }
+    candidate = dataclasses.replace(metadata, tflite_int8={**entry, "kept": True})  # on trial
+    int8_model = ServingModel(export_dir, candidate, runtime="tflite-int8")
+    float_model = ServingModel(export_dir, metadata, runtime="tflite" if metadata.tflite else "saved_model")
+    figures = validation_figures(float_model, int8_model, request.validation_paths,
+                                 request.validation_labels, metadata)
+    entry["validation"] = {"source": request.validation_source, **figures}
+    failures = acceptance_failures(figures, request.max_accuracy_drop, request.max_log_loss_rise)
+    summary = (f"on {figures['images']} validation images: accuracy {figures['float_accuracy']:.4f} -> "
+               f"{figures['int8_accuracy']:.4f}, log loss {figures['float_log_loss']:.4f} -> "
+               f"{figures['int8_log_loss']:.4f}")
+    if failures:
+        os.remove(path)
+        reason = f"{' and '.join(failures)} {summary}"
+        _LOG.warning("%s not kept: %s; score with the float runtimes", INT8_TFLITE_FILE, reason)
+        return {**entry, "kept": False, "reason": reason, "sha256": None}
+    probabilities = int8_model.predict(reference_batch(metadata.height, metadata.width))
+    _LOG.info("%s kept: %s", INT8_TFLITE_FILE, summary)
+    return {**entry, "kept": True, "reference_tolerance": INT8_REFERENCE_TOLERANCE,
+            "reference_predictions": [
+                {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
+                for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)]}
+
+
+def describe_int8(entry: dict[str, Any]) -> str:
+    """One line for the command's output: kept or not, and why."""
+    if not entry["kept"]:
+        return f"{INT8_TFLITE_FILE} not kept: {entry['reason']}"
+    figures = entry["validation"]
+    return (f"{INT8_TFLITE_FILE} kept: accuracy {figures['float_accuracy']:.4f} -> "
+            f"{figures['int8_accuracy']:.4f}, log loss {figures['float_log_loss']:.4f} -> "
+            f"{figures['int8_log_loss']:.4f} on {figures['images']} validation images")
