@@ -22,6 +22,18 @@ from bench.throughput import generate  # noqa: E402
 from model.preprocessing import PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1, decode_and_resize  # noqa: E402
 
 
+def time_versions(datas: list[bytes], size: tuple[int, int], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per image of each version, per round; versions alternate within a round."""
+    times = {PILLOW_DRAFT_V1: [], PILLOW_DRAFT_CV2: []}
+    for _ in range(rounds):
+        for version, seconds in times.items():
+            started = time.perf_counter()
+            for data in datas:
+                decode_and_resize(data, size, preprocessing=version)
+            seconds.append((time.perf_counter() - started) / len(datas) * 1e3)
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", help="glob of images (default: generated photo-like JPEGs)")
@@ -33,14 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = (sorted(glob.glob(args.images)) if args.images
              else generate(os.path.join(args.work, f"images-{args.count}"), args.count))[:args.count]
     datas = [open(path, "rb").read() for path in paths]
-    size = (args.size, args.size)
-    times = {PILLOW_DRAFT_V1: [], PILLOW_DRAFT_CV2: []}
-    for _ in range(args.rounds):
-        for version, seconds in times.items():
-            started = time.perf_counter()
-            for data in datas:
-                decode_and_resize(data, size, preprocessing=version)
-            seconds.append((time.perf_counter() - started) / len(datas) * 1e3)
+    times = time_versions(datas, (args.size, args.size), args.rounds)
     baseline = min(times[PILLOW_DRAFT_V1])
     print(f"{len(datas)} images ({args.images or 'generated 300-500 px JPEGs'}), {args.size} px, "
           f"best of {args.rounds} rounds")

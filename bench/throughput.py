@@ -12,6 +12,8 @@ then measures, each mode in its own process so peak RSS is its own:
              (model.preprocessing, via tf.numpy_function, as training does): the same pixels
              and runtime as petscore, so the like-for-like single-process limit
   direct-savedmodel  petscore on the DirectRunner, in-process, --runtime saved_model
+  direct-int8  petscore on the DirectRunner, in-process, --runtime tflite-int8 (the export's
+             model_int8.tflite)
   direct     petscore on the DirectRunner, in-process, default runtime (LiteRT on CPU)
   direct-mt  petscore on the DirectRunner, multi_threading with one worker per core
   direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
@@ -143,6 +145,7 @@ def child(args) -> None:
         result = run_tfdata(args.model_dir, paths, runtime, pillow="pillow" in args.mode)
     else:
         extra = {"direct": [], "direct-savedmodel": ["--runtime=saved_model"],
+                 "direct-int8": ["--runtime=tflite-int8"],
                  "direct-mt": ["--direct_running_mode=multi_threading",
                                f"--direct_num_workers={os.cpu_count()}"],
                  "direct-mp": ["--direct_running_mode=multi_processing",
