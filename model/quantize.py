@@ -89,15 +89,20 @@ def validation_figures(float_model: ServingModel, int8_model: ServingModel, path
     that memory does not grow with the validation set."""
     kept, float_rows, int8_rows = [], [], []
     batch: list[tuple[int, np.ndarray]] = []
-    for item in [*_pixels(paths, metadata), None]:
-        if item is not None:
-            batch.append(item)
-        if batch and (item is None or len(batch) == VALIDATION_BATCH):
-            images = np.stack([image for _, image in batch])
-            float_rows.append(float_model.predict(images))
-            int8_rows.append(int8_model.predict(images))
-            kept.extend(labels[index] for index, _ in batch)
-            batch = []
+
+    def predict_batch():
+        images = np.stack([image for _, image in batch])
+        float_rows.append(float_model.predict(images))
+        int8_rows.append(int8_model.predict(images))
+        kept.extend(labels[index] for index, _ in batch)
+        batch.clear()
+
+    for item in _pixels(paths, metadata):
+        batch.append(item)
+        if len(batch) == VALIDATION_BATCH:
+            predict_batch()
+    if batch:
+        predict_batch()
     if not kept:
         raise ValueError("int8 export: none of the validation images could be read")
     truth = np.asarray(kept)

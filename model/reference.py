@@ -10,9 +10,11 @@ import numpy as np
 
 REFERENCE_SEEDS = (0, 1, 2, 3)
 REFERENCE_TOLERANCE = 1e-3
-# An integer model's probabilities move in steps of its output's quantum (1/256): kernels that
-# round one intermediate value differently (another CPU's instructions) move them a few steps.
-INT8_REFERENCE_TOLERANCE = 4 / 256
+# An integer model's probabilities move in steps of its output's quantum (1/256), and kernels that
+# round intermediate values differently move them by steps: XNNPACK gave identical values for any
+# thread count and batch size, TFLite's built-in kernels differed by 4 steps (alpha 0.25
+# MobileNet) and 14 (MobileNetV2) on the reference images.
+INT8_REFERENCE_TOLERANCE = 16 / 256
 
 
 def reference_image(seed: int, height: int, width: int) -> np.ndarray:
