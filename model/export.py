@@ -25,7 +25,7 @@ from model.metadata import (
 )
 from model.preprocessing import PREPROCESSING_VERSION
 from model.quantize import Int8Request, export_int8
-from model.reference import REFERENCE_SEEDS, reference_batch
+from model.reference import reference_batch, reference_predictions
 from model.serving import ServingModel
 
 _LOG = logging.getLogger(__name__)
@@ -117,10 +117,8 @@ def export_model(
         saved_model = ServingModel(staging, draft, runtime="saved_model")
         probabilities = saved_model.predict(reference_batch(height, width))
         tflite = export_tflite(staging, draft, saved_model)
-        metadata = dataclasses.replace(draft, tflite=tflite, reference_predictions=[
-            {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
-            for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)
-        ])
+        metadata = dataclasses.replace(draft, tflite=tflite,
+                                       reference_predictions=reference_predictions(probabilities))
         if int8 is not None:
             metadata = dataclasses.replace(metadata, tflite_int8=export_int8(staging, metadata, int8))
         write_metadata(staging, metadata)

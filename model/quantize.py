@@ -24,7 +24,7 @@ import numpy as np
 from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_chunks, file_sha256
 from model.metrics import accuracy, log_loss
 from model.preprocessing import decode_and_resize
-from model.reference import INT8_REFERENCE_TOLERANCE, REFERENCE_SEEDS, reference_batch
+from model.reference import INT8_REFERENCE_TOLERANCE, reference_batch, reference_predictions
 from model.serving import ServingModel
 
 _LOG = logging.getLogger(__name__)
@@ -151,9 +151,7 @@ def export_int8(export_dir: str, metadata: ModelMetadata, request: Int8Request) 
                                  request.validation_labels, metadata)
     entry["validation"] = {"source": request.validation_source, **figures}
     failures = acceptance_failures(figures, request.max_accuracy_drop, request.max_log_loss_rise)
-    summary = (f"on {figures['images']} validation images: accuracy {figures['float_accuracy']:.4f} -> "
-               f"{figures['int8_accuracy']:.4f}, log loss {figures['float_log_loss']:.4f} -> "
-               f"{figures['int8_log_loss']:.4f}")
+    summary = f"on {figures['images']} validation images: {compared(figures)}"
     if failures:
         os.remove(path)
         reason = f"{' and '.join(failures)} {summary}"
@@ -162,9 +160,7 @@ def export_int8(export_dir: str, metadata: ModelMetadata, request: Int8Request) 
     probabilities = int8_model.predict(reference_batch(metadata.height, metadata.width))
     _LOG.info("%s kept: %s", INT8_TFLITE_FILE, summary)
     return {**entry, "kept": True, "reference_tolerance": INT8_REFERENCE_TOLERANCE,
-            "reference_predictions": [
-                {"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
-                for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)]}
+            "reference_predictions": reference_predictions(probabilities)}
 
 
 def describe_int8(entry: dict[str, Any]) -> str:
@@ -172,6 +168,10 @@ def describe_int8(entry: dict[str, Any]) -> str:
     if not entry["kept"]:
         return f"{INT8_TFLITE_FILE} not kept: {entry['reason']}"
     figures = entry["validation"]
-    return (f"{INT8_TFLITE_FILE} kept: accuracy {figures['float_accuracy']:.4f} -> "
-            f"{figures['int8_accuracy']:.4f}, log loss {figures['float_log_loss']:.4f} -> "
-            f"{figures['int8_log_loss']:.4f} on {figures['images']} validation images")
+    return f"{INT8_TFLITE_FILE} kept: {compared(figures)} on {figures['images']} validation images"
+
+
+def compared(figures: dict[str, Any]) -> str:
+    """Float against integer, as the log and the commands' output say it."""
+    return (f"accuracy {figures['float_accuracy']:.4f} -> {figures['int8_accuracy']:.4f}, "
+            f"log loss {figures['float_log_loss']:.4f} -> {figures['int8_log_loss']:.4f}")

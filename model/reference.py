@@ -34,3 +34,9 @@ def reference_image(seed: int, height: int, width: int) -> np.ndarray:
 
 def reference_batch(height: int, width: int, seeds=REFERENCE_SEEDS) -> np.ndarray:
     return np.stack([reference_image(seed, height, width) for seed in seeds])
+
+
+def reference_predictions(probabilities: np.ndarray) -> list[dict]:
+    """The metadata's record of predictions on ``reference_batch(...)``: one row per seed."""
+    return [{"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
+            for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)]

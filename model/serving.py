@@ -85,7 +85,7 @@ def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
     if requested == "tflite-int8" and not metadata.int8_kept:
         reason = (metadata.tflite_int8 or {}).get("reason")
         raise ModelContractError(
-            "runtime 'tflite-int8' requested but the export has no model_int8.tflite"
+            f"runtime 'tflite-int8' requested but the export has no {INT8_TFLITE_FILE}"
             + (f": it was not kept at export because {reason}" if reason else
                ": export it with `model.train --int8` or `model.package --int8-images DIR`")
             + "; score with --runtime auto")
