@@ -26,7 +26,7 @@ from model.metadata import (
 from model.preprocessing import PREPROCESSING_VERSION
 from model.quantize import Int8Request, export_int8
 from model.reference import reference_batch, reference_predictions
-from model.serving import ServingModel
+from model.serving import ServingModel, write_saved_model
 
 _LOG = logging.getLogger(__name__)
 TFLITE_TOLERANCE = 1e-4
@@ -91,14 +91,7 @@ def export_model(
     try:
         if save_keras:
             classifier.save(os.path.join(staging, KERAS_FILE))
-        archive = keras.export.ExportArchive()
-        archive.track(classifier)
-        archive.add_endpoint(
-            name="serve",
-            fn=lambda images: {"probabilities": classifier(tf.cast(images, tf.float32), training=False)},
-            input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")],
-        )
-        archive.write_out(os.path.join(staging, SAVED_MODEL_DIR), verbose=False)
+        write_saved_model(classifier, os.path.join(staging, SAVED_MODEL_DIR))
 
         draft = ModelMetadata(
             model_version=model_version,
@@ -120,7 +113,9 @@ def export_model(
         metadata = dataclasses.replace(draft, tflite=tflite,
                                        reference_predictions=reference_predictions(probabilities))
         if int8 is not None:
-            metadata = dataclasses.replace(metadata, tflite_int8=export_int8(staging, metadata, int8))
+            keras_model = classifier if save_keras else None  # its head may be re-fitted for int8
+            metadata = dataclasses.replace(
+                metadata, tflite_int8=export_int8(staging, metadata, int8, keras_model))
         write_metadata(staging, metadata)
         if os.path.exists(export_dir):
             shutil.rmtree(export_dir)

@@ -253,7 +253,8 @@ def int8_request(images: str, class_names: list[str]) -> Int8Request:
     return Int8Request(calibration_paths=calibration_sample(calibration.paths, seed=0),
                        validation_paths=validation.paths, validation_labels=validation.labels,
                        calibration_source=f"{images} (seeded half)",
-                       validation_source=f"{images} (the other half)")
+                       validation_source=f"{images} (the other half)",
+                       head_paths=calibration.paths, head_labels=calibration.labels)
 
 
 def package(args: argparse.Namespace):

@@ -9,6 +9,14 @@ accuracy drops by at most ``MAX_ACCURACY_DROP`` and log loss rises by at most
 ``MAX_LOG_LOSS_RISE``; the figures, the verdict and the model's own reference predictions are
 recorded in ``metadata.json`` (``tflite_int8``) either way. Calibration and validation images
 are read through the model's own preprocessing, so the ranges are those of the pixels it scores.
+
+Its head is re-fitted to the integer base (``refit_head``): rounding moves the pooled features a
+base gives (on the real alpha 0.25 MobileNet by about a fifth of their size), and a head trained
+on float features reads them a little wrong. So when the model ends in a ``Dense`` head, as every
+model ``model.train`` makes does, that head's weights are trained again, from the float ones,
+on the integer base's own features of the labelled training images before the whole model is
+converted; the float model keeps its head. On held-out real photos this closed the gap to float
+(README, "The integer model").
 """
 
 from __future__ import annotations
@@ -16,27 +24,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import keras
 import numpy as np
 
 from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_chunks, file_sha256
 from model.metrics import accuracy, log_loss
 from model.preprocessing import decode_and_resize
 from model.reference import INT8_REFERENCE_TOLERANCE, reference_batch, reference_predictions
-from model.serving import ServingModel
+from model.serving import ServingModel, write_saved_model
 
 _LOG = logging.getLogger(__name__)
 MAX_ACCURACY_DROP = 0.005
 MAX_LOG_LOSS_RISE = 0.01
 CALIBRATION_IMAGES = 300
 VALIDATION_BATCH = 64
+HEAD_FIT_EPOCHS = 10
+HEAD_FIT_LEARNING_RATE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8Request:
-    """What an integer export needs: images to calibrate on, labelled images to judge on."""
+    """What an integer export needs: images to calibrate on, labelled images to judge on, and
+    labelled training images to re-fit the head on (none: the head stays as trained)."""
 
     calibration_paths: Sequence[str]
     validation_paths: Sequence[str]
@@ -45,6 +58,9 @@ class Int8Request:
     validation_source: str
     max_accuracy_drop: float = MAX_ACCURACY_DROP
     max_log_loss_rise: float = MAX_LOG_LOSS_RISE
+    head_paths: Sequence[str] = ()
+    head_labels: Sequence[int] = ()
+    head_epochs: int = HEAD_FIT_EPOCHS
 
 
 def calibration_sample(paths: Sequence[str], seed: int, count: int = CALIBRATION_IMAGES) -> list[str]:
@@ -64,23 +80,94 @@ def _pixels(paths: Sequence[str], metadata: ModelMetadata) -> Iterator[tuple[int
             _LOG.warning("int8 export: skipping %s (%s)", path, error)
 
 
-def quantize(export_dir: str, metadata: ModelMetadata, calibration_paths: Sequence[str]) -> tuple[bytes, int]:
-    """(flatbuffer, images calibrated on): the SavedModel converted to full integer."""
+def _batches(paths: Sequence[str], metadata: ModelMetadata,
+             size: int = VALIDATION_BATCH) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices, pixels) of the readable images in batches, so memory does not grow with them."""
+    batch: list[tuple[int, np.ndarray]] = []
+    for item in _pixels(paths, metadata):
+        batch.append(item)
+        if len(batch) == size:
+            yield [index for index, _ in batch], np.stack([image for _, image in batch])
+            batch.clear()
+    if batch:
+        yield [index for index, _ in batch], np.stack([image for _, image in batch])
+
+
+def _to_integer(model: keras.Model | str, pixels: list[np.ndarray]) -> bytes:
+    """``model`` (a Keras model, or the directory of its serving SavedModel) as full integer, its
+    activation ranges calibrated on ``pixels``."""
     import tensorflow as tf
 
-    pixels = [image for _, image in _pixels(calibration_paths, metadata)]
-    if not pixels:
-        raise ValueError("int8 export: none of the calibration images could be read")
+    if not isinstance(model, str):  # the Keras model behind the serving signature's uint8 cast
+        with tempfile.TemporaryDirectory(prefix="petscore-int8-") as directory:
+            write_saved_model(model, directory)
+            return _to_integer(directory, pixels)
 
     def representative_dataset():
         for image in pixels:
             yield [image[np.newaxis]]
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(export_dir, SAVED_MODEL_DIR))
+    converter = tf.lite.TFLiteConverter.from_saved_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert(), len(pixels)
+    return converter.convert()
+
+
+def refittable_head(classifier: keras.Model | None) -> keras.layers.Dense | None:
+    """The classifier's last layer with weights, if it is a top-level ``Dense``."""
+    weighted = [layer for layer in classifier.layers if layer.weights] if classifier else []
+    return weighted[-1] if weighted and isinstance(weighted[-1], keras.layers.Dense) else None
+
+
+def refit_head(classifier: keras.Model, head: keras.layers.Dense, calibration: list[np.ndarray],
+               request: Int8Request, metadata: ModelMetadata) -> dict[str, Any]:
+    """Train ``head`` again, starting from its float weights, on the features that the integer
+    base gives for the labelled training images (the weights are changed in place; the caller
+    puts the float ones back). Returns what the metadata records."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    base = Interpreter(model_content=_to_integer(keras.Model(classifier.inputs, head.input), calibration))
+    source, target = base.get_input_details()[0], base.get_output_details()[0]
+    features, labels = [], []
+    for indices, images in _batches(request.head_paths, metadata):
+        base.resize_tensor_input(source["index"], images.shape)
+        base.allocate_tensors()
+        base.set_tensor(source["index"], images)
+        base.invoke()
+        features.append(base.get_tensor(target["index"]).copy())
+        labels.extend(request.head_labels[index] for index in indices)
+    if not labels:
+        raise ValueError("int8 export: none of the head's training images could be read")
+    order = np.random.default_rng(0).permutation(len(labels))  # seeded: the same export twice
+    tail = keras.Model(head.input, classifier.output)  # the head and any weight-free layers after it
+    tail.compile(optimizer=keras.optimizers.Adam(HEAD_FIT_LEARNING_RATE),
+                 loss="sparse_categorical_crossentropy")
+    tail.fit(np.concatenate(features)[order], np.asarray(labels)[order], epochs=request.head_epochs,
+             batch_size=32, shuffle=False, verbose=0)
+    return {"refit": True, "images": len(labels), "epochs": request.head_epochs,
+            "source": request.calibration_source}
+
+
+def quantize(export_dir: str, metadata: ModelMetadata, request: Int8Request,
+             classifier: keras.Model | None = None) -> tuple[bytes, int, dict[str, Any]]:
+    """(flatbuffer, images calibrated on, head entry): the model converted to full integer, its
+    head re-fitted to the integer base when it has a ``Dense`` head and labelled images for it."""
+    pixels = [image for _, image in _pixels(request.calibration_paths, metadata)]
+    if not pixels:
+        raise ValueError("int8 export: none of the calibration images could be read")
+    head = refittable_head(classifier)
+    if head is None or not request.head_paths:
+        why = "no labelled training images were given" if head is not None else (
+            "its last layer with weights is not a Dense head (or there is no model.keras)")
+        saved_model = os.path.join(export_dir, SAVED_MODEL_DIR)
+        return _to_integer(saved_model, pixels), len(pixels), {"refit": False, "reason": why}
+    trained = [weights.copy() for weights in head.get_weights()]
+    try:
+        entry = refit_head(classifier, head, pixels, request, metadata)
+        return _to_integer(classifier, pixels), len(pixels), entry
+    finally:
+        head.set_weights(trained)
 
 
 def validation_figures(float_model: ServingModel, int8_model: ServingModel, paths: Sequence[str],
@@ -88,21 +175,10 @@ def validation_figures(float_model: ServingModel, int8_model: ServingModel, path
     """Accuracy and log loss of both models on the readable validation images, in batches so
     that memory does not grow with the validation set."""
     kept, float_rows, int8_rows = [], [], []
-    batch: list[tuple[int, np.ndarray]] = []
-
-    def predict_batch():
-        images = np.stack([image for _, image in batch])
+    for indices, images in _batches(paths, metadata):
         float_rows.append(float_model.predict(images))
         int8_rows.append(int8_model.predict(images))
-        kept.extend(labels[index] for index, _ in batch)
-        batch.clear()
-
-    for item in _pixels(paths, metadata):
-        batch.append(item)
-        if len(batch) == VALIDATION_BATCH:
-            predict_batch()
-    if batch:
-        predict_batch()
+        kept.extend(labels[index] for index in indices)
     if not kept:
         raise ValueError("int8 export: none of the validation images could be read")
     truth = np.asarray(kept)
@@ -131,16 +207,19 @@ def acceptance_failures(figures: dict[str, Any], max_accuracy_drop: float,
     return failures
 
 
-def export_int8(export_dir: str, metadata: ModelMetadata, request: Int8Request) -> dict[str, Any]:
+def export_int8(export_dir: str, metadata: ModelMetadata, request: Int8Request,
+                classifier: keras.Model | None = None) -> dict[str, Any]:
     """Write ``model_int8.tflite`` into ``export_dir`` if it passes the acceptance rule; return the
-    metadata entry, which says why when it was not kept."""
+    metadata entry, which says why when it was not kept. ``classifier``: the exported Keras model,
+    whose head is re-fitted for the integer model (left as it was)."""
     path = os.path.join(export_dir, INT8_TFLITE_FILE)
-    flatbuffer, calibrated = quantize(export_dir, metadata, request.calibration_paths)
+    flatbuffer, calibrated, head = quantize(export_dir, metadata, request, classifier)
     with open(path, "wb") as handle:
         handle.write(flatbuffer)
     entry: dict[str, Any] = {
         "sha256": file_sha256(path),
         "calibration": {"images": calibrated, "source": request.calibration_source},
+        "head": head,
         "acceptance": {"max_accuracy_drop": request.max_accuracy_drop,
                        "max_log_loss_rise": request.max_log_loss_rise},
     }
@@ -168,7 +247,10 @@ def describe_int8(entry: dict[str, Any]) -> str:
     if not entry["kept"]:
         return f"{INT8_TFLITE_FILE} not kept: {entry['reason']}"
     figures = entry["validation"]
-    return f"{INT8_TFLITE_FILE} kept: {compared(figures)} on {figures['images']} validation images"
+    head = entry.get("head", {})  # models exported before the head was re-fitted have none
+    refit = f" (its head re-fitted on {head['images']} training images)" if head.get("refit") else ""
+    return (f"{INT8_TFLITE_FILE} kept{refit}: {compared(figures)} on {figures['images']} "
+            "validation images")
 
 
 def compared(figures: dict[str, Any]) -> str:

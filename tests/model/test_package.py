@@ -209,6 +209,8 @@ def test_int8_images_calibrate_on_one_half_and_judge_on_the_other(kind1, noteboo
     entry = read_metadata(model_dir).tflite_int8
     assert entry["calibration"]["images"] == 12 and entry["validation"]["images"] == 12
     assert entry["calibration"]["source"] == f"{notebook_data['train']} (seeded half)"
+    # A notebook's model sits inside the packaged one as a whole: its head is not re-fitted.
+    assert entry["head"]["refit"] is False and "not a Dense head" in entry["head"]["reason"]
     assert os.path.exists(os.path.join(model_dir, "model_int8.tflite")) == entry["kept"]
     assert "model_int8.tflite kept" in capsys.readouterr().out or not entry["kept"]
 

@@ -178,3 +178,34 @@ def test_training_with_int8_calibrates_on_training_images_and_judges_on_validati
     kept_file = os.path.exists(tmp_path / "m" / INT8_TFLITE_FILE)
     assert kept_file == entry["kept"] == (not acceptance_failures(
         entry["validation"], MAX_ACCURACY_DROP, MAX_LOG_LOSS_RISE))
+
+
+def test_the_integer_models_head_is_refit_on_the_integer_bases_features(labelled_images, tmp_path):
+    """A head that knows nothing (zero weights: P = 1/2 for every image) learns the classes again
+    from the integer base's features, for the integer model only: the float model keeps its head.
+    The 'base' is the images' mean colour, which tells the generated classes apart."""
+    data = find_labelled_images(labelled_images)
+    training, validation = split_train_validation(data, 0.25, seed=1)
+    pixels = keras.Input((32, 32, 3), name="pixels")
+    features = keras.layers.GlobalAveragePooling2D(name="pool")(keras.layers.Rescaling(1 / 127.5, -1)(pixels))
+    head = keras.layers.Dense(2, activation="softmax", name="probabilities", kernel_initializer="zeros")
+    classifier = keras.Model(pixels, head(features))
+    request = Int8Request(calibration_sample(training.paths, seed=1, count=16), validation.paths,
+                          validation.labels, "test training", "test validation", max_accuracy_drop=1.0,
+                          max_log_loss_rise=100.0, head_paths=training.paths, head_labels=training.labels,
+                          head_epochs=200)
+    metadata = export_model(classifier, str(tmp_path / "m"), class_names=data.class_names, base="colour",
+                            base_weights="none", model_version="zero-head", int8=request)
+    entry = metadata.tflite_int8
+    assert entry["head"] == {"refit": True, "images": len(training.paths), "epochs": 200,
+                             "source": "test training"}
+    figures = entry["validation"]
+    assert figures["float_accuracy"] == 0.5
+    assert figures["float_log_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert figures["int8_accuracy"] == 1.0 and figures["int8_log_loss"] < np.log(2) - 0.01
+    assert all(not weights.any() for weights in head.get_weights()), "the float head was changed"
+
+
+def test_without_labelled_training_images_the_head_stays_as_trained(kept):
+    assert kept["metadata"].tflite_int8["head"] == {
+        "refit": False, "reason": "no labelled training images were given"}
