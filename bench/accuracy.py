@@ -197,7 +197,7 @@ def main() -> int:
                "per_fold_accuracy": [float(right[folds == fold].mean()) for fold in range(args.folds)]}
         rows.append(row)
         accuracy_gap, loss_gap = row["accuracy_difference"], row["log_loss_difference"]
-        print(f"  {version:22s} {runtime:12s} accuracy {row['accuracy']:.4f} "
+        print(f"  {version:22s} {runtime:15s} accuracy {row['accuracy']:.4f} "
               f"({accuracy_gap['mean'] * 100:+.2f} points, [{accuracy_gap['low'] * 100:+.2f}, "
               f"{accuracy_gap['high'] * 100:+.2f}], McNemar p {row['mcnemar_p']:.3f})  log loss "
               f"{row['log_loss']:.4f} ({loss_gap['mean']:+.4f}, "

@@ -8,7 +8,8 @@ Three loaders, each a versioned preprocessing recorded in a model's metadata:
   handling of v1, but the JPEG is decoded at the DCT scale that keeps at least half the target
   size on each side (other formats are box-reduced by an integer factor while they stay at least
   the target size), then stretched with OpenCV's bilinear resize: 2.7-3.0x cheaper per image
-  (``bench/pixels.py``), and about 0.9 points less accurate for the real alpha 0.25 model;
+  (``bench/pixels.py``), and 0.45 points less accurate (95% interval -1.0 to +0.05) for the real
+  alpha 0.25 model, cross-validated on 2,000 photos (``bench/accuracy.py``);
 - ``keras-load-img-v1``: exactly what ``keras.utils.load_img`` and
   ``ImageDataGenerator.flow_from_directory`` do (full decode, Pillow ``convert("RGB")``, no EXIF
   rotation, resize with Keras's interpolation, ``nearest`` by default), for models trained in
