@@ -113,9 +113,8 @@ def export_model(
         metadata = dataclasses.replace(draft, tflite=tflite,
                                        reference_predictions=reference_predictions(probabilities))
         if int8 is not None:
-            keras_model = classifier if save_keras else None  # its head may be re-fitted for int8
             metadata = dataclasses.replace(
-                metadata, tflite_int8=export_int8(staging, metadata, int8, keras_model))
+                metadata, tflite_int8=export_int8(staging, metadata, int8, classifier))
         write_metadata(staging, metadata)
         if os.path.exists(export_dir):
             shutil.rmtree(export_dir)

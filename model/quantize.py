@@ -35,7 +35,7 @@ from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, fil
 from model.metrics import accuracy, log_loss
 from model.preprocessing import decode_and_resize
 from model.reference import INT8_REFERENCE_TOLERANCE, reference_batch, reference_predictions
-from model.serving import ServingModel, write_saved_model
+from model.serving import ServingModel, litert_predict, write_saved_model
 
 _LOG = logging.getLogger(__name__)
 MAX_ACCURACY_DROP = 0.005
@@ -127,15 +127,11 @@ def refit_head(classifier: keras.Model, head: keras.layers.Dense, calibration: l
     puts the float ones back). Returns what the metadata records."""
     from ai_edge_litert.interpreter import Interpreter
 
-    base = Interpreter(model_content=_to_integer(keras.Model(classifier.inputs, head.input), calibration))
-    source, target = base.get_input_details()[0], base.get_output_details()[0]
+    base = litert_predict(Interpreter(
+        model_content=_to_integer(keras.Model(classifier.inputs, head.input), calibration)))
     features, labels = [], []
     for indices, images in _batches(request.head_paths, metadata):
-        base.resize_tensor_input(source["index"], images.shape)
-        base.allocate_tensors()
-        base.set_tensor(source["index"], images)
-        base.invoke()
-        features.append(base.get_tensor(target["index"]).copy())
+        features.append(base(images))
         labels.extend(request.head_labels[index] for index in indices)
     if not labels:
         raise ValueError("int8 export: none of the head's training images could be read")
@@ -159,7 +155,7 @@ def quantize(export_dir: str, metadata: ModelMetadata, request: Int8Request,
     head = refittable_head(classifier)
     if head is None or not request.head_paths:
         why = "no labelled training images were given" if head is not None else (
-            "its last layer with weights is not a Dense head (or there is no model.keras)")
+            "its last layer with weights is not a Dense head")
         saved_model = os.path.join(export_dir, SAVED_MODEL_DIR)
         return _to_integer(saved_model, pixels), len(pixels), {"refit": False, "reason": why}
     trained = [weights.copy() for weights in head.get_weights()]

@@ -207,18 +207,25 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
 
 def _load_tflite(path: str, metadata: ModelMetadata, threads: int,
                  max_batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """LiteRT's predict function for the flatbuffer at ``path``. With ``max_batch_size`` the
-    interpreter's memory is planned and used for the largest batch at load, so a worker's memory
-    does not creep up as batches grow (LiteRT keeps its arena at the largest size it has needed)."""
+    """LiteRT's predict function for the flatbuffer at ``path``, checked against the metadata."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=b"".join(file_chunks(path)), num_threads=threads)
     source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
     if source["dtype"] != np.uint8 or list(source["shape"][1:]) != _expected_input(metadata)[1:]:
         raise ModelContractError(f"{path}: input is {source['dtype'].__name__} {list(source['shape'])}, "
                                  f"the metadata promises uint8 {_expected_input(metadata)}")
-    _check_class_count(path, int(target["shape"][-1]), metadata)
+    _check_class_count(path, int(interpreter.get_output_details()[0]["shape"][-1]), metadata)
+    return litert_predict(interpreter, max_batch_size)
+
+
+def litert_predict(interpreter, max_batch_size: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict(uint8 batch) -> first output`` for a LiteRT interpreter of any batch size. With
+    ``max_batch_size`` the interpreter's memory is planned and used for the largest batch at load,
+    so a worker's memory does not creep up as batches grow (LiteRT keeps its arena at the largest
+    size it has needed)."""
+    source = interpreter.get_input_details()[0]
+    target = interpreter.get_output_details()[0]
     lock = threading.Lock()  # one interpreter per process; its tensors are not thread-safe
     allocated = {"batch": None}
 
