@@ -41,7 +41,7 @@ import keras  # noqa: E402
 from model.data import LabelledImages, find_labelled_images  # noqa: E402
 from model.evaluate import predict_paths  # noqa: E402
 from model.metadata import KERAS_FILE, ModelMetadata, read_metadata, write_metadata  # noqa: E402
-from model.metrics import KAGGLE_EPS  # noqa: E402
+from model.metrics import log_losses  # noqa: E402
 from model.preprocessing import PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
 from model.quantize import Int8Request, calibration_sample, export_int8  # noqa: E402
 from model.serving import ServingModel  # noqa: E402
@@ -120,8 +120,7 @@ def held_out_probabilities(output: str, training: LabelledImages, paths: list[st
 
 def per_image(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(right or wrong, log loss) of each image."""
-    true_class = np.clip(probabilities[np.arange(len(labels)), labels], KAGGLE_EPS, 1 - KAGGLE_EPS)
-    return (np.argmax(probabilities, axis=1) == labels).astype(float), -np.log(true_class)
+    return (np.argmax(probabilities, axis=1) == labels).astype(float), log_losses(labels, probabilities)
 
 
 def paired_difference(candidate: np.ndarray, baseline: np.ndarray, seed: int) -> dict:

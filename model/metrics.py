@@ -14,8 +14,13 @@ def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
 def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = KAGGLE_EPS) -> float:
     """Mean negative log probability of the true class, probabilities clipped to [eps, 1-eps]
     (for two classes this is exactly Kaggle's dogs-vs-cats metric on P(dog))."""
+    return float(np.mean(log_losses(labels, probabilities, eps)))
+
+
+def log_losses(labels: np.ndarray, probabilities: np.ndarray, eps: float = KAGGLE_EPS) -> np.ndarray:
+    """Each image's term of ``log_loss`` (for paired comparisons of two models)."""
     true_class = probabilities[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.clip(true_class, eps, 1 - eps))))
+    return -np.log(np.clip(true_class, eps, 1 - eps))
 
 
 def confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, num_classes: int) -> np.ndarray:
