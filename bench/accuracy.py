@@ -42,7 +42,7 @@ from model.data import LabelledImages, find_labelled_images  # noqa: E402
 from model.evaluate import predict_paths  # noqa: E402
 from model.metadata import KERAS_FILE, ModelMetadata, read_metadata, write_metadata  # noqa: E402
 from model.metrics import log_losses  # noqa: E402
-from model.preprocessing import PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
+from model.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
 from model.quantize import Int8Request, calibration_sample, export_int8  # noqa: E402
 from model.serving import ServingModel  # noqa: E402
 
@@ -158,12 +158,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--preprocessing", action="append",
-                        help=f"versions to compare (default {PILLOW_DRAFT_V1} and {PILLOW_DRAFT_CV2})")
+                        help=f"versions to compare, the first the baseline (default "
+                             f"{PILLOW_DRAFT_V1}, {PILLOW_DRAFT_CV2} and {CV2_JPEG})")
     parser.add_argument("--work", default="bench_output/accuracy")
     args = parser.parse_args()
     if os.path.exists(args.base_weights):  # model.train runs from the repository root
         args.base_weights = os.path.abspath(args.base_weights)
-    versions = args.preprocessing or [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2]
+    versions = args.preprocessing or [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG]
     work = os.path.abspath(args.work)
     data = find_labelled_images(args.data)
     labels = np.asarray(data.labels)

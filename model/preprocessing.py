@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 PREPROCESSING_VERSION = "pillow-rgb-draft-v1"
 PILLOW_DRAFT_V1 = PREPROCESSING_VERSION
 PILLOW_DRAFT_CV2 = "pillow-draft-cv2-v2"
+CV2_JPEG = "cv2-jpeg-v3"
 KERAS_LOAD_IMG = "keras-load-img-v1"
 RESIZE_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # keras.utils.image_utils.PIL_INTERPOLATION_METHODS
@@ -45,7 +46,10 @@ KERAS_INTERPOLATIONS = {
 # preprocessing version -> the resize methods it knows
 CV2_RESIZE_METHODS = {"bilinear": "INTER_LINEAR"}  # OpenCV flag names (cv2 is imported lazily)
 PREPROCESSING_VERSIONS = {PILLOW_DRAFT_V1: RESIZE_METHODS, PILLOW_DRAFT_CV2: CV2_RESIZE_METHODS,
-                          KERAS_LOAD_IMG: KERAS_INTERPOLATIONS}
+                          CV2_JPEG: CV2_RESIZE_METHODS, KERAS_LOAD_IMG: KERAS_INTERPOLATIONS}
+# JPEG DCT scale -> OpenCV's flag that decodes at it (EXIF orientation applied, 3-channel BGR)
+CV2_REDUCED_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
+                     8: "IMREAD_REDUCED_COLOR_8"}
 DEFAULT_MAX_PIXELS = 64_000_000
 EXIF_ORIENTATION = 0x0112
 # Pillow warns above its own bomb limit; we enforce ours from the header instead.
@@ -94,10 +98,12 @@ def decode_and_resize(
             )
         if preprocessing == KERAS_LOAD_IMG:
             return _keras_load_img(image, width, height, methods[resize_method])
-        # JPEG only: decode at the smallest DCT scale that still covers the target size (v1) or
-        # half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
+        # JPEG only: decode at the smallest DCT scale that still covers the target size (v1, v3)
+        # or half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
         longest = max(height, width)
-        cover = longest if preprocessing == PILLOW_DRAFT_V1 else max(1, longest // 2)
+        if preprocessing == CV2_JPEG and image.format == "JPEG" and image.mode == "RGB":
+            return _cv2_jpeg(data, image.size, longest, width, height, methods[resize_method])
+        cover = max(1, longest // 2) if preprocessing == PILLOW_DRAFT_CV2 else longest
         image.draft("RGB", (cover, cover))
         image.load()
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
@@ -108,10 +114,28 @@ def decode_and_resize(
         return _cv2_resize(rgb, width, height, methods[resize_method])
 
 
+def _cv2_jpeg(data: bytes, stored: tuple[int, int], cover: int, width: int, height: int,
+              method: str) -> np.ndarray:
+    """v3, colour JPEGs: OpenCV's libjpeg-turbo decodes at v1's DCT scale (the same pixels as
+    Pillow's decode, without Pillow's 4-byte pixels and the copy out of them) and applies the EXIF
+    orientation; then OpenCV's bilinear resize. After that DCT scale no step shrinks a side 2x or
+    more (the short side), so skipping the antialiasing costs little."""
+    import cv2
+
+    factor = min(stored[0] // cover, stored[1] // cover)  # Pillow's draft() picks it the same way
+    scale = max(scale for scale in CV2_REDUCED_FLAGS if scale <= max(factor, 1))
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), getattr(cv2, CV2_REDUCED_FLAGS[scale]))
+    if bgr is None:  # Pillow raises OSError on the same truncated or corrupt files
+        raise OSError("image file is truncated or corrupt (OpenCV could not decode it)")
+    resized = cv2.resize(bgr, (width, height), interpolation=getattr(cv2, method))
+    return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+
+
 def _cv2_resize(rgb: Image.Image, width: int, height: int, method: str) -> np.ndarray:
-    """v2: box-reduce by an integer factor while both sides stay at least the target size
-    (large PNGs and the like), then OpenCV's bilinear resize. It does not antialias, but after
-    the DCT scaling or the box reduction no step is 2x or more, so it does not alias much."""
+    """v2, and v3 for all but colour JPEGs: box-reduce by an integer factor while both sides stay
+    at least the target size (large PNGs and the like), then OpenCV's bilinear resize. It does
+    not antialias, but after the DCT scaling or the box reduction no step is 2x or more, so it
+    does not alias much."""
     import cv2  # only models of this version need OpenCV
 
     factor = min(rgb.width // width, rgb.height // height)

@@ -32,7 +32,13 @@ from model.data import (
     split_train_validation,
 )
 from model.export import export_model
-from model.preprocessing import PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1, PREPROCESSING_VERSIONS, RESIZE_METHODS
+from model.preprocessing import (
+    CV2_JPEG,
+    PILLOW_DRAFT_CV2,
+    PILLOW_DRAFT_V1,
+    PREPROCESSING_VERSIONS,
+    RESIZE_METHODS,
+)
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 
 _LOG = logging.getLogger("petscore.train")
@@ -51,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=1.0, help="Width multiplier (MobileNets).")
     parser.add_argument("--input-size", type=int, default=224, help="Square input side in pixels.")
     parser.add_argument("--preprocessing", default=PILLOW_DRAFT_V1,
-                        choices=[PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2],
+                        choices=[PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG],
                         help=f"How images become pixels, recorded in the metadata so scoring does "
                              f"the same (default {PILLOW_DRAFT_V1}; {PILLOW_DRAFT_CV2} decodes and "
                              "resizes about 2.7x cheaper per image and cost the real alpha 0.25 "

@@ -2,9 +2,10 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from model.preprocessing import (
+    CV2_JPEG,
     KERAS_LOAD_IMG,
     PILLOW_DRAFT_CV2,
     PILLOW_DRAFT_V1,
@@ -21,7 +22,7 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(params=[PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2])
+@pytest.fixture(params=[PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG])
 def version(request) -> str:
     """petscore's loaders keep one contract: every format and fault behaves the same in each."""
     return request.param
@@ -55,6 +56,34 @@ def test_exif_orientation_is_applied(version):
     # After a clockwise turn the red left half is on top and the blue right half at the bottom.
     assert pixels[2, 10, 0] > 200 and pixels[2, 10, 2] < 60
     assert pixels[17, 10, 2] > 200 and pixels[17, 10, 0] < 60
+
+
+def quadrants(size=(48, 32)) -> Image.Image:
+    """Four colours, one per quadrant: every EXIF orientation puts them somewhere else."""
+    image = Image.new("RGB", size)
+    width, height = size
+    for colour, box in (((230, 20, 20), (0, 0, width // 2, height // 2)),
+                        ((20, 230, 20), (width // 2, 0, width, height // 2)),
+                        ((20, 20, 230), (0, height // 2, width // 2, height)),
+                        ((230, 230, 20), (width // 2, height // 2, width, height))):
+        image.paste(colour, box)
+    return image
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_of_a_jpeg_is_applied_as_pillow_applies_it(version, orientation):
+    """v3 decodes colour JPEGs with OpenCV, which applies the orientation itself: it must turn the
+    image exactly as Pillow's ``exif_transpose`` does, at full and at reduced DCT scale."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for size, target in (((48, 32), (16, 16)), ((480, 320), (64, 64))):
+        data = encode(quadrants(size), "JPEG", exif=exif, quality=95)
+        expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        expected = np.asarray(expected.resize((16, 16), Image.Resampling.BOX)).astype(int)
+        pixels = decode_and_resize(data, target, preprocessing=version)
+        pixels = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.Resampling.BOX)).astype(int)
+        for row, column in ((3, 3), (3, 12), (12, 3), (12, 12)):  # quadrant centres
+            assert np.abs(pixels[row, column] - expected[row, column]).max() < 30, (size, row, column)
 
 
 def test_without_exif_the_image_is_not_rotated(version):
@@ -94,7 +123,8 @@ def test_first_frame_of_an_animation_is_used(version):
     assert pixels[4, 4, 0] > 200 and pixels[4, 4, 2] < 50
 
 
-@pytest.mark.parametrize(("version", "tolerance"), [(PILLOW_DRAFT_V1, 4.0), (PILLOW_DRAFT_CV2, 8.0)])
+@pytest.mark.parametrize(("version", "tolerance"),
+                         [(PILLOW_DRAFT_V1, 4.0), (PILLOW_DRAFT_CV2, 8.0), (CV2_JPEG, 4.0)])
 def test_jpeg_reduced_scale_decode_stays_close_to_full_decode(version, tolerance):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     photo = photo.resize((800, 800), Image.Resampling.BICUBIC)
