@@ -3,9 +3,9 @@
     .venv/bin/python bench/limits.py --model NAME=MODEL_DIR [--model NAME=DIR ...]
         [--images 2000] [--rss-images 1000,10000] [--photos 'GLOB'] [--work bench_output]
 
-For each model (its ``model.keras``) the bench exports two variants, one per preprocessing
-version (``pillow-rgb-draft-v1``, today's default, and ``pillow-draft-cv2-v2``), each with a
-``model_int8.tflite``. The integer models are exported for speed only: their acceptance bars are
+For each model (its ``model.keras``) the bench exports three variants, one per preprocessing
+version (``pillow-rgb-draft-v1``, today's default, ``pillow-draft-cv2-v2`` and ``cv2-jpeg-v3``),
+each with a ``model_int8.tflite``. The integer models are exported for speed only: their acceptance bars are
 waived here (their figures are printed), where ``model.train --int8`` keeps one only if it holds.
 Then, on the same files, each in its own process (``bench/throughput.py``'s modes):
   tfdata-tflite         tf.data with TF's own JPEG decoder feeding model.tflite (baseline)
@@ -13,7 +13,7 @@ Then, on the same files, each in its own process (``bench/throughput.py``'s mode
   direct                petscore's default (LiteRT float) on the DirectRunner, in-process
   direct-int8           the same with --runtime tflite-int8
 and the default direct mode again at each ``--rss-images`` count, for peak RSS. Also the decode +
-resize cost per image of both preprocessing versions (``bench/pixels.py``) on the same files.
+resize cost per image of each preprocessing version (``bench/pixels.py``) on the same files.
 Prints the table and the ratios the issue targets; writes ``limits.json`` under ``--work``.
 """
 
@@ -33,10 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.pixels import time_versions  # noqa: E402
 from bench.throughput import generate, link_subset, run_mode  # noqa: E402
-from model.preprocessing import PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
+from model.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
 
 MODES = {PILLOW_DRAFT_V1: ("tfdata-tflite", "tfdata-pillow-tflite", "direct", "direct-int8"),
-         PILLOW_DRAFT_CV2: ("tfdata-pillow-tflite", "direct", "direct-int8")}
+         PILLOW_DRAFT_CV2: ("tfdata-pillow-tflite", "direct", "direct-int8"),
+         CV2_JPEG: ("tfdata-pillow-tflite", "direct", "direct-int8")}
+NEW_VERSIONS = (PILLOW_DRAFT_CV2, CV2_JPEG)
 
 
 def export_variant(model_dir: str, preprocessing: str, output: str, images: list[str]) -> dict:
@@ -98,8 +100,7 @@ def main() -> int:
             datas.append(handle.read())
     pixels = {version: min(ms) for version, ms in time_versions(datas, (224, 224), rounds=3).items()}
     print(f"decode + resize, ms/image on {len(datas)} images, one core: "
-          + ", ".join(f"{version} {ms:.3f}" for version, ms in pixels.items())
-          + f"  ({pixels[PILLOW_DRAFT_V1] / pixels[PILLOW_DRAFT_CV2]:.2f}x)")
+          + ", ".join(f"{version} {ms:.3f}" for version, ms in pixels.items()))
 
     results: dict = {"pixels_ms_per_image": pixels, "models": {}}
     print(f"  {'mode':21s} {'images':>6s} {'work/s':>9s} {'job/s':>9s} {'RSS MiB':>8s}")
@@ -120,10 +121,11 @@ def main() -> int:
                         for count, rss_folder in rss_folders.items()}
 
     print("\nratios (work time unless said)")
-    print(f"  new preprocessing, decode + resize per image: "
-          f"{pixels[PILLOW_DRAFT_V1] / pixels[PILLOW_DRAFT_CV2]:.2f}x (target >= 2)")
+    for version in NEW_VERSIONS:
+        print(f"  {version}, decode + resize per image: "
+              f"{pixels[PILLOW_DRAFT_V1] / pixels[version]:.2f}x v1 (target >= 2)")
     for name, entry in results["models"].items():
-        v1, v2 = entry[PILLOW_DRAFT_V1], entry[PILLOW_DRAFT_CV2]
+        v1 = entry[PILLOW_DRAFT_V1]
 
         def rate(modes, mode, kind="work"):
             return modes[mode][f"{kind}_images_per_second"]
@@ -133,9 +135,12 @@ def main() -> int:
               f"(target >= 1.0); int8 / float default: end to end (job) "
               f"{rate(v1, 'direct-int8', 'job') / rate(v1, 'direct', 'job'):.2f}x, work "
               f"{rate(v1, 'direct-int8') / rate(v1, 'direct'):.2f}x (target >= 1.5 for MobileNetV2)")
-        print(f"  {name}: new preprocessing / default, float {rate(v2, 'direct') / rate(v1, 'direct'):.2f}x, "
-              f"int8 {rate(v2, 'direct-int8') / rate(v1, 'direct'):.2f}x; best / fastest tf.data->TFLite "
-              f"{max(rate(v2, 'direct'), rate(v2, 'direct-int8')) / baseline:.2f}x")
+        for version in NEW_VERSIONS:
+            new = entry[version]
+            print(f"  {name}: {version} / default, float {rate(new, 'direct') / rate(v1, 'direct'):.2f}x, "
+                  f"int8 {rate(new, 'direct-int8') / rate(v1, 'direct'):.2f}x; float / fastest "
+                  f"tf.data->TFLite {rate(new, 'direct') / baseline:.2f}x, int8 "
+                  f"{rate(new, 'direct-int8') / baseline:.2f}x")
         if len(entry["rss"]) > 1:
             counts = sorted(entry["rss"])
             low, high = entry["rss"][counts[0]], entry["rss"][counts[-1]]

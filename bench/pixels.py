@@ -19,12 +19,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.throughput import generate  # noqa: E402
-from model.preprocessing import PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1, decode_and_resize  # noqa: E402
+from model.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1, decode_and_resize  # noqa: E402
 
 
 def time_versions(datas: list[bytes], size: tuple[int, int], rounds: int) -> dict[str, list[float]]:
     """Milliseconds per image of each version, per round; versions alternate within a round."""
-    times = {PILLOW_DRAFT_V1: [], PILLOW_DRAFT_CV2: []}
+    times = {PILLOW_DRAFT_V1: [], PILLOW_DRAFT_CV2: [], CV2_JPEG: []}
     for _ in range(rounds):
         for version, seconds in times.items():
             started = time.perf_counter()

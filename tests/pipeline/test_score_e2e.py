@@ -354,11 +354,14 @@ def test_prediction_schema_lists_one_probability_column_per_class():
     assert schema.field("scored_at").type == pa.timestamp("ms", tz="UTC")
 
 
-@pytest.mark.parametrize("recorded", ["pillow-rgb-draft-v1", "pillow-draft-cv2-v2"])
+PETSCORE_VERSIONS = ("pillow-rgb-draft-v1", "pillow-draft-cv2-v2", "cv2-jpeg-v3")
+
+
+@pytest.mark.parametrize("recorded", PETSCORE_VERSIONS)
 def test_a_model_directory_scores_with_the_preprocessing_its_metadata_records(
         corpus, trained, tmp_path, recorded):
     """Directories exported before pillow-draft-cv2-v2 keep pillow-rgb-draft-v1, to the pixel,
-    and a v2 directory gets v2 pixels: each the pixels its model was trained on."""
+    and a v2 or v3 directory gets its own pixels: each the pixels its model was trained on."""
     from model.preprocessing import PREPROCESSING_VERSIONS, decode_and_resize
     from model.serving import ServingModel
 
@@ -376,7 +379,7 @@ def test_a_model_directory_scores_with_the_preprocessing_its_metadata_records(
     model = ServingModel(model_dir, metadata, "tflite")
     rows = read_run(str(tmp_path / "out"))["predictions"].to_pylist()
     got = [next(row["prob_dog"] for row in rows if row["path"] == path) for path in images]
-    for version in ("pillow-rgb-draft-v1", "pillow-draft-cv2-v2"):
+    for version in PETSCORE_VERSIONS:
         assert "bilinear" in PREPROCESSING_VERSIONS[version]
         pixels = np.stack([decode_and_resize(open(path, "rb").read(), (metadata.height, metadata.width),
                                              preprocessing=version) for path in images])
