@@ -78,7 +78,8 @@ def test_a_kept_integer_model_records_its_figures_and_its_own_references(kept):
                                                      abs=2e-6)
     # The figures are what the two runtimes give on the validation images, recomputed here.
     pixels = np.stack([decode_and_resize(open(path, "rb").read(), (metadata.height, metadata.width),
-                                         metadata.resize_method) for path in validation.paths])
+                                         metadata.resize_method, preprocessing=metadata.preprocessing)
+                       for path in validation.paths])
     labels = np.array(validation.labels)
     float_probabilities = ServingModel(kept["model_dir"], metadata, "tflite").predict(pixels)
     int8_model = ServingModel(kept["model_dir"], metadata, "tflite-int8")
@@ -141,7 +142,8 @@ def test_the_integer_runtime_scores_with_the_integer_model(kept, corpus, tmp_pat
     metadata = kept["metadata"]
     paths = sorted(rows["tflite"])
     pixels = np.stack([decode_and_resize(open(path, "rb").read(), (metadata.height, metadata.width),
-                                         metadata.resize_method) for path in paths])
+                                         metadata.resize_method, preprocessing=metadata.preprocessing)
+                       for path in paths])
     int8_dog = ServingModel(kept["model_dir"], metadata, "tflite-int8").predict(pixels)[:, 1]
     np.testing.assert_allclose([rows["tflite-int8"][p] for p in paths], int8_dog, atol=1e-7)
     assert any(rows["tflite-int8"][p] != rows["tflite"][p] for p in paths)

@@ -11,17 +11,21 @@ import tensorflow as tf
 
 from model import evaluate
 from model.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
-from model.preprocessing import PREPROCESSING_VERSION
-from model.reference import REFERENCE_SEEDS, reference_batch
+from model.preprocessing import CV2_JPEG, PREPROCESSING_VERSION
+from model.reference import REFERENCE_SEEDS, REFERENCE_TOLERANCE, reference_batch
 from model.serving import ServingModel
 from tests.conftest import TINY_SIZE
+
+# float32 kernels (LiteRT's XNNPACK, TF's and Keras's oneDNN) differ in the last bits: 2e-6 to
+# 1.3e-5 in probability for the tiny models trained so far, ten times inside the contract's tolerance.
+FLOAT_RUNTIMES_AGREE = REFERENCE_TOLERANCE / 10
 
 
 def test_export_writes_the_contract(trained):
     metadata = read_metadata(trained["model_dir"])
     assert metadata.class_names == ["cat", "dog"]
     assert metadata.input_size == [TINY_SIZE, TINY_SIZE]
-    assert metadata.preprocessing == PREPROCESSING_VERSION
+    assert metadata.preprocessing == CV2_JPEG  # what model.train gives new models
     assert metadata.base == "mobilenet" and metadata.base_weights == "none"
     assert metadata.model_version == "tiny-test-1"
     assert metadata.sha256 == saved_model_sha256(trained["model_dir"])
@@ -47,7 +51,7 @@ def test_serving_signature_takes_uint8_images_and_returns_probabilities(trained)
 def test_reference_predictions_reproduce_and_vary(trained):
     metadata = read_metadata(trained["model_dir"])
     model = ServingModel(trained["model_dir"], metadata)
-    assert model.check_reference_predictions() < 1e-5
+    assert model.check_reference_predictions() < FLOAT_RUNTIMES_AGREE
     dogs = [ref["probabilities"][1] for ref in metadata.reference_predictions]
     assert max(dogs) - min(dogs) > 1e-4, "a trained model should not answer every image alike"
 
@@ -58,7 +62,7 @@ def test_keras_file_loads_in_safe_mode_and_agrees_with_the_saved_model(trained):
     images = reference_batch(TINY_SIZE, TINY_SIZE)
     keras_probs = classifier.predict(images.astype("float32"), verbose=0)
     serving = ServingModel(trained["model_dir"], read_metadata(trained["model_dir"]))
-    np.testing.assert_allclose(keras_probs, serving.predict(images), atol=1e-5)
+    np.testing.assert_allclose(keras_probs, serving.predict(images), atol=FLOAT_RUNTIMES_AGREE)
 
 
 def test_tampered_reference_predictions_are_detected(trained):
