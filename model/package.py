@@ -195,6 +195,22 @@ def build_feature_extractor(args: argparse.Namespace, size: tuple[int, int],
     return base
 
 
+def split_off_head(model: keras.Model) -> tuple[keras.Model | None, keras.layers.Dense | None]:
+    """``(the notebook model up to its head, a copy of the head)`` when its output is a ``Dense``
+    layer's, else ``(None, None)``. The packaged model calls the copy (same configuration and
+    weights: the notebook's arithmetic) at its top level, where the integer export can re-fit it
+    to the integer base's features (``model.quantize.refittable_head``); a nested head could not
+    be. A copy, because a layer's ``input`` is that of its first call, inside the notebook."""
+    last = model.layers[-1] if model.layers else None
+    if (not isinstance(last, keras.layers.Dense) or len(model.outputs) != 1
+            or last.output is not model.outputs[0]):
+        return None, None
+    head = keras.layers.Dense.from_config(last.get_config())
+    head.build(last.input.shape)
+    head.set_weights(last.get_weights())
+    return keras.Model(model.inputs, last.input, name=f"{model.name}_features"), head
+
+
 def wrap(model: keras.Model, size: tuple[int, int], scaling: str, base: keras.Model | None,
          from_logits: bool) -> tuple[keras.Model, keras.Model, int]:
     """``(classifier, scores, units)``: float pixels in [0, 255] -> class probabilities, and the
@@ -206,7 +222,8 @@ def wrap(model: keras.Model, size: tuple[int, int], scaling: str, base: keras.Mo
         x = scale(x)
     if base is not None:
         x = base(x, training=False)
-    scores = model(x)
+    features, head = split_off_head(model)
+    scores = head(features(x)) if head else model(x)
     if len(scores.shape) != 2:
         raise PackagingError(f"the model outputs shape {tuple(scores.shape)}, not one row of class "
                              "scores per image")

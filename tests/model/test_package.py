@@ -209,10 +209,30 @@ def test_int8_images_calibrate_on_one_half_and_judge_on_the_other(kind1, noteboo
     entry = read_metadata(model_dir).tflite_int8
     assert entry["calibration"]["images"] == 12 and entry["validation"]["images"] == 12
     assert entry["calibration"]["source"] == f"{notebook_data['train']} (seeded half)"
-    # A notebook's model sits inside the packaged one as a whole: its head is not re-fitted.
-    assert entry["head"]["refit"] is False and "not a Dense head" in entry["head"]["reason"]
+    # The notebook's Dense head is called at the packaged model's top level: it is re-fitted on the
+    # integer base's features of the calibration half, and judged on the other half.
+    assert entry["head"] == {"refit": True, "images": 12, "epochs": 10,
+                             "source": f"{notebook_data['train']} (seeded half)"}
     assert os.path.exists(os.path.join(model_dir, "model_int8.tflite")) == entry["kept"]
     assert "model_int8.tflite kept" in capsys.readouterr().out or not entry["kept"]
+
+
+def test_the_notebook_head_is_split_off_with_its_own_weights_and_arithmetic(kind1, notebook_data):
+    from model.quantize import refittable_head
+
+    notebook_model = keras.saving.load_model(str(notebook_data["root"] / "best_model.h5"))
+    features, head = package.split_off_head(notebook_model)
+    images = np.random.default_rng(3).uniform(0, 1, (4, 150, 150, 3)).astype("float32")
+    np.testing.assert_array_equal(head(features(images)), notebook_model(images))
+    classifier, _, _ = package.wrap(notebook_model, (150, 150), "1/255", None, from_logits=False)
+    top_level_head = refittable_head(classifier)
+    assert top_level_head in classifier.layers and top_level_head is not notebook_model.layers[-1]
+    for mine, notebooks in zip(top_level_head.get_weights(), notebook_model.layers[-1].get_weights(),
+                               strict=True):
+        np.testing.assert_array_equal(mine, notebooks)
+    # A model whose output is not a Dense layer's keeps its head inside (nothing to re-fit).
+    ends_in_activation = keras.Sequential([keras.Input((8,)), layers.Dense(2), layers.Activation("softmax")])
+    assert package.split_off_head(ends_in_activation) == (None, None)
 
 
 # --- refusals: one line, exit 1, nothing written ---------------------------------------------
