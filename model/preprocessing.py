@@ -1,16 +1,17 @@
 """Image bytes -> model-ready uint8 RGB array: the one function training and scoring share.
 
 Four loaders, each a versioned preprocessing recorded in a model's metadata:
-- ``pillow-rgb-draft-v1`` (petscore's own, what ``model.train`` uses by default), described
-  below: full-size decode unless the JPEG is over twice the target, then Pillow's antialiased
-  resize;
+- ``pillow-rgb-draft-v1`` (petscore's own, ``model.train``'s default before v3: what most existing
+  directories record), described below: full-size decode unless the JPEG is over twice the
+  target, then Pillow's antialiased resize;
 - ``pillow-draft-cv2-v2`` (opt-in, ``model.train --preprocessing``): the decoding and colour
   handling of v1, but the JPEG is decoded at the DCT scale that keeps at least half the target
   size on each side (other formats are box-reduced by an integer factor while they stay at least
   the target size), then stretched with OpenCV's bilinear resize: 2.7-3.0x cheaper per image
   (``bench/pixels.py``), and 0.45 points less accurate (95% interval -1.0 to +0.05) for the real
   alpha 0.25 model, cross-validated on 2,000 photos (``bench/accuracy.py``);
-- ``cv2-jpeg-v3`` (opt-in): a colour JPEG is decoded by OpenCV (the same libjpeg-turbo pixels as
+- ``cv2-jpeg-v3`` (``model.train``'s default): a colour JPEG (or the first image of a phone's
+  multi-picture JPEG) is decoded by OpenCV (the same libjpeg-turbo pixels as
   Pillow's, EXIF orientation applied) at v1's DCT scale, so it keeps the full target
   resolution, then stretched with OpenCV's bilinear resize; anything else is decoded as in v1
   and resized as in v2: 2.4x cheaper than v1 per real photo (``bench/pixels.py``);
@@ -105,7 +106,7 @@ def decode_and_resize(
         # JPEG only: decode at the smallest DCT scale that still covers the target size (v1, v3)
         # or half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
         longest = max(height, width)
-        if preprocessing == CV2_JPEG and image.format == "JPEG" and image.mode == "RGB":
+        if preprocessing == CV2_JPEG and image.format in ("JPEG", "MPO") and image.mode == "RGB":
             return _cv2_jpeg(data, image.size, longest, width, height, methods[resize_method])
         cover = max(1, longest // 2) if preprocessing == PILLOW_DRAFT_CV2 else longest
         image.draft("RGB", (cover, cover))

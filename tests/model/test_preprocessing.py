@@ -86,6 +86,18 @@ def test_every_exif_orientation_of_a_jpeg_is_applied_as_pillow_applies_it(versio
             assert np.abs(pixels[row, column] - expected[row, column]).max() < 30, (size, row, column)
 
 
+def test_a_multi_picture_jpeg_gives_its_first_picture(version):
+    """Phones write MPO files (a JPEG followed by more pictures): every loader uses the first."""
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    first, second = photo.resize((400, 300)), photo.resize((400, 300)).transpose(Image.Transpose.ROTATE_180)
+    mpo = io.BytesIO()
+    first.save(mpo, format="MPO", save_all=True, append_images=[second], quality=90)
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    pixels = decode_and_resize(mpo.getvalue(), (64, 64), preprocessing=version)
+    np.testing.assert_array_equal(pixels, decode_and_resize(encode(first, "JPEG", quality=90), (64, 64),
+                                                            preprocessing=version))
+
+
 def test_without_exif_the_image_is_not_rotated(version):
     pixels = decode_and_resize(encode(halves(), "PNG"), (20, 20), preprocessing=version).astype(int)
     assert pixels[10, 2, 0] > 200 and pixels[10, 17, 2] > 200
