@@ -86,6 +86,17 @@ def test_every_exif_orientation_of_a_jpeg_is_applied_as_pillow_applies_it(versio
             assert np.abs(pixels[row, column] - expected[row, column]).max() < 30, (size, row, column)
 
 
+def test_v3_decodes_a_colour_jpeg_to_the_pixels_pillow_decodes():
+    """OpenCV and Pillow both run libjpeg-turbo: at the image's own size (no resize) v3 and v1
+    agree to the bit, progressive or baseline, so v3's only change is the resize."""
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    photo = photo.resize((160, 120), Image.Resampling.BICUBIC)
+    for options in ({"quality": 90}, {"quality": 75, "progressive": True}):
+        data = encode(photo, "JPEG", **options)
+        np.testing.assert_array_equal(decode_and_resize(data, (120, 160), preprocessing=CV2_JPEG),
+                                      decode_and_resize(data, (120, 160), preprocessing=PILLOW_DRAFT_V1))
+
+
 def test_a_multi_picture_jpeg_gives_its_first_picture(version):
     """Phones write MPO files (a JPEG followed by more pictures): every loader uses the first."""
     photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8))
