@@ -12,7 +12,8 @@ Then, on the same files, each in its own process (``bench/throughput.py``'s mode
   tfdata-pillow-tflite  tf.data through the model's own preprocessing feeding model.tflite
   direct                petscore's default (LiteRT float) on the DirectRunner, in-process
   direct-int8           the same with --runtime tflite-int8
-and the default direct mode again at each ``--rss-images`` count, for peak RSS. Also the decode +
+and the float direct mode again at each ``--rss-images`` count, for peak RSS, with v1 (existing
+directories) and v3 (what ``model.train`` gives new models). Also the decode +
 resize cost per image of each preprocessing version (``bench/pixels.py``) on the same files.
 Prints the table and the ratios the issue targets; writes ``limits.json`` under ``--work``.
 """
@@ -39,6 +40,7 @@ MODES = {PILLOW_DRAFT_V1: ("tfdata-tflite", "tfdata-pillow-tflite", "direct", "d
          PILLOW_DRAFT_CV2: ("tfdata-pillow-tflite", "direct", "direct-int8"),
          CV2_JPEG: ("tfdata-pillow-tflite", "direct", "direct-int8")}
 NEW_VERSIONS = (PILLOW_DRAFT_CV2, CV2_JPEG)
+RSS_VERSIONS = (PILLOW_DRAFT_V1, CV2_JPEG)
 
 
 def export_variant(model_dir: str, preprocessing: str, output: str, images: list[str]) -> dict:
@@ -116,9 +118,10 @@ def main() -> int:
             print(f"{name} {preprocessing} (int8 vs float on the bench images: max |diff| "
                   f"{figures['max_abs_diff']:.3f}, mean {figures['mean_abs_diff']:.4f})")
             entry[preprocessing] = {mode: run(args, variant, mode, folder) for mode in modes}
-        default = os.path.join(work, "variants", f"{name}-{PILLOW_DRAFT_V1}")
-        entry["rss"] = {count: run(args, default, "direct", rss_folder)
-                        for count, rss_folder in rss_folders.items()}
+        entry["rss"] = {version: {count: run(args, os.path.join(work, "variants", f"{name}-{version}"),
+                                             "direct", rss_folder)
+                                  for count, rss_folder in rss_folders.items()}
+                        for version in RSS_VERSIONS}
 
     print("\nratios (work time unless said)")
     for version in NEW_VERSIONS:
@@ -145,12 +148,14 @@ def main() -> int:
             print(f"  {name}: {version} / v1, float {rate(new, 'direct') / rate(v1, 'direct'):.2f}x; "
                   f"float / fastest tf.data->TFLite {rate(new, 'direct') / baseline:.2f}x, int8 "
                   f"{rate(new, 'direct-int8') / baseline:.2f}x")
-        if len(entry["rss"]) > 1:
-            counts = sorted(entry["rss"])
-            low, high = entry["rss"][counts[0]], entry["rss"][counts[-1]]
-            print(f"  {name}: peak RSS {counts[0]} -> {counts[-1]} images: {low['peak_rss_mib']:.0f} -> "
-                  f"{high['peak_rss_mib']:.0f} MiB ({high['peak_rss_mib'] / low['peak_rss_mib']:.2f}x, "
-                  "target <= 1.10)")
+        for version, by_count in entry["rss"].items():
+            if len(by_count) < 2:
+                continue
+            counts = sorted(by_count)
+            low, high = by_count[counts[0]], by_count[counts[-1]]
+            low_mib, high_mib = low["peak_rss_mib"], high["peak_rss_mib"]
+            print(f"  {name} {version}: peak RSS {counts[0]} -> {counts[-1]} images: {low_mib:.0f} -> "
+                  f"{high_mib:.0f} MiB ({high_mib / low_mib:.2f}x, target <= 1.10)")
     with open(os.path.join(work, "limits.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     return 0
