@@ -1,14 +1,18 @@
-"""Labelled image folders -> seeded splits -> tf.data pipelines for training and evaluation."""
+"""Labelled image folders -> seeded splits -> tf.data pipelines for training, and decoded
+batches for evaluation and the integer export."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
 
+from model.metadata import ModelMetadata, file_chunks
 from model.preprocessing import decode_and_resize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -96,3 +100,31 @@ def image_dataset(data: LabelledImages, size: tuple[int, int], resize_method: st
         dataset = dataset.shuffle(len(data.paths), seed=seed, reshuffle_each_iteration=True)
     return (dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def decoded_batches(paths: Sequence[str], metadata: ModelMetadata, batch_size: int,
+                    ) -> Iterator[tuple[list[int], np.ndarray | None, dict[str, Exception]]]:
+    """``paths`` in batches, each decoded in parallel through the model's own preprocessing:
+    (indices of the readable paths, their stacked pixels or None when there are none, and
+    ``{path: error}`` for the others; the caller decides what a failure means). One batch at a
+    time, so memory does not grow with the number of paths."""
+    size = (metadata.height, metadata.width)
+
+    def load(path: str) -> np.ndarray | Exception:
+        try:
+            return decode_and_resize(b"".join(file_chunks(path)), size, metadata.resize_method,
+                                     preprocessing=metadata.preprocessing)
+        except Exception as error:  # noqa: BLE001 - handed to the caller with its path
+            return error
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            indices, pixels, failures = [], [], {}
+            for offset, result in enumerate(pool.map(load, chunk)):
+                if isinstance(result, Exception):
+                    failures[chunk[offset]] = result
+                else:
+                    indices.append(start + offset)
+                    pixels.append(result)
+            yield indices, np.stack(pixels) if pixels else None, failures

@@ -12,11 +12,10 @@ import json
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from model.data import find_labelled_images
+from model.data import decoded_batches, find_labelled_images
 from model.metadata import read_metadata
 from model.metrics import (
     KAGGLE_EPS,
@@ -28,7 +27,6 @@ from model.metrics import (
     min_confidence_for_accuracy,
     reliability_curve,
 )
-from model.preprocessing import decode_and_resize
 from model.report import render_evaluation_report
 from model.serving import ServingModel
 
@@ -53,29 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def predict_paths(model: ServingModel, paths: list[str], batch_size: int):
     """Probabilities for every decodable path; returns (kept indices, probabilities, failures)."""
-    size = (model.metadata.height, model.metadata.width)
-
-    def load(path):
-        try:
-            with open(path, "rb") as handle:
-                return decode_and_resize(handle.read(), size, model.metadata.resize_method,
-                                         preprocessing=model.metadata.preprocessing)
-        except Exception as error:  # noqa: BLE001 - reported, not fatal, in an evaluation
-            return error
-
     kept, outputs, failures = [], [], {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            pixels = []
-            for offset, result in enumerate(pool.map(load, chunk)):
-                if isinstance(result, Exception):
-                    failures[chunk[offset]] = f"{type(result).__name__}: {result}"
-                else:
-                    kept.append(start + offset)
-                    pixels.append(result)
-            if pixels:
-                outputs.append(model.predict(np.stack(pixels)))
+    for indices, pixels, errors in decoded_batches(paths, model.metadata, batch_size):
+        failures.update({path: f"{type(error).__name__}: {error}" for path, error in errors.items()})
+        if pixels is not None:
+            kept.extend(indices)
+            outputs.append(model.predict(pixels))
     probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(model.metadata.class_names)))
     return kept, probabilities, failures
 

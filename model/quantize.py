@@ -31,9 +31,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_chunks, file_sha256
+from model.data import decoded_batches
+from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_sha256
 from model.metrics import accuracy, log_loss
-from model.preprocessing import decode_and_resize
 from model.reference import INT8_REFERENCE_TOLERANCE, reference_batch, reference_predictions
 from model.serving import ServingModel, litert_predict, write_saved_model
 
@@ -69,28 +69,17 @@ def calibration_sample(paths: Sequence[str], seed: int, count: int = CALIBRATION
     return [paths[i] for i in sorted(rng.permutation(len(paths))[:count])]
 
 
-def _pixels(paths: Sequence[str], metadata: ModelMetadata) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, pixels) of every readable image, through the model's own preprocessing;
-    an unreadable one is skipped with a warning, as training skips it."""
-    for index, path in enumerate(paths):
-        try:
-            yield index, decode_and_resize(b"".join(file_chunks(path)), (metadata.height, metadata.width),
-                                           metadata.resize_method, preprocessing=metadata.preprocessing)
-        except (OSError, ValueError) as error:
-            _LOG.warning("int8 export: skipping %s (%s)", path, error)
-
-
 def _batches(paths: Sequence[str], metadata: ModelMetadata,
              size: int = VALIDATION_BATCH) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(indices, pixels) of the readable images in batches, so memory does not grow with them."""
-    batch: list[tuple[int, np.ndarray]] = []
-    for item in _pixels(paths, metadata):
-        batch.append(item)
-        if len(batch) == size:
-            yield [index for index, _ in batch], np.stack([image for _, image in batch])
-            batch.clear()
-    if batch:
-        yield [index for index, _ in batch], np.stack([image for _, image in batch])
+    """(indices, pixels) of the readable images in batches, so memory does not grow with them;
+    an unreadable one is skipped with a warning, as training skips it."""
+    for indices, pixels, failures in decoded_batches(paths, metadata, size):
+        for path, error in failures.items():
+            if not isinstance(error, (OSError, ValueError)):
+                raise error
+            _LOG.warning("int8 export: skipping %s (%s)", path, error)
+        if pixels is not None:
+            yield indices, pixels
 
 
 def _to_integer(model: keras.Model | str, pixels: list[np.ndarray]) -> bytes:
@@ -149,7 +138,7 @@ def quantize(export_dir: str, metadata: ModelMetadata, request: Int8Request,
              classifier: keras.Model | None = None) -> tuple[bytes, int, dict[str, Any]]:
     """(flatbuffer, images calibrated on, head entry): the model converted to full integer, its
     head re-fitted to the integer base when it has a ``Dense`` head and labelled images for it."""
-    pixels = [image for _, image in _pixels(request.calibration_paths, metadata)]
+    pixels = [image for _, batch in _batches(request.calibration_paths, metadata) for image in batch]
     if not pixels:
         raise ValueError("int8 export: none of the calibration images could be read")
     head = refittable_head(classifier)
