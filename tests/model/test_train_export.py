@@ -100,6 +100,24 @@ def test_inconsistent_metadata_is_refused(trained, change, message):
         ModelMetadata.from_json(json.dumps(fields))
 
 
+def test_epochs_is_a_cap_early_stopping_ends_training_and_the_best_epoch_is_exported(
+        labelled_images, tmp_path):
+    """``--epochs`` (default 30) only bounds the head phase: early stopping on validation loss
+    ends it, and the exported model is the best epoch's, not the last one's."""
+    from model.train import train
+    from tests.conftest import tiny_training_args
+
+    result = train(tiny_training_args(labelled_images, str(tmp_path / "m"), epochs=12, patience=1,
+                                      fine_tune_layers=0))
+    metadata = result["metadata"]
+    head = metadata.training["phases"]["head"]
+    assert head["epochs_run"] < 12
+    assert head["epochs_run"] == head["best_epoch"] + 1  # one epoch without improvement: stop
+    assert len(result["epoch_seconds"]) == head["epochs_run"]
+    # Measured again on the exported model after training: the best epoch's validation loss.
+    assert metadata.metrics["val_loss"] == pytest.approx(head["best_val_loss"], rel=1e-4)
+
+
 def test_evaluate_writes_metrics_and_an_html_report(trained, labelled_images, tmp_path):
     out = str(tmp_path / "eval")
     assert evaluate.main(["--model-dir", trained["model_dir"], "--data", labelled_images,
