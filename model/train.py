@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"How images become pixels, recorded in the metadata so scoring does "
                              f"the same. Default {CV2_JPEG}: 2.4x cheaper per photo than "
                              f"{PILLOW_DRAFT_V1} (the default before it) at the same held-out accuracy "
-                             f"(+0.25 points, 95%% interval -0.15 to +0.70, bench/accuracy.py); "
+                             f"(bench/accuracy.py, 5 folds: +0.25 points at 8 epochs, 95%% interval "
+                             f"-0.15 to +0.70; -0.15 at 30, -0.65 to +0.30); "
                              f"{PILLOW_DRAFT_CV2}: 2.7x cheaper, 0.45 points less accurate.")
     parser.add_argument("--resize-method", default="bilinear", choices=sorted(RESIZE_METHODS),
                         help=f"bilinear (default) or bicubic ({PILLOW_DRAFT_V1} only).")
