@@ -4,7 +4,7 @@
     ln -s "$PWD"/../shared/data/real-photos/{cat,dog} bench_output/photos/
     .venv/bin/python bench/accuracy.py --data bench_output/photos --base mobilenet --alpha 0.25 \
         --base-weights ../shared/data/weights/mobilenet_2_5_224_tf_no_top.h5 \
-        [--folds 5] [--epochs 8] [--seed 42] [--work bench_output/accuracy]
+        [--folds 5] [--epochs 30] [--seed 42] [--work bench_output/accuracy]
 
 Why cross-validated: 400 held-out photos cannot tell a 0.5-point difference from noise (one
 image is 0.25 points). So the labelled folder is split into ``--folds`` stratified, seeded folds;
@@ -18,7 +18,8 @@ exactly once per version. Printed and written to ``accuracy.json``: pooled accur
 per (version, runtime), and each one's paired difference from the default (v1, float) on the
 same images, with a 95% bootstrap interval (``scipy.stats.bootstrap``) and McNemar's exact test
 on the images only one of them got right. Trained folds and integer models are kept under
-``--work`` and reused when the command is run again.
+``--work`` and reused when the command is run again with the same settings (``settings.json``
+there; other settings are refused: give them another ``--work``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ def link_training_folder(data, indices, folder: str) -> str:
         if not os.path.lexists(link):
             os.symlink(os.path.abspath(data.paths[index]), link)
     return folder
+
+
+def claim_work_folder(work: str, settings: dict) -> None:
+    """Trained folds are reused from ``work``: refuse one filled with other settings, whose models
+    (another --epochs, --seed, ...) would otherwise be read back as this run's."""
+    path = os.path.join(work, "settings.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            recorded = json.load(handle)
+        if recorded != settings:
+            changed = {key: [recorded.get(key), value] for key, value in settings.items()
+                       if recorded.get(key) != value}
+            raise SystemExit(f"{work} holds folds trained with other settings ([then, now]: "
+                             f"{changed}); pass another --work")
+        return
+    os.makedirs(work, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(settings, handle, indent=2, sort_keys=True)
 
 
 def train_fold(args, train_dir: str, preprocessing: str, output: str) -> LabelledImages:
@@ -155,7 +174,8 @@ def main() -> int:
     parser.add_argument("--base-weights", required=True)
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=30,
+                        help="model.train's --epochs (default 30, its own): a limit, early stopping ends it")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--preprocessing", action="append",
                         help=f"versions to compare, the first the baseline (default "
@@ -166,6 +186,9 @@ def main() -> int:
         args.base_weights = os.path.abspath(args.base_weights)
     versions = args.preprocessing or [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG]
     work = os.path.abspath(args.work)
+    claim_work_folder(work, {"data": os.path.abspath(args.data), "base": args.base, "alpha": args.alpha,
+                             "base_weights": args.base_weights, "input_size": args.input_size,
+                             "folds": args.folds, "seed": args.seed, "epochs": args.epochs})
     data = find_labelled_images(args.data)
     labels = np.asarray(data.labels)
     folds = stratified_folds(data.labels, args.folds, args.seed)
