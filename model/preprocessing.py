@@ -8,8 +8,9 @@ Four loaders, each a versioned preprocessing recorded in a model's metadata:
   handling of v1, but the JPEG is decoded at the DCT scale that keeps at least half the target
   size on each side (other formats are box-reduced by an integer factor while they stay at least
   the target size), then stretched with OpenCV's bilinear resize: 2.7-3.0x cheaper per image
-  (``bench/pixels.py``), and 0.45 points less accurate (95% interval -1.0 to +0.05) for the real
-  alpha 0.25 model, cross-validated on 2,000 photos (``bench/accuracy.py``);
+  (``bench/pixels.py``), and 0.35-0.45 points less accurate for the real alpha 0.25 model,
+  cross-validated on 2,000 photos (``bench/accuracy.py``: 95% interval -0.95 to +0.25 with
+  ``model.train``'s 30 epochs, -1.0 to +0.05 with 8);
 - ``cv2-jpeg-v3`` (``model.train``'s default): a colour JPEG (or the first image of a phone's
   multi-picture JPEG) is decoded by OpenCV (the same libjpeg-turbo pixels as
   Pillow's, EXIF orientation applied) at v1's DCT scale, so it keeps the full target

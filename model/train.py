@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{PILLOW_DRAFT_V1} (the default before it) at the same held-out accuracy "
                              f"(bench/accuracy.py, 5 folds: +0.25 points at 8 epochs, 95%% interval "
                              f"-0.15 to +0.70; -0.15 at 30, -0.65 to +0.30); "
-                             f"{PILLOW_DRAFT_CV2}: 2.7x cheaper, 0.45 points less accurate.")
+                             f"{PILLOW_DRAFT_CV2}: 2.7x cheaper, 0.35-0.45 points less accurate.")
     parser.add_argument("--resize-method", default="bilinear", choices=sorted(RESIZE_METHODS),
                         help=f"bilinear (default) or bicubic ({PILLOW_DRAFT_V1} only).")
     parser.add_argument("--epochs", type=int, default=30,
