@@ -6,7 +6,9 @@
 Answers "what does an accelerator buy for this model": decodes the benchmark JPEGs once (the
 model's own preprocessing, one process per core, timed: that is the most a machine's CPUs can
 feed), then times each runtime on those pixels, already in memory:
-  tflite       model.tflite on LiteRT (XNNPACK), one interpreter with a thread per core
+  tflite       model.tflite on LiteRT (XNNPACK), one interpreter with a thread per core, at
+               each of --invoke-batches images per invoke (``model.serving.LITERT_INVOKE_BATCH``)
+  tflite-int8  the same for the export's integer model
   saved_model  the SavedModel through TensorFlow (GPU when TensorFlow sees one)
   keras        model.keras on the configured Keras backend, compiled (XLA on JAX), GPU when the
                backend sees one; float32 at the backend's default precision (TF32 on Ampere+)
@@ -30,7 +32,7 @@ from bench.throughput import generate  # noqa: E402
 from model.metadata import KERAS_FILE, read_metadata  # noqa: E402
 from model.preprocessing import decode_and_resize  # noqa: E402
 from model.reference import reference_batch  # noqa: E402
-from model.serving import ServingModel  # noqa: E402
+from model.serving import LITERT_FILES, ServingModel  # noqa: E402
 
 _SIZE: tuple[int, int] = (0, 0)
 
@@ -112,6 +114,8 @@ def main() -> int:
     parser.add_argument("--work", default="bench_output")
     parser.add_argument("--runtimes", default="tflite,saved_model,keras")
     parser.add_argument("--batch-sizes", default="16,64,256,1024")
+    parser.add_argument("--invoke-batches", default="1,2,4,8,16,64",
+                        help="LiteRT runtimes: images per invoke, each timed at every batch size")
     parser.add_argument("--min-seconds", type=float, default=3.0)
     args = parser.parse_args()
     metadata = read_metadata(args.model_dir)
@@ -121,27 +125,31 @@ def main() -> int:
     pixels, seconds = decode_all(paths, size, cores)
     print(f"decode + resize (model.preprocessing), {cores} processes: {len(paths) / seconds:.1f} images/s")
     references = reference_batch(*size)
-    want = np.array([ref["probabilities"] for ref in metadata.reference_predictions])
     sample = pixels[:256]
     baseline = None
-    print(f"{'runtime':12s} {'device':24s} {'load s':>6s} {'batch':>5s} {'images/s':>9s} "
+    print(f"{'runtime':12s} {'device':24s} {'load s':>6s} {'invoke':>6s} {'batch':>5s} {'images/s':>9s} "
           f"{'vs ref':>8s} {'vs 1st':>9s}")
     for runtime in args.runtimes.split(","):
-        started = time.monotonic()
-        if runtime.startswith("keras"):
-            predict, device = keras_predictor(args.model_dir, exact=runtime == "keras-exact")
-        else:
-            model = ServingModel(args.model_dir, metadata, runtime)
-            predict, device = model.predict, f"{model.runtime} {model.device}"
-        load = time.monotonic() - started
-        vs_ref = float(np.max(np.abs(predict(references) - want)))
-        got = predict(sample)
-        baseline = got if baseline is None else baseline
-        vs_first = float(np.max(np.abs(got - baseline)))
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
-            rate = time_batches(predict, pixels, batch, args.min_seconds)
-            print(f"{runtime:12s} {device[:24]:24s} {load:6.2f} {batch:5d} {rate:9.1f} "
-                  f"{vs_ref:8.1e} {vs_first:9.1e}", flush=True)
+        invoke_batches = [int(b) for b in args.invoke_batches.split(",")] if runtime in LITERT_FILES else [0]
+        for invoke_batch in invoke_batches:
+            started = time.monotonic()
+            if runtime.startswith("keras"):
+                predict, device = keras_predictor(args.model_dir, exact=runtime == "keras-exact")
+            else:
+                model = ServingModel(args.model_dir, metadata, runtime, tflite_invoke_batch=invoke_batch)
+                predict, device = model.predict, f"{model.runtime} {model.device}"
+            load = time.monotonic() - started
+            refs = (metadata.tflite_int8["reference_predictions"] if runtime == "tflite-int8"
+                    else metadata.reference_predictions)
+            want = np.array([ref["probabilities"] for ref in refs])
+            vs_ref = float(np.max(np.abs(predict(references) - want)))
+            got = predict(sample)
+            baseline = got if baseline is None else baseline
+            vs_first = float(np.max(np.abs(got - baseline)))
+            for batch in [int(b) for b in args.batch_sizes.split(",")]:
+                rate = time_batches(predict, pixels, batch, args.min_seconds)
+                print(f"{runtime:12s} {device[:24]:24s} {load:6.2f} {invoke_batch or '':>6} {batch:5d} "
+                      f"{rate:9.1f} {vs_ref:8.1e} {vs_first:9.1e}", flush=True)
     return 0
 
 

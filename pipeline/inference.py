@@ -22,7 +22,7 @@ from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from model.metadata import ModelMetadata
-from model.serving import ServingModel
+from model.serving import LITERT_INVOKE_BATCH, ServingModel
 from pipeline.rows import METRICS_NAMESPACE, UNCERTAIN, image_id, probability_column, top_classes, utc_now
 
 _LOG = logging.getLogger(__name__)
@@ -44,18 +44,19 @@ class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, share_across_processes: bool = False, runtime: str = "auto",
-                 tflite_threads: int = 0):
+                 tflite_threads: int = 0, tflite_invoke_batch: int = LITERT_INVOKE_BATCH):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size,
                          large_model=share_across_processes)
         self._model_dir = model_dir
         self._metadata = metadata
         self._runtime = runtime
         self._tflite_threads = tflite_threads
+        self._tflite_invoke_batch = tflite_invoke_batch
 
     def load_model(self) -> ServingModel:
         started = time.monotonic()
         model = ServingModel(self._model_dir, self._metadata, self._runtime, self._tflite_threads,
-                             self.batch_elements_kwargs()["max_batch_size"])
+                             self._tflite_invoke_batch)
         model.check_reference_predictions()  # this worker's libraries reproduce the export
         _LOG.info("loaded model %s (%s) with runtime %s on %s in %.1fs", self._metadata.model_version,
                   self._model_dir, model.runtime, model.device, time.monotonic() - started)
@@ -123,12 +124,13 @@ class ScoreImages(beam.PTransform):
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,
                  max_batch_size: int, min_confidence: float, run_id: str,
                  share_model_across_processes: bool = False, runtime: str = "auto",
-                 tflite_threads: int = 0, top_k: int = 0):
+                 tflite_threads: int = 0, tflite_invoke_batch: int = LITERT_INVOKE_BATCH,
+                 top_k: int = 0):
         super().__init__()
         self._handler = KeyedModelHandler(ExportedModelHandler(
             model_dir, metadata, min_batch_size=min_batch_size, max_batch_size=max_batch_size,
             share_across_processes=share_model_across_processes, runtime=runtime,
-            tflite_threads=tflite_threads))
+            tflite_threads=tflite_threads, tflite_invoke_batch=tflite_invoke_batch))
         self._to_row = ToPredictionRowFn(metadata, min_confidence, run_id, top_k)
 
     def expand(self, images):

@@ -9,7 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
 from model.preprocessing import DEFAULT_MAX_PIXELS
-from model.serving import RUNTIMES
+from model.serving import LITERT_INVOKE_BATCH, RUNTIMES
 from pipeline.write import CSV_FORMATS
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
@@ -104,6 +104,12 @@ class ScoreOptions(PipelineOptions):
                   "core (default). With one worker process per core (multi_processing, "
                   "Dataflow) each model otherwise starts a thread per core: 1 caps the total "
                   "at one per core.")
+        flag("tflite-invoke-batch", type=int, default=LITERT_INVOKE_BATCH,
+             help=f"Images per LiteRT invoke (default {LITERT_INVOKE_BATCH}). Each inference batch "
+                  "(--min/--max-batch-size, which spread the pipeline's per-element cost) runs "
+                  "through LiteRT this many images at a time: small invokes keep a layer's "
+                  "activations in the CPU's caches. The best size depends on the model and the "
+                  "CPU: bench/inference.py --invoke-batches measures it.")
         flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")

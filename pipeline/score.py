@@ -180,7 +180,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
         run_id=run_id, share_model_across_processes=options.share_model_across_processes,
-        runtime=options.runtime, tflite_threads=options.tflite_threads, top_k=options.top_k,
+        runtime=options.runtime, tflite_threads=options.tflite_threads,
+        tflite_invoke_batch=options.tflite_invoke_batch, top_k=options.top_k,
     ).with_resource_hints(**inference_hints)
     errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
@@ -274,6 +275,8 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     inference_hints = parse_resource_hints(options.inference_resource_hint)
     if options.review_size < 0:
         raise ValueError(f"--review-size {options.review_size} must be 0 or more")
+    if options.tflite_invoke_batch < 1:
+        raise ValueError(f"--tflite-invoke-batch {options.tflite_invoke_batch} must be 1 or more")
     if options.input and (every_file := directory_glob(options.input)):
         _LOG.info("--input %s is a directory: scoring every file under it (%s)", options.input,
                   every_file)

@@ -286,6 +286,13 @@ def test_wrong_positive_class_and_empty_input_are_clear_errors(corpus, trained, 
                    "--output", str(tmp_path / "b")])
 
 
+def test_an_invoke_batch_below_one_is_refused_before_any_work(corpus, trained, tmp_path):
+    root, _ = corpus
+    with pytest.raises(ValueError, match="--tflite-invoke-batch 0 must be 1 or more"):
+        score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--tflite-invoke-batch", "0"))
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_the_cli_refuses_in_one_line_without_a_traceback(trained, tmp_path):
     process = subprocess.run(
         [sys.executable, "-m", "pipeline.score", "--input", str(tmp_path / "nothing-*.jpg"),

@@ -224,13 +224,14 @@ def test_a_worker_refuses_a_model_its_libraries_do_not_reproduce(trained, runtim
     assert good.load_model().runtime == runtime
 
 
-def test_litert_gets_its_thread_count_and_plans_memory_for_the_largest_batch(trained, monkeypatch):
+def test_litert_runs_each_batch_in_invokes_of_a_fixed_size_planned_once(trained, monkeypatch):
     from ai_edge_litert import interpreter as litert
 
     from model.reference import reference_batch
 
-    seen = {"threads": [], "batches": []}
-    original_init, original_resize = litert.Interpreter.__init__, litert.Interpreter.resize_tensor_input
+    seen = {"threads": [], "batches": [], "invokes": 0}
+    original_init = litert.Interpreter.__init__
+    original_resize, original_invoke = litert.Interpreter.resize_tensor_input, litert.Interpreter.invoke
 
     def init(self, *args, **kwargs):
         seen["threads"].append(kwargs.get("num_threads"))
@@ -240,16 +241,24 @@ def test_litert_gets_its_thread_count_and_plans_memory_for_the_largest_batch(tra
         seen["batches"].append(int(shape[0]))
         return original_resize(self, index, shape, *args, **kwargs)
 
+    def invoke(self):
+        seen["invokes"] += 1
+        return original_invoke(self)
+
     monkeypatch.setattr(litert.Interpreter, "__init__", init)
     monkeypatch.setattr(litert.Interpreter, "resize_tensor_input", resize)
+    monkeypatch.setattr(litert.Interpreter, "invoke", invoke)
     metadata = read_metadata(trained["model_dir"])
     model = ExportedModelHandler(trained["model_dir"], metadata, min_batch_size=1, max_batch_size=16,
-                                 runtime="tflite", tflite_threads=1).load_model()
+                                 runtime="tflite", tflite_threads=1, tflite_invoke_batch=2).load_model()
     assert seen["threads"] == [1]
-    assert seen["batches"][0] == 16  # planned for the largest batch before the first real one
     images = reference_batch(metadata.height, metadata.width, seeds=range(5))
     one_by_one = np.concatenate([model.predict(images[i:i + 1]) for i in range(5)])
-    np.testing.assert_allclose(model.predict(images), one_by_one, atol=1e-6)
+    seen["invokes"] = 0
+    together = model.predict(images)
+    assert seen["invokes"] == 3  # 2 + 2 + 1 (padded)
+    np.testing.assert_allclose(together, one_by_one, atol=1e-6)
+    assert seen["batches"] == [2]  # planned once, at load: batches of 5 and 1 reuse that memory
 
 
 def test_kaggle_csv_is_sorted_by_id_and_optionally_clipped():
