@@ -9,12 +9,15 @@ reports the run summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -293,6 +296,19 @@ def check_run(argv: list[str] | None) -> CheckedRun:
                       scored_files, earlier)
 
 
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep what was alive before the run (imported modules, the model) out of the garbage
+    collector's full passes while it runs: each pass walked all of it again, 0.1 s each, one in
+    a local run of 2,000 images and two in one of 10,000. Unfrozen after, so a caller that runs
+    several jobs in one process gets its garbage collected."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def execute(checked: CheckedRun) -> dict:
     """Run the checked job's pipeline; return the run summary."""
     options = checked.options
@@ -305,7 +321,7 @@ def execute(checked: CheckedRun) -> dict:
         pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing")
     if report_progress:
         progress.start(count_inputs(options.input, options.manifest))
-    with beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
+    with frozen_heap(), beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
                        checked.inference_hints, checked.scored_files, checked.earlier,
                        report_progress=report_progress)

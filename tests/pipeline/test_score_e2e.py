@@ -1,6 +1,7 @@
 """The real entry point on generated images, every output read back."""
 
 import fnmatch
+import gc
 import json
 import os
 import shutil
@@ -284,6 +285,12 @@ def test_wrong_positive_class_and_empty_input_are_clear_errors(corpus, trained, 
     with pytest.raises(EmptyInputError):
         score.run(["--input", str(tmp_path / "nothing-*.jpg"), "--model-dir", trained["model_dir"],
                    "--output", str(tmp_path / "b")])
+
+
+def test_the_heap_is_frozen_while_a_run_lasts_and_collectable_again_after():
+    with score.frozen_heap():
+        assert gc.get_freeze_count() > 0  # out of the full collections' sight during the run
+    assert gc.get_freeze_count() == 0
 
 
 def test_an_invoke_batch_below_one_is_refused_before_any_work(corpus, trained, tmp_path):
