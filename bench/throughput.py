@@ -19,6 +19,10 @@ then measures, each mode in its own process so peak RSS is its own:
   direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
   direct-mp-1t  the same, each worker's LiteRT model on one thread (--tflite-threads=1)
 
+The tf.data modes feed LiteRT through ``model.serving``, as petscore does, so they run each batch
+in the same small invokes (``--tflite-invoke-batch``'s default; 1.15-1.6x faster than one invoke
+per 64-image batch): the baselines keep every gain of the runtime, and the ratios measure the rest.
+
 Each mode starts from a warm page cache. Two rates per mode:
   work  images / the seconds of the work after imports: for tf.data the model load and the
         loop, for petscore the whole score.run() (model checks, pipeline, outputs); the seed
