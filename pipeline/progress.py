@@ -62,7 +62,13 @@ class _AdvanceProgress(beam.DoFn):
 
 
 class ReportProgress(beam.PTransform):
-    """Every finished input (prediction, error or skipped row) in; nothing out."""
+    """The PCollections of finished inputs (predictions, errors, skipped) in; nothing out.
+
+    Each is counted where it is made, not after a Flatten: the FnApiRunner materialises a Flatten
+    whose inputs come from different stages, so progress would move only once scoring had ended,
+    and the runner would hold every prediction row until then."""
 
     def expand(self, finished):
-        return finished | "Advance" >> beam.ParDo(_AdvanceProgress())
+        for index, pcoll in enumerate(finished):
+            pcoll | f"Advance{index}" >> beam.ParDo(_AdvanceProgress())
+        return beam.pvalue.PDone(finished[0].pipeline)

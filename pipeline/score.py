@@ -199,7 +199,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
     written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
     if report_progress:
-        ((predictions, errors, skipped) | "Finished" >> beam.Flatten()
+        ((predictions, decoded[ERRORS], listed[DUPLICATES], unscored[SKIPPED], decoded[SKIPPED])
          | "ReportProgress" >> ReportProgress())
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "runtime": options.runtime,

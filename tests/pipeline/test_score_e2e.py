@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 
 from model.metadata import ModelContractError, read_metadata
-from model.serving import gpu_possible
-from pipeline import score
+from model.serving import ServingModel, gpu_possible
+from pipeline import progress, score
 from pipeline.options import UnknownFlagError, refuse_unknown_flags
 from pipeline.read import EmptyInputError
 from pipeline.rows import ERROR_SCHEMA, prediction_schema
@@ -350,6 +350,22 @@ def test_a_clean_local_run_reports_progress_and_no_unrelated_warnings(scored):
     total = len(scored["expected"])
     assert f"progress: {total}/{total} images (100%)" in stderr
     assert [line for line in stderr.splitlines() if "warning" in line.lower()] == []
+
+
+def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus, trained, tmp_path,
+                                                                         monkeypatch):
+    root, expected = corpus
+    events = []
+    predict, advance = ServingModel.predict, progress.ProgressLog.advance
+    monkeypatch.setattr(ServingModel, "predict",
+                        lambda self, images: events.append("batch") or predict(self, images))
+    monkeypatch.setattr(progress.ProgressLog, "advance",
+                        lambda self, count=1: events.append("advance") or advance(self, count))
+    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--min-batch-size", "1",
+                         "--max-batch-size", "2", "--max-error-rate", "1"))
+    assert events.count("advance") == len(expected)
+    last_batch = len(events) - 1 - events[::-1].index("batch")
+    assert events.index("advance") < last_batch
 
 
 def test_help_documents_every_flag():
