@@ -15,6 +15,8 @@ then measures, each mode in its own process so peak RSS is its own:
   direct-int8  petscore on the DirectRunner, in-process, --runtime tflite-int8 (the export's
              model_int8.tflite)
   direct     petscore on the DirectRunner, in-process, default runtime (LiteRT on CPU)
+  direct-invoke64  the same with one LiteRT invoke per 64-image batch (--tflite-invoke-batch=64):
+             the float default before the small invokes, the baseline of the issue's targets
   direct-mt  petscore on the DirectRunner, multi_threading with one worker per core
   direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
   direct-mp-1t  the same, each worker's LiteRT model on one thread (--tflite-threads=1)
@@ -150,6 +152,7 @@ def child(args) -> None:
     else:
         extra = {"direct": [], "direct-savedmodel": ["--runtime=saved_model"],
                  "direct-int8": ["--runtime=tflite-int8"],
+                 "direct-invoke64": ["--tflite-invoke-batch=64"],
                  "direct-mt": ["--direct_running_mode=multi_threading",
                                f"--direct_num_workers={os.cpu_count()}"],
                  "direct-mp": ["--direct_running_mode=multi_processing",
