@@ -280,6 +280,9 @@ def check_run(argv: list[str] | None) -> CheckedRun:
         raise ValueError(f"--review-size {options.review_size} must be 0 or more")
     if options.tflite_invoke_batch < 1:
         raise ValueError(f"--tflite-invoke-batch {options.tflite_invoke_batch} must be 1 or more")
+    if not 1 <= options.min_batch_size <= options.max_batch_size:
+        raise ValueError(f"--min-batch-size {options.min_batch_size} and --max-batch-size "
+                         f"{options.max_batch_size} must satisfy 1 <= min <= max")
     if options.input and (every_file := directory_glob(options.input)):
         _LOG.info("--input %s is a directory: scoring every file under it (%s)", options.input,
                   every_file)

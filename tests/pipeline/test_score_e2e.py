@@ -293,10 +293,15 @@ def test_the_heap_is_frozen_while_a_run_lasts_and_collectable_again_after():
     assert gc.get_freeze_count() == 0
 
 
-def test_an_invoke_batch_below_one_is_refused_before_any_work(corpus, trained, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--tflite-invoke-batch", "0"], "--tflite-invoke-batch 0 must be 1 or more"),
+    (["--max-batch-size", "2"], "--min-batch-size 8 and --max-batch-size 2 must satisfy"),
+    (["--min-batch-size", "0"], "--min-batch-size 0 and --max-batch-size 64 must satisfy"),
+])
+def test_impossible_batch_sizes_are_refused_before_any_work(corpus, trained, tmp_path, flags, message):
     root, _ = corpus
-    with pytest.raises(ValueError, match="--tflite-invoke-batch 0 must be 1 or more"):
-        score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--tflite-invoke-batch", "0"))
+    with pytest.raises(ValueError, match=message):
+        score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), *flags))
     assert not os.path.exists(tmp_path / "o")
 
 
