@@ -189,8 +189,13 @@ def commit_run(written: list[str], *, inputs: int, predictions: dict, errors: di
     return summary
 
 
-def _count(pcoll, label: str):
-    return pcoll | label >> beam.combiners.Count.Globally()
+def combined_globally(pcoll, label: str, combine_fn: beam.CombineFn):
+    """``combine_fn`` over the whole of ``pcoll``, as a singleton side input; an empty ``pcoll``
+    gives ``combine_fn``'s result for no input. Beam's own default for an empty input would add
+    two more steps to the graph (an Impulse and a side input) for every combine."""
+    combined = pcoll | label >> beam.CombineGlobally(combine_fn).without_defaults()
+    empty = combine_fn.extract_output(combine_fn.create_accumulator())
+    return beam.pvalue.AsSingleton(combined, default_value=empty)
 
 
 class WriteRunSummary(beam.PTransform):
@@ -216,9 +221,9 @@ class WriteRunSummary(beam.PTransform):
         settings = self._settings
         review_columns = ["path", "predicted_class", "decision", "confidence",
                           *[probability_column(name) for name in settings.class_names]]
-        predictions = outputs["predictions"] | "ProfilePredictions" >> beam.CombineGlobally(
-            PredictionProfileFn(settings.score_column, review_columns, settings.review_size))
-        errors = outputs["errors"] | "ProfileErrors" >> beam.CombineGlobally(ErrorProfileFn())
+        predictions = combined_globally(outputs["predictions"], "ProfilePredictions", PredictionProfileFn(
+            settings.score_column, review_columns, settings.review_size))
+        errors = combined_globally(outputs["errors"], "ProfileErrors", ErrorProfileFn())
         # Without defaults, the list travels as WriteSummary's main input, through a
         # GroupByKey (a default would arrive beside it, as the side input of an injected
         # element). There is always a written file: the CSV, even for an empty run.
@@ -227,11 +232,13 @@ class WriteRunSummary(beam.PTransform):
                     beam.combiners.ToListCombineFn()).without_defaults()
                 | "WriteSummary" >> beam.Map(
                     commit_run,
-                    inputs=beam.pvalue.AsSingleton(_count(outputs["inputs"], "CountInputs")),
-                    predictions=beam.pvalue.AsSingleton(predictions),
-                    errors=beam.pvalue.AsSingleton(errors),
+                    inputs=combined_globally(outputs["inputs"], "CountInputs",
+                                             beam.combiners.CountCombineFn()),
+                    predictions=predictions,
+                    errors=errors,
                     csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
-                    skipped=beam.pvalue.AsSingleton(_count(outputs["skipped"], "CountSkipped")),
+                    skipped=combined_globally(outputs["skipped"], "CountSkipped",
+                                              beam.combiners.CountCombineFn()),
                     settings=settings,
                     started=self._started,
                     context=self._context,

@@ -252,6 +252,25 @@ def test_a_run_without_errors_writes_an_empty_error_table(corpus, trained, tmp_p
     assert all(0.2 <= v <= 0.8 for v in labels)
 
 
+def test_a_night_of_nothing_but_bad_files_is_still_a_complete_run(corpus, trained, tmp_path):
+    root, expected = corpus
+    bad = sorted(name for name, outcome in expected.items() if outcome != GOOD)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name in bad:
+        shutil.copy(os.path.join(root, name), folder / name)
+    output = str(tmp_path / "o")
+    summary = score.run(["--input", str(folder / "*"), "--model-dir", trained["model_dir"],
+                         "--output", output, "--max-error-rate", "1"])
+    run = read_run(output)
+    assert (summary["inputs"], summary["predictions"], summary["errors"]) == (len(bad), 0, len(bad))
+    assert summary["accounted"] and summary["skipped_already_scored"] == 0
+    assert summary["profile"]["class_counts"] == {} and sum(summary["profile"]["histogram_counts"]) == 0
+    assert run["csv"] == [["id", "label"]] and run["predictions"].num_rows == 0
+    assert run["errors"].num_rows == len(bad)
+    assert os.path.exists(os.path.join(output, "report.html"))
+
+
 def test_bad_model_directories_are_refused_before_any_work(corpus, trained, tmp_path):
     root, _ = corpus
     broken = str(tmp_path / "model")
