@@ -125,6 +125,7 @@ def series_plot(labels: list[str], values: list[float], title: str, alert: bool)
 def thumbnail(data: bytes, side: int = 128) -> str:
     """A small upright JPEG of the image's bytes, base64: enough for a person to label it."""
     with Image.open(io.BytesIO(data)) as opened:
+        opened.draft("RGB", (side, side))  # a JPEG decodes at 1/2 to 1/8 scale, still >= side
         picture = ImageOps.exif_transpose(opened).convert("RGB")
         picture.thumbnail((side, side))
         buffer = io.BytesIO()

@@ -164,3 +164,23 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
         errors.add_input(halves[i % 2], {"error_type": "OSError", "path": f"/n/bad{i}", "message": "m"})
     merged = errors.extract_output(errors.merge_accumulators(halves))
     assert merged["OSError"][0] == 5 and len(merged["OSError"][1]) == 3
+
+
+def test_a_thumbnail_is_upright_and_small_for_any_photo_size():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from model.report import thumbnail
+
+    photo = Image.new("RGB", (1600, 800), "red")
+    photo.paste((0, 0, 255), (800, 0, 1600, 800))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the red half on top
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95, exif=exif)
+    small = Image.open(io.BytesIO(base64.b64decode(thumbnail(buffer.getvalue(), side=128))))
+    assert small.size == (64, 128)
+    top, bottom = small.getpixel((32, 10)), small.getpixel((32, 117))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
