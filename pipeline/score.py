@@ -178,7 +178,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
         options.max_image_bytes, run_id, preprocessing=metadata.preprocessing)
-    skipped = (unscored[SKIPPED], decoded[SKIPPED]) | "AllSkipped" >> beam.Flatten()
+    skipped_parts = (unscored[SKIPPED], decoded[SKIPPED])
+    skipped = skipped_parts | "AllSkipped" >> beam.Flatten()
     predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_batch_size=options.min_batch_size,
         max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
@@ -186,7 +187,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         runtime=options.runtime, tflite_threads=options.tflite_threads,
         tflite_invoke_batch=options.tflite_invoke_batch, top_k=options.top_k,
     ).with_resource_hints(**inference_hints)
-    errors = (decoded[ERRORS], listed[DUPLICATES]) | "AllErrors" >> beam.Flatten()
+    error_parts = (decoded[ERRORS], listed[DUPLICATES])
+    errors = error_parts | "AllErrors" >> beam.Flatten()
     inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 
     csv = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
@@ -199,8 +201,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
     written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
     if report_progress:
-        ((predictions, decoded[ERRORS], listed[DUPLICATES], unscored[SKIPPED], decoded[SKIPPED])
-         | "ReportProgress" >> ReportProgress())
+        (predictions, *error_parts, *skipped_parts) | "ReportProgress" >> ReportProgress()
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
                "model_sha256": metadata.sha256, "runtime": options.runtime,
                "input": options.input or options.manifest,
