@@ -14,9 +14,11 @@ Then, on the same files, each in its own process (``bench/throughput.py``'s mode
   direct-invoke64       the same in one LiteRT invoke per 64-image batch, the float default the
                         issue measured against (v1 and v3)
   direct-int8           the same as direct with --runtime tflite-int8
+  direct-floor          petscore with a free decoder and a free model (v3): what a run costs
+                        beyond its pixels and its model, the floor of any petscore ratio
 and the float direct mode again at each ``--rss-images`` count, for peak RSS, with v1 (existing
 directories) and v3 (what ``model.train`` gives new models), with the TF-decoder baseline beside
-it at each count: two counts split each work time into a per-run cost and a per-image rate, so
+it, and the floor, at each count: two counts split each work time into a per-run cost and a per-image rate, so
 the comparison with tf.data can be read apart from the run's size. Also the decode +
 resize cost per image of each preprocessing version (``bench/pixels.py``) on the same files.
 Prints the table and the ratios the issue targets; writes ``limits.json`` under ``--work``.
@@ -43,7 +45,7 @@ from model.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # n
 MODES = {PILLOW_DRAFT_V1: ("tfdata-tflite", "tfdata-pillow-tflite", "direct", "direct-invoke64",
                            "direct-int8"),
          PILLOW_DRAFT_CV2: ("tfdata-pillow-tflite", "direct", "direct-int8"),
-         CV2_JPEG: ("tfdata-pillow-tflite", "direct", "direct-invoke64", "direct-int8")}
+         CV2_JPEG: ("tfdata-pillow-tflite", "direct", "direct-invoke64", "direct-int8", "direct-floor")}
 NEW_VERSIONS = (PILLOW_DRAFT_CV2, CV2_JPEG)
 RSS_VERSIONS = (PILLOW_DRAFT_V1, CV2_JPEG)
 
@@ -129,8 +131,10 @@ def main() -> int:
             print(f"{name} {preprocessing} (int8 vs float on the bench images: max |diff| "
                   f"{figures['max_abs_diff']:.3f}, mean {figures['mean_abs_diff']:.4f})")
             entry[preprocessing] = {mode: run(args, variant, mode, folder) for mode in modes}
-        # petscore's float with v1 and v3, and the TF-decoder baseline, at each --rss-images count.
+        # petscore's float with v1 and v3, its floor and the TF-decoder baseline, at each
+        # --rss-images count.
         scaled = {**{f"direct {version}": (version, "direct") for version in RSS_VERSIONS},
+                  "direct floor": (CV2_JPEG, "direct-floor"),
                   "tfdata-tflite": (PILLOW_DRAFT_V1, "tfdata-tflite")}
         entry["by_count"] = {
             label: {count: run(args, os.path.join(work, "variants", f"{name}-{version}"), mode, rss_folder)
@@ -169,6 +173,8 @@ def main() -> int:
             print(f"  {name}: {version} / v1, float {rate(new, 'direct') / rate(v1, 'direct'):.2f}x; "
                   f"float / fastest tf.data->TFLite {rate(new, 'direct') / baseline:.2f}x, int8 "
                   f"{rate(new, 'direct-int8') / baseline:.2f}x")
+        print(f"  {name}: petscore's floor (free decoder and model) / fastest tf.data->TFLite "
+              f"{rate(entry[CV2_JPEG], 'direct-floor') / baseline:.2f}x: the most any float run can reach")
         if len(rss_counts) < 2:
             continue
         low, high = min(rss_counts), max(rss_counts)

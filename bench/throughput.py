@@ -20,6 +20,10 @@ then measures, each mode in its own process so peak RSS is its own:
   direct-mt  petscore on the DirectRunner, multi_threading with one worker per core
   direct-mp  petscore on the DirectRunner, multi_processing with one worker per core
   direct-mp-1t  the same, each worker's LiteRT model on one thread (--tflite-threads=1)
+  direct-floor  petscore's default with a free decoder and a free model (zero pixels, uniform
+             probabilities): the files are still listed, read and hashed, every output and the
+             report written. What a run costs beyond its pixels and its model: no speed of
+             decoding or inference takes petscore below it
 
 The tf.data modes feed LiteRT through ``model.serving``, as petscore does, so they run each batch
 in the same small invokes (``--tflite-invoke-batch``'s default; 1.15-1.6x faster than one invoke
@@ -141,6 +145,19 @@ def run_direct(model_dir: str, pattern: str, output: str, extra: list[str]) -> d
     return {"seconds": time.monotonic() - started, "summary_images_per_second": summary["images_per_second"]}
 
 
+def free_decoder_and_model() -> None:
+    """direct-floor: decoding and inference cost nothing, everything else runs as it is."""
+    import numpy as np
+
+    from model.serving import ServingModel
+    from pipeline import decode
+
+    decode.decode_and_resize = lambda data, size, *args, **kwargs: np.zeros((*size, 3), np.uint8)
+    ServingModel.check_reference_predictions = lambda self: 0.0
+    ServingModel.predict = lambda self, images: np.full(
+        (len(images), len(self.metadata.class_names)), 1 / len(self.metadata.class_names), np.float32)
+
+
 def child(args) -> None:
     """One mode, in this process; prints a JSON line."""
     paths = sorted(glob.glob(os.path.join(args.images_dir, "*.jpg")))
@@ -150,7 +167,9 @@ def child(args) -> None:
         runtime = "tflite" if args.mode.endswith("tflite") else "saved_model"
         result = run_tfdata(args.model_dir, paths, runtime, pillow="pillow" in args.mode)
     else:
-        extra = {"direct": [], "direct-savedmodel": ["--runtime=saved_model"],
+        if args.mode == "direct-floor":
+            free_decoder_and_model()
+        extra = {"direct": [], "direct-floor": [], "direct-savedmodel": ["--runtime=saved_model"],
                  "direct-int8": ["--runtime=tflite-int8"],
                  "direct-invoke64": ["--tflite-invoke-batch=64"],
                  "direct-mt": ["--direct_running_mode=multi_threading",
@@ -217,7 +236,7 @@ def main() -> int:
         print(f"{mode:21s} {got['images']:6d} {got['seconds']:7.1f} {got['work_images_per_second']:10.1f} "
               f"{got['job_seconds']:7.1f} {got['job_images_per_second']:9.1f} {rss:>12s} "
               f"{'' if load is None else f'{load:.2f}':>12s}", flush=True)
-    petscore = [mode for mode in results if mode.startswith("direct")]
+    petscore = [mode for mode in results if mode.startswith("direct") and mode != "direct-floor"]
     for rate in ("work_images_per_second", "job_images_per_second"):
         best = max(petscore, key=lambda mode: results[mode][rate], default=None)
         for baseline in ("seed", "tfdata", "tfdata-tflite", "tfdata-pillow-tflite"):
