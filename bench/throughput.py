@@ -111,12 +111,12 @@ def run_tfdata(model_dir: str, paths: list[str], runtime: str, pillow: bool, bat
 
     from model.metadata import read_metadata
     from model.preprocessing import decode_and_resize
-    from model.serving import ServingModel
+    from model.serving import LITERT_INVOKE_BATCH, ServingModel
 
     metadata = read_metadata(model_dir)
     started = time.monotonic()
     model = ServingModel(model_dir, metadata, runtime,
-                         **({"tflite_invoke_batch": invoke_batch} if invoke_batch else {}))
+                         tflite_invoke_batch=invoke_batch or LITERT_INVOKE_BATCH)
     load = time.monotonic() - started
     size = tuple(metadata.input_size)
 
