@@ -385,7 +385,7 @@ def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus
                         lambda self, images: events.append("batch") or predict(self, images))
     monkeypatch.setattr(progress.ProgressLog, "advance",
                         lambda self, count=1: events.append("advance") or advance(self, count))
-    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--min-batch-size", "1",
+    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--min-batch-size", "2",
                          "--max-batch-size", "2", "--max-error-rate", "1"))
     assert events.count("advance") == len(expected)
     last_batch = len(events) - 1 - events[::-1].index("batch")
