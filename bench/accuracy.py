@@ -41,11 +41,11 @@ import keras  # noqa: E402
 
 from model.data import LabelledImages, find_labelled_images  # noqa: E402
 from model.evaluate import predict_paths  # noqa: E402
-from model.metadata import KERAS_FILE, ModelMetadata, read_metadata, write_metadata  # noqa: E402
 from model.metrics import log_losses  # noqa: E402
-from model.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
 from model.quantize import Int8Request, calibration_sample, export_int8  # noqa: E402
-from model.serving import ServingModel  # noqa: E402
+from serving.metadata import KERAS_FILE, ModelMetadata, read_metadata, write_metadata  # noqa: E402
+from serving.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
+from serving.runtimes import ServingModel  # noqa: E402
 
 FLOAT, INT8_PLAIN, INT8_REFIT = "float", "int8 plain", "int8 head refit"
 RUNTIMES = (FLOAT, INT8_PLAIN, INT8_REFIT)

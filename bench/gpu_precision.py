@@ -6,7 +6,7 @@ Ampere and newer GPUs run float32 convolutions in TF32 by default (TensorFlow an
 This builds the product's ResNet50 classifier with a random base (BatchNorm calibrated on the
 benchmark images, so activations are realistic), compiles it with XLA and times it at both
 precisions on 512 benchmark images; it prints the largest probability difference between them.
-It is why ``model.serving.configure_devices`` turns TF32 off.
+It is why ``serving.runtimes.configure_devices`` turns TF32 off.
 """
 import os
 import sys

@@ -37,8 +37,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from bench.throughput import generate  # noqa: E402
-from model.metadata import read_metadata  # noqa: E402
 from pipeline.rows import prediction_schema  # noqa: E402
+from serving.metadata import read_metadata  # noqa: E402
 
 NIGHTS = 365
 TONIGHT = datetime.date(2026, 11, 23)

@@ -7,7 +7,7 @@ Answers "what does an accelerator buy for this model": decodes the benchmark JPE
 model's own preprocessing, one process per core, timed: that is the most a machine's CPUs can
 feed), then times each runtime on those pixels, already in memory:
   tflite       model.tflite on LiteRT (XNNPACK), one interpreter with a thread per core, at
-               each of --invoke-batches images per invoke (``model.serving.LITERT_INVOKE_BATCH``)
+               each of --invoke-batches images per invoke (``serving.runtimes.LITERT_INVOKE_BATCH``)
   tflite-int8  the same for the export's integer model
   saved_model  the SavedModel through TensorFlow (GPU when TensorFlow sees one)
   keras        model.keras on the configured Keras backend, compiled (XLA on JAX), GPU when the
@@ -29,10 +29,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.throughput import generate  # noqa: E402
-from model.metadata import KERAS_FILE, read_metadata  # noqa: E402
-from model.preprocessing import decode_and_resize  # noqa: E402
-from model.reference import reference_batch  # noqa: E402
-from model.serving import LITERT_FILES, ServingModel  # noqa: E402
+from serving.metadata import KERAS_FILE, read_metadata  # noqa: E402
+from serving.preprocessing import decode_and_resize  # noqa: E402
+from serving.reference import reference_batch  # noqa: E402
+from serving.runtimes import LITERT_FILES, ServingModel  # noqa: E402
 
 _SIZE: tuple[int, int] = (0, 0)
 
@@ -123,7 +123,7 @@ def main() -> int:
     size = tuple(metadata.input_size)
     cores = os.cpu_count()
     pixels, seconds = decode_all(paths, size, cores)
-    print(f"decode + resize (model.preprocessing), {cores} processes: {len(paths) / seconds:.1f} images/s")
+    print(f"decode + resize (serving.preprocessing), {cores} processes: {len(paths) / seconds:.1f} images/s")
     references = reference_batch(*size)
     sample = pixels[:256]
     baseline = None

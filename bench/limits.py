@@ -10,7 +10,7 @@ waived here (their figures are printed), where ``model.train --int8`` keeps one 
 Then, on the same files, each in its own process (``bench/throughput.py``'s modes):
   tfdata-tflite         tf.data with TF's own JPEG decoder feeding model.tflite (baseline)
   tfdata-tflite-invoke64  the same in one LiteRT invoke per 64-image batch: the baseline as the
-                        issue measured it, before model.serving's small invokes (which the
+                        issue measured it, before serving.runtimes's small invokes (which the
                         baseline above shares)
   tfdata-pillow-tflite  tf.data through the model's own preprocessing feeding model.tflite
   direct                petscore's default (LiteRT float) on the DirectRunner, in-process
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.pixels import time_versions  # noqa: E402
 from bench.throughput import generate, link_subset, run_mode  # noqa: E402
-from model.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
+from serving.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1  # noqa: E402
 
 MODES = {PILLOW_DRAFT_V1: ("tfdata-tflite", "tfdata-tflite-invoke64", "tfdata-pillow-tflite", "direct",
                            "direct-invoke64", "direct-int8"),
@@ -59,8 +59,8 @@ def export_variant(model_dir: str, preprocessing: str, output: str, images: list
     import keras
 
     from model.export import export_model
-    from model.metadata import read_metadata
     from model.quantize import Int8Request, calibration_sample
+    from serving.metadata import read_metadata
 
     if os.path.exists(os.path.join(output, "metadata.json")):
         return read_metadata(output).tflite_int8

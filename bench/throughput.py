@@ -11,7 +11,7 @@ then measures, each mode in its own process so peak RSS is its own:
   tfdata-tflite-invoke64  the same in one LiteRT invoke per 64-image batch: the tf.data baseline
              as issue 14 measured it, and as a script that resizes the interpreter to its batch runs
   tfdata-pillow-tflite  the same again, decoding through the model's own preprocessing
-             (model.preprocessing, via tf.numpy_function, as training does): the same pixels
+             (serving.preprocessing, via tf.numpy_function, as training does): the same pixels
              and runtime as petscore, so the like-for-like single-process limit
   direct-savedmodel  petscore on the DirectRunner, in-process, --runtime saved_model
   direct-int8  petscore on the DirectRunner, in-process, --runtime tflite-int8 (the export's
@@ -27,7 +27,7 @@ then measures, each mode in its own process so peak RSS is its own:
              report written. What a run costs beyond its pixels and its model: no speed of
              decoding or inference takes petscore below it
 
-The tf.data modes feed LiteRT through ``model.serving``, as petscore does, so they run each batch
+The tf.data modes feed LiteRT through ``serving.runtimes``, as petscore does, so they run each batch
 in the same small invokes (``--tflite-invoke-batch``'s default; 1.15-1.6x faster than one invoke
 per 64-image batch): the baselines keep every gain of the runtime, and the ratios measure the rest.
 
@@ -92,7 +92,7 @@ def run_seed(model_dir: str, paths: list[str]) -> dict:
     import keras
     import numpy as np
 
-    from model.metadata import read_metadata
+    from serving.metadata import read_metadata
 
     metadata = read_metadata(model_dir)
     started = time.monotonic()
@@ -109,9 +109,9 @@ def run_tfdata(model_dir: str, paths: list[str], runtime: str, pillow: bool, bat
                invoke_batch: int | None = None) -> dict:
     import tensorflow as tf
 
-    from model.metadata import read_metadata
-    from model.preprocessing import decode_and_resize
-    from model.serving import LITERT_INVOKE_BATCH, ServingModel
+    from serving.metadata import read_metadata
+    from serving.preprocessing import decode_and_resize
+    from serving.runtimes import LITERT_INVOKE_BATCH, ServingModel
 
     metadata = read_metadata(model_dir)
     started = time.monotonic()
@@ -153,8 +153,8 @@ def free_decoder_and_model() -> None:
     """direct-floor: decoding and inference cost nothing, everything else runs as it is."""
     import numpy as np
 
-    from model.serving import ServingModel
     from pipeline import decode
+    from serving.runtimes import ServingModel
 
     decode.decode_and_resize = lambda data, size, *args, **kwargs: np.zeros((*size, 3), np.uint8)
     ServingModel.check_reference_predictions = lambda self: 0.0

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tensorflow as tf
 
-from model.metadata import ModelMetadata, file_chunks
-from model.preprocessing import decode_and_resize
+from serving.metadata import ModelMetadata, file_chunks
+from serving.preprocessing import decode_and_resize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 _KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z]+$")

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from model.data import decoded_batches, find_labelled_images
-from model.metadata import read_metadata
+from model.evaluation_report import render_evaluation_report
 from model.metrics import (
     KAGGLE_EPS,
     accuracy,
@@ -27,8 +27,8 @@ from model.metrics import (
     min_confidence_for_accuracy,
     reliability_curve,
 )
-from model.report import render_evaluation_report
-from model.serving import ServingModel
+from serving.metadata import read_metadata
+from serving.runtimes import ServingModel
 
 _LOG = logging.getLogger("petscore.evaluate")
 

@@ -1,4 +1,4 @@
-"""Export a trained Keras classifier under the model contract (see ``model.metadata``)."""
+"""Export a trained Keras classifier under the model contract (see ``serving.metadata``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from model.metadata import (
+from model.quantize import Int8Request, export_int8
+from model.signature import write_saved_model
+from serving.metadata import (
     KERAS_FILE,
     SAVED_MODEL_DIR,
     TFLITE_FILE,
@@ -23,10 +25,9 @@ from model.metadata import (
     saved_model_sha256,
     write_metadata,
 )
-from model.preprocessing import PREPROCESSING_VERSION
-from model.quantize import Int8Request, export_int8
-from model.reference import reference_batch, reference_predictions
-from model.serving import ServingModel, write_saved_model
+from serving.preprocessing import PREPROCESSING_VERSION
+from serving.reference import reference_batch, reference_predictions
+from serving.runtimes import ServingModel
 
 _LOG = logging.getLogger(__name__)
 TFLITE_TOLERANCE = 1e-4

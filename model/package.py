@@ -36,10 +36,10 @@ from model.architecture import (
 )
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
-from model.metadata import file_sha256
-from model.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
-from model.reference import reference_batch
+from serving.metadata import file_sha256
+from serving.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
+from serving.reference import reference_batch
 
 _LOG = logging.getLogger("petscore.package")
 LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION}

@@ -32,10 +32,11 @@ import keras
 import numpy as np
 
 from model.data import decoded_batches
-from model.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_sha256
 from model.metrics import accuracy, log_loss
-from model.reference import INT8_REFERENCE_TOLERANCE, reference_batch, reference_predictions
-from model.serving import ServingModel, litert_predict, write_saved_model
+from model.signature import write_saved_model
+from serving.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_sha256
+from serving.reference import INT8_REFERENCE_TOLERANCE, reference_batch, reference_predictions
+from serving.runtimes import ServingModel, litert_predict
 
 _LOG = logging.getLogger(__name__)
 MAX_ACCURACY_DROP = 0.005

@@ -32,14 +32,14 @@ from model.data import (
     split_train_validation,
 )
 from model.export import export_model
-from model.preprocessing import (
+from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
+from serving.preprocessing import (
     CV2_JPEG,
     PILLOW_DRAFT_CV2,
     PILLOW_DRAFT_V1,
     PREPROCESSING_VERSIONS,
     RESIZE_METHODS,
 )
-from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 
 _LOG = logging.getLogger("petscore.train")
 

@@ -16,9 +16,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from model.metadata import file_chunks
-from model.preprocessing import PREPROCESSING_VERSION, decode_and_resize
 from pipeline.rows import METRICS_NAMESPACE, ImageSource, ListedImage, error_row
+from serving.metadata import file_chunks
+from serving.preprocessing import PREPROCESSING_VERSION, decode_and_resize
 
 ERRORS = "errors"
 SKIPPED = "skipped"

@@ -21,9 +21,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from model.metadata import ModelMetadata
-from model.serving import LITERT_INVOKE_BATCH, ServingModel
 from pipeline.rows import METRICS_NAMESPACE, UNCERTAIN, image_id, probability_column, top_classes, utc_now
+from serving.metadata import ModelMetadata
+from serving.runtimes import LITERT_INVOKE_BATCH, ServingModel
 
 _LOG = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ if inference_base.resource is None:
 
 
 class ExportedModelHandler(ModelHandler[np.ndarray, np.ndarray, ServingModel]):
-    """Batches of uint8 images -> rows of class probabilities, via ``model.serving`` (SavedModel
+    """Batches of uint8 images -> rows of class probabilities, via ``serving.runtimes`` (SavedModel
     or LiteRT runtime, see there)."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_batch_size: int,

@@ -8,9 +8,9 @@ import difflib
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
-from model.preprocessing import DEFAULT_MAX_PIXELS
-from model.serving import LITERT_INVOKE_BATCH, RUNTIMES
 from pipeline.write import CSV_FORMATS
+from serving.preprocessing import DEFAULT_MAX_PIXELS
+from serving.runtimes import LITERT_INVOKE_BATCH, RUNTIMES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
 

@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from model import report as html
-from model.metadata import file_chunks
 from pipeline.drift import compute_drift
 from pipeline.records import committed_runs, read_record
 from pipeline.rows import probability_column
 from pipeline.write import REPORT_NAME, REVIEW_DIR, atomically_created, write_file_atomically
+from reports import html
+from serving.metadata import file_chunks
 
 REVIEW_NAME = "review-queue"
 THUMBNAIL_MAX_BYTES = 32 * 1024 * 1024

@@ -34,16 +34,6 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
-from model.metadata import (
-    INT8_TFLITE_FILE,
-    TFLITE_FILE,
-    ModelContractError,
-    ModelMetadata,
-    file_sha256,
-    read_metadata,
-    saved_model_sha256,
-)
-from model.serving import ServingModel
 from pipeline import progress
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.incremental import SkipScored, earlier_scored_files
@@ -81,6 +71,16 @@ from pipeline.write import (
     resolve_csv_format,
     run_directories,
 )
+from serving.metadata import (
+    INT8_TFLITE_FILE,
+    TFLITE_FILE,
+    ModelContractError,
+    ModelMetadata,
+    file_sha256,
+    read_metadata,
+    saved_model_sha256,
+)
+from serving.runtimes import ServingModel
 
 _LOG = logging.getLogger("petscore")
 EXIT_TOO_MANY_ERRORS = 3

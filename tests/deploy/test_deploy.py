@@ -10,10 +10,10 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from model.metadata import read_metadata
 from pipeline import score
 from pipeline.options import ScoreOptions, parse_resource_hints
 from pipeline.score import build_pipeline, resolve_date_placeholders, resolve_model_dependent_options
+from serving.metadata import read_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(REPO, "deploy")

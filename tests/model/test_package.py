@@ -17,10 +17,10 @@ from PIL import Image
 from model import package
 from model.architecture import calibrate_batchnorm
 from model.export import TFLITE_TOLERANCE
-from model.metadata import read_metadata
-from model.preprocessing import KERAS_LOAD_IMG
 from model.synthetic import write_kaggle_test_folder, write_labelled_folders
 from pipeline import score
+from serving.metadata import read_metadata
+from serving.preprocessing import KERAS_LOAD_IMG
 from tests.model import notebook
 from tests.pipeline.outputs import read_run
 
@@ -334,7 +334,7 @@ def test_scaling_is_required_without_a_feature_extractor(logits_model, tmp_path,
 
 def test_packaged_metadata_is_the_contract_an_old_scorer_refuses_clearly(kind1):
     """A scorer without the Keras loader must refuse, not score with other pixels."""
-    from model.metadata import ModelContractError, ModelMetadata
+    from serving.metadata import ModelContractError, ModelMetadata
 
     fields = json.loads(read_metadata(kind1["model_dir"]).to_json())
     fields["preprocessing"] = "keras-load-img-v0"

@@ -13,8 +13,6 @@ import pytest
 
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
-from model.metadata import INT8_TFLITE_FILE, ModelContractError, file_sha256, read_metadata
-from model.preprocessing import decode_and_resize
 from model.quantize import (
     MAX_ACCURACY_DROP,
     MAX_LOG_LOSS_RISE,
@@ -22,9 +20,11 @@ from model.quantize import (
     acceptance_failures,
     calibration_sample,
 )
-from model.reference import INT8_REFERENCE_TOLERANCE
-from model.serving import ServingModel, choose_runtime
 from pipeline import score
+from serving.metadata import INT8_TFLITE_FILE, ModelContractError, file_sha256, read_metadata
+from serving.preprocessing import decode_and_resize
+from serving.reference import INT8_REFERENCE_TOLERANCE
+from serving.runtimes import ServingModel, choose_runtime
 from tests.pipeline.outputs import read_run
 
 

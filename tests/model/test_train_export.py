@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 
 from model import evaluate
-from model.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
-from model.preprocessing import CV2_JPEG, PREPROCESSING_VERSION
-from model.reference import REFERENCE_SEEDS, REFERENCE_TOLERANCE, reference_batch
-from model.serving import ServingModel
+from serving.metadata import ModelContractError, ModelMetadata, read_metadata, saved_model_sha256
+from serving.preprocessing import CV2_JPEG, PREPROCESSING_VERSION
+from serving.reference import REFERENCE_SEEDS, REFERENCE_TOLERANCE, reference_batch
+from serving.runtimes import ServingModel
 from tests.conftest import TINY_SIZE
 
 # float32 kernels (LiteRT's XNNPACK, TF's and Keras's oneDNN) differ in the last bits: 2e-6 to
@@ -157,7 +157,7 @@ def test_tflite_export_agrees_with_the_saved_model(trained):
 
 
 def test_auto_runtime_is_tflite_on_cpu_and_saved_model_without_an_export():
-    from model.serving import choose_runtime
+    from serving.runtimes import choose_runtime
 
     base = dict(model_version="v", class_names=["cat", "dog"], input_size=[32, 32],
                 resize_method="bilinear", preprocessing=PREPROCESSING_VERSION, base="mobilenet",
@@ -172,7 +172,7 @@ def test_auto_runtime_is_tflite_on_cpu_and_saved_model_without_an_export():
 
 def test_a_gpu_machine_scores_in_full_float32_not_tf32(monkeypatch):
     """TF32 (TensorFlow's default on Ampere+) moved real predictions by 4.4e-3 on an H100."""
-    from model import serving
+    from serving import runtimes as serving
 
     monkeypatch.setattr(serving, "gpu_possible", lambda: True)
     tf.config.experimental.enable_tensor_float_32_execution(True)

@@ -139,8 +139,8 @@ def test_a_saved_model_on_gcs_is_copied_whole_and_reproduces_its_export(
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from model.metadata import read_metadata
-    from model.serving import ServingModel, local_copy
+    from serving.metadata import read_metadata
+    from serving.runtimes import ServingModel, local_copy
 
     FileSystems.set_options(PipelineOptions(["--no_auth"]))
     upload_tree(gcs, trained["model_dir"], "models/copied")

@@ -172,7 +172,7 @@ def test_a_thumbnail_is_upright_and_small_for_any_photo_size():
 
     from PIL import Image
 
-    from model.report import thumbnail
+    from reports.html import thumbnail
 
     photo = Image.new("RGB", (1600, 800), "red")
     photo.paste((0, 0, 255), (800, 0, 1600, 800))  # left half red, right half blue

@@ -9,8 +9,8 @@ from collections import Counter
 
 from apache_beam.io.filesystems import FileSystems
 
-from model.serving import ServingModel
 from pipeline import score
+from serving.runtimes import ServingModel
 from tests.corpus import GOOD
 from tests.pipeline.outputs import read_run
 

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from model.metadata import ModelContractError, read_metadata
-from model.serving import ServingModel, gpu_possible
 from pipeline import progress, score
 from pipeline.options import UnknownFlagError, refuse_unknown_flags
 from pipeline.read import EmptyInputError
 from pipeline.rows import ERROR_SCHEMA, prediction_schema
+from serving.metadata import ModelContractError, read_metadata
+from serving.runtimes import ServingModel, gpu_possible
 from tests.corpus import GOOD
 from tests.pipeline.outputs import read_run
 
@@ -166,7 +166,7 @@ def test_the_tflite_runtime_never_imports_tensorflow(scored, trained, tmp_path, 
     if not prelude and gpu_possible():
         pytest.skip("a GPU machine scores with TensorFlow")
     args = score_args(scored["root"], trained["model_dir"], str(tmp_path / "o"), *flags)
-    code = ("import json, sys; from model import serving; from pipeline import score; "
+    code = ("import json, sys; from serving import runtimes as serving; from pipeline import score; "
             f"{prelude}summary = score.run({args!r}); "
             "print(json.dumps([summary['predictions'], sys.modules.get('tensorflow') is not None]))")
     process = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -416,8 +416,8 @@ def test_a_model_directory_scores_with_the_preprocessing_its_metadata_records(
         corpus, trained, tmp_path, recorded):
     """Directories exported before pillow-draft-cv2-v2 keep pillow-rgb-draft-v1, to the pixel,
     and a v2 or v3 directory gets its own pixels: each the pixels its model was trained on."""
-    from model.preprocessing import PREPROCESSING_VERSIONS, decode_and_resize
-    from model.serving import ServingModel
+    from serving.preprocessing import PREPROCESSING_VERSIONS, decode_and_resize
+    from serving.runtimes import ServingModel
 
     root, _ = corpus
     model_dir = str(tmp_path / "model")

@@ -16,13 +16,13 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from model.metadata import ModelContractError, read_metadata
 from pipeline.decode import ERRORS, SKIPPED, DecodeImages
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ExportedModelHandler, ScoreImages, ToPredictionRowFn
 from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
 from pipeline.rows import ImageSource, ListedImage, image_id, top_classes
 from pipeline.write import BINARY, MULTICLASS, WriteKaggleCsv, csv_header, csv_lines, csv_part_of
+from serving.metadata import ModelContractError, read_metadata
 from tests.corpus import GOOD
 
 
@@ -195,8 +195,8 @@ def test_prediction_rows_carry_probabilities_and_the_uncertain_decision(trained)
 
 
 def test_score_images_batches_through_run_inference_and_matches_direct_prediction(trained):
-    from model.reference import reference_batch
-    from model.serving import ServingModel
+    from serving.reference import reference_batch
+    from serving.runtimes import ServingModel
 
     metadata = read_metadata(trained["model_dir"])
     images = reference_batch(metadata.height, metadata.width, seeds=range(10))
@@ -227,7 +227,7 @@ def test_a_worker_refuses_a_model_its_libraries_do_not_reproduce(trained, runtim
 def test_litert_runs_each_batch_in_invokes_of_a_fixed_size_planned_once(trained, monkeypatch):
     from ai_edge_litert import interpreter as litert
 
-    from model.reference import reference_batch
+    from serving.reference import reference_batch
 
     seen = {"threads": [], "batches": [], "invokes": 0}
     original_init = litert.Interpreter.__init__

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from model.metadata import (
+from serving.metadata import (
     INT8_TFLITE_FILE,
     SAVED_MODEL_DIR,
     TFLITE_FILE,
@@ -33,7 +33,7 @@ from model.metadata import (
     ModelMetadata,
     file_chunks,
 )
-from model.reference import REFERENCE_TOLERANCE, reference_batch
+from serving.reference import REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
 RUNTIMES = ("auto", "saved_model", "tflite", "tflite-int8")
@@ -161,24 +161,6 @@ def local_copy(directory: str) -> str:
 
 def _expected_input(metadata: ModelMetadata) -> list:
     return [None, metadata.height, metadata.width, 3]
-
-
-def write_saved_model(classifier, directory: str) -> None:
-    """Write ``classifier`` (a Keras model taking float pixels in [0, 255]) as the SavedModel the
-    contract describes: ``serve``/``serving_default`` takes uint8 ``images``
-    [batch, height, width, 3] and returns ``probabilities``."""
-    import keras
-    import tensorflow as tf
-
-    height, width = classifier.input_shape[1:3]
-    archive = keras.export.ExportArchive()
-    archive.track(classifier)
-    archive.add_endpoint(
-        name="serve",
-        fn=lambda images: {"probabilities": classifier(tf.cast(images, tf.float32), training=False)},
-        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")],
-    )
-    archive.write_out(directory, verbose=False)
 
 
 def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:

@@ -24,7 +24,7 @@ from typing import Any
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from model.preprocessing import PREPROCESSING_VERSIONS
+from serving.preprocessing import PREPROCESSING_VERSIONS
 
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from model.preprocessing import (
+from serving.preprocessing import (
     CV2_JPEG,
     KERAS_LOAD_IMG,
     PILLOW_DRAFT_CV2,
