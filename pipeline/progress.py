@@ -55,14 +55,17 @@ def start(total: int) -> ProgressLog:
 
 
 class _AdvanceProgress(beam.DoFn):
-    def process(self, _):
+    """A batch of finished inputs (a table of rows, a list of paths) moves the count by its length."""
+
+    def process(self, batch):
         if _CURRENT is not None:
-            _CURRENT.advance()
+            _CURRENT.advance(len(batch))
         return ()
 
 
 class ReportProgress(beam.PTransform):
-    """The PCollections of finished inputs (predictions, errors, skipped) in; nothing out.
+    """The PCollections of finished inputs in batches (prediction and error tables, lists of
+    skipped paths) in; nothing out.
 
     Each is counted where it is made, not after a Flatten: the FnApiRunner materialises a Flatten
     whose inputs come from different stages, so progress would move only once scoring had ended,

@@ -1,14 +1,26 @@
-"""Stage 1: image paths from a glob or a manifest, through Beam's filesystems."""
+"""Stage 1: image paths from a glob or a manifest, through Beam's filesystems, in batches.
+
+The whole listing is one element: a glob is matched by one ``FileSystems.match`` call (what
+Beam's ``MatchFiles`` does), a manifest is read by one worker (the launcher reads it whole too,
+to check and count it). So the stage sees every path at once, groups them into batches of
+``batch_size`` paths (the unit of work from here to the sinks) and finds, without a shuffle,
+what no single image can show: manifest lines listed twice, and files whose Kaggle ids collide.
+"""
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable, Iterator
+
 import apache_beam as beam
-from apache_beam.io import fileio
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.rows import ListedImage, error_row
+from pipeline.rows import ERROR_SCHEMA, ListedImage, error_row, file_stem, image_id
+from pipeline.write import BINARY
 
 DUPLICATES = "duplicates"
+INPUT_COUNT = "input_count"
 
 
 class EmptyInputError(ValueError):
@@ -22,9 +34,8 @@ def check_input_exists(pattern: str | None, manifest: str | None) -> None:
     if manifest:
         if not FileSystems.exists(manifest):
             raise EmptyInputError(f"manifest {manifest} does not exist")
-        with FileSystems.open(manifest) as handle:
-            if not any(is_manifest_entry(line.decode("utf-8").strip()) for line in handle):
-                raise EmptyInputError(f"manifest {manifest} lists no path")
+        if not read_manifest(manifest):
+            raise EmptyInputError(f"manifest {manifest} lists no path")
         return
     matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     if not matched:
@@ -36,8 +47,7 @@ def count_inputs(pattern: str | None, manifest: str | None) -> int:
     (duplicates included: each becomes a row)."""
     if pattern:
         return len(FileSystems.match([pattern])[0].metadata_list)
-    with FileSystems.open(manifest) as handle:
-        return sum(is_manifest_entry(line.decode("utf-8").strip()) for line in handle)
+    return len(read_manifest(manifest))
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -59,40 +69,99 @@ def is_manifest_entry(line: str) -> bool:
     return bool(line) and not line.startswith("#")
 
 
-class ReadImagePaths(beam.PTransform):
-    """Emit each distinct image path once, as a ``ListedImage`` (with the listing's size and
-    update time for a glob).
+def read_manifest(manifest: str) -> list[str]:
+    """Every path a manifest lists, in order, duplicates included: one per line, stripped;
+    blank lines and ``#`` comments skipped."""
+    with FileSystems.open(manifest) as handle:
+        lines = handle.read().decode("utf-8").splitlines()
+    return [line for line in map(str.strip, lines) if is_manifest_entry(line)]
 
-    A path listed more than once in a manifest is scored once; each extra listing leaves as an
-    error row on the ``duplicates`` output, so that every input line is accounted for.
-    """
 
-    def __init__(self, pattern: str | None, manifest: str | None, run_id: str):
-        super().__init__()
-        self._pattern = pattern
-        self._manifest = manifest
+def csv_key(path: str, csv_format: str) -> int | str | None:
+    """The id ``submission.csv`` gives ``path``: the integer file stem for ``binary`` (None when
+    the stem is not an integer: no CSV row), the stem as it is for ``multiclass``."""
+    return image_id(path) if csv_format == BINARY else file_stem(path)
+
+
+def colliding_csv_ids(paths: Iterable[str], csv_format: str) -> dict[str, str]:
+    """``{path: message}`` for every path whose CSV id another path has too (``7.png`` and
+    ``007.jpg`` are both Kaggle id 7; ``a/x.jpg`` and ``b/x.jpg`` both stem ``x``)."""
+    by_key = collections.defaultdict(list)
+    for path in paths:
+        key = csv_key(path, csv_format)
+        if key is not None:
+            by_key[key].append(path)
+    messages = {}
+    for key, group in by_key.items():
+        if len(group) > 1:
+            for path in group:
+                others = [other for other in group if other != path]
+                messages[path] = (f"submission.csv id {key!r} is also the id of {others[0]}"
+                                  + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                                  + ": a submission holds each id once and cannot say which file "
+                                    "it means, so none of them is scored; rename or remove all "
+                                    "but one")
+    return messages
+
+
+def error_table(rows: list[dict]) -> pa.Table:
+    """Error rows (``rows.error_row``) as one Arrow table of the errors schema."""
+    return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+
+
+class ListImagesFn(beam.DoFn):
+    """A glob or a manifest path -> batches (lists) of ``ListedImage``; on ``duplicates``, one
+    error table of the inputs that are not scored (extra manifest listings, colliding CSV ids);
+    on ``input_count``, how many inputs the listing holds."""
+
+    def __init__(self, is_manifest: bool, batch_size: int, csv_format: str, run_id: str):
+        self._is_manifest = is_manifest
+        self._batch_size = batch_size
+        self._csv_format = csv_format
         self._run_id = run_id
 
+    def process(self, source: str) -> Iterator:
+        if self._is_manifest:
+            listings = collections.Counter(read_manifest(source))
+            images = [ListedImage(path) for path in listings]
+            extra = [error_row(path, "read", f"listed {count} times in the manifest; scored once",
+                               self._run_id, error_type="DuplicatePath")
+                     for path, count in listings.items() for _ in range(count - 1)]
+        else:
+            images = [ListedImage(metadata.path, metadata.size_in_bytes,
+                                  metadata.last_updated_in_seconds)
+                      for metadata in FileSystems.match([source])[0].metadata_list]
+            extra = []
+        collisions = colliding_csv_ids((image.path for image in images), self._csv_format)
+        if collisions:
+            images = [image for image in images if image.path not in collisions]
+            extra += [error_row(path, "read", message, self._run_id, error_type="DuplicateCsvId")
+                      for path, message in sorted(collisions.items())]
+        yield beam.pvalue.TaggedOutput(INPUT_COUNT, len(images) + len(extra))
+        if extra:
+            yield beam.pvalue.TaggedOutput(DUPLICATES, error_table(extra))
+        for start in range(0, len(images), self._batch_size):
+            yield images[start:start + self._batch_size]
+
+
+class ReadImagePaths(beam.PTransform):
+    """``{'paths': lists of ListedImage, 'duplicates': error tables, 'input_count': ints}``.
+
+    A path listed more than once in a manifest is scored once; each extra listing leaves as an
+    error row (``DuplicatePath``). Paths whose ``submission.csv`` id collides (``csv_format``,
+    see ``csv_key``) all leave as error rows (``DuplicateCsvId``) naming each other, so that the
+    CSV never holds an id twice. Every input line is accounted for.
+    """
+
+    def __init__(self, pattern: str | None, manifest: str | None, run_id: str, *,
+                 batch_size: int = 64, csv_format: str = BINARY):
+        super().__init__()
+        self._source = pattern or manifest
+        self._fn = ListImagesFn(not pattern, batch_size, csv_format, run_id)
+
     def expand(self, pbegin):
-        if self._pattern:
-            return {
-                "paths": (pbegin
-                          | "MatchFiles" >> fileio.MatchFiles(self._pattern)
-                          | "ToListedImage" >> beam.Map(lambda metadata: ListedImage(
-                              metadata.path, metadata.size_in_bytes,
-                              metadata.last_updated_in_seconds))),
-                DUPLICATES: pbegin | "NoDuplicates" >> beam.Create([]),
-            }
         listed = (pbegin
-                  | "ReadManifest" >> beam.io.ReadFromText(self._manifest)
-                  | "StripLines" >> beam.Map(str.strip)
-                  | "SkipBlankAndComments" >> beam.Filter(is_manifest_entry)
-                  | "CountListings" >> beam.combiners.Count.PerElement())
-        run_id = self._run_id
-        return {
-            "paths": listed | "DistinctPath" >> beam.Keys() | "ToListedImage" >> beam.Map(ListedImage),
-            DUPLICATES: listed | "ExtraListings" >> beam.FlatMap(
-                lambda item: [error_row(item[0], "read",
-                                        f"listed {item[1]} times in the manifest; scored once",
-                                        run_id, error_type="DuplicatePath")] * (item[1] - 1)),
-        }
+                  | "Source" >> beam.Create([self._source])
+                  | "ListImages" >> beam.ParDo(self._fn).with_outputs(
+                      DUPLICATES, INPUT_COUNT, main="paths"))
+        return {"paths": listed.paths, DUPLICATES: listed[DUPLICATES], INPUT_COUNT: listed[INPUT_COUNT]}

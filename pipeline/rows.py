@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 UNCERTAIN = "uncertain"
@@ -51,11 +52,16 @@ def default_top_k(class_names: list[str]) -> int:
     return 5 if len(class_names) > 5 else 0
 
 
-def top_classes(probabilities: list[float], class_names: list[str], k: int) -> dict[str, list]:
-    """``top_classes`` / ``top_probabilities``: the k most probable classes, most probable first."""
-    order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:k]
-    return {"top_classes": [class_names[i] for i in order],
-            "top_probabilities": [probabilities[i] for i in order]}
+def top_k_columns(probabilities: np.ndarray, class_names: list[str], k: int) -> tuple[pa.Array, pa.Array]:
+    """``top_classes`` / ``top_probabilities`` of a batch: for each row of ``probabilities``
+    (float [n, classes]), its k most probable classes and their probabilities (float64), most
+    probable first, ties in class order (a stable sort)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    offsets = pa.array(np.arange(0, len(order) * k + 1, k, dtype=np.int32))
+    names = pa.array(class_names, pa.string()).take(pa.array(order.ravel()))
+    chosen = np.take_along_axis(probabilities, order, axis=1).astype(np.float64).ravel()
+    return (pa.ListArray.from_arrays(offsets, names),
+            pa.ListArray.from_arrays(offsets, pa.array(chosen, pa.float64())))
 
 
 def prediction_schema(class_names: list[str], top_k: int = 0) -> pa.Schema:

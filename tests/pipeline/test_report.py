@@ -137,6 +137,7 @@ def test_a_many_class_report_ranks_the_top_predicted_classes():
 
 def test_the_night_profile_is_exact_when_merged_from_parts():
     import numpy as np
+    import pyarrow as pa
 
     from pipeline.summary import HISTOGRAM_EDGES, ErrorProfileFn, PredictionProfileFn
 
@@ -147,8 +148,8 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
             for i, p in enumerate(np.round(rng.random(500), 2))]  # rounded: many ties
     fn = PredictionProfileFn("prob_dog", ["path", "confidence"], review_size=7)
     parts = [fn.create_accumulator() for _ in range(3)]
-    for i, row in enumerate(rows):
-        fn.add_input(parts[i % 3], row)
+    for i, start in enumerate(range(0, len(rows), 20)):  # tables of 20 rows, spread over 3 parts
+        fn.add_input(parts[i % 3], pa.Table.from_pylist(rows[start:start + 20]))
     profile = fn.extract_output(fn.merge_accumulators(parts))
     assert profile["count"] == 500
     assert profile["uncertain"] == sum(row["decision"] == "uncertain" for row in rows)
@@ -161,7 +162,8 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
     errors = ErrorProfileFn()
     halves = [errors.create_accumulator(), errors.create_accumulator()]
     for i in range(5):
-        errors.add_input(halves[i % 2], {"error_type": "OSError", "path": f"/n/bad{i}", "message": "m"})
+        errors.add_input(halves[i % 2], pa.Table.from_pylist(
+            [{"error_type": "OSError", "path": f"/n/bad{i}", "message": "m"}]))
     merged = errors.extract_output(errors.merge_accumulators(halves))
     assert merged["OSError"][0] == 5 and len(merged["OSError"][1]) == 3
 
