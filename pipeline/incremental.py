@@ -35,7 +35,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.decode import SKIPPED
 from pipeline.records import committed_runs
-from pipeline.rows import METRICS_NAMESPACE
+from pipeline.rows import METRICS_NAMESPACE, PathBatch
 from pipeline.write import PREDICTIONS_DIR
 
 _LOG = logging.getLogger("petscore")
@@ -156,8 +156,7 @@ class _DecideFn(beam.DoFn):
 
 
 class SkipScored(beam.PTransform):
-    """Lists of ``ListedImage`` in; ``{'images': lists of ListedImage to read, 'skipped': lists
-    of paths}`` out.
+    """``PathBatch`` es in; ``{'images': PathBatch es to read, 'skipped': lists of paths}`` out.
 
     The join by path is the one step that handles images one at a time, and only on nights whose
     history may hold tonight's paths (``scored_files``); the images it keeps are batched again,
@@ -175,7 +174,7 @@ class SkipScored(beam.PTransform):
         pipeline = listed_batches.pipeline
         if not self._scored_files:
             return {"images": listed_batches, SKIPPED: pipeline | "NothingScored" >> beam.Create([])}
-        listed = listed_batches | "OneByOne" >> beam.FlatMap(lambda batch: batch)
+        listed = listed_batches | "OneByOne" >> beam.FlatMap(lambda batch: batch.images)
         tonight = (listed
                    | "Path" >> beam.Map(lambda image: image.path)
                    | "TonightsPathsIfFew" >> beam.CombineGlobally(PathsIfFew(self._known_paths_limit)))
@@ -189,7 +188,9 @@ class SkipScored(beam.PTransform):
                    | "JoinByPath" >> beam.CoGroupByKey()
                    | "Decide" >> beam.ParDo(_DecideFn()).with_outputs(SKIPPED, main="images"))
         return {
-            "images": decided.images | "Batch" >> beam.BatchElements(
-                min_batch_size=self._batch_size, max_batch_size=self._batch_size),
+            "images": (decided.images
+                       | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
+                                                       max_batch_size=self._batch_size)
+                       | "AsPathBatch" >> beam.Map(PathBatch)),
             SKIPPED: decided[SKIPPED] | "AsLists" >> beam.Map(lambda path: [path]),
         }

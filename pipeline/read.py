@@ -16,7 +16,8 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.rows import ERROR_SCHEMA, ListedImage, error_row, file_stem, image_id
+from pipeline import progress
+from pipeline.rows import ERROR_SCHEMA, ListedImage, PathBatch, error_row, file_stem, image_id
 from pipeline.write import BINARY
 
 DUPLICATES = "duplicates"
@@ -40,14 +41,6 @@ def check_input_exists(pattern: str | None, manifest: str | None) -> None:
     matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     if not matched:
         raise EmptyInputError(f"--input {pattern!r} matches no file")
-
-
-def count_inputs(pattern: str | None, manifest: str | None) -> int:
-    """How many inputs the run will account for: the glob's matches, or the manifest's entries
-    (duplicates included: each becomes a row)."""
-    if pattern:
-        return len(FileSystems.match([pattern])[0].metadata_list)
-    return len(read_manifest(manifest))
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -110,7 +103,7 @@ def error_table(rows: list[dict]) -> pa.Table:
 
 
 class ListImagesFn(beam.DoFn):
-    """A glob or a manifest path -> batches (lists) of ``ListedImage``; on ``duplicates``, one
+    """A glob or a manifest path -> ``PathBatch`` es of ``ListedImage``; on ``duplicates``, one
     error table of the inputs that are not scored (extra manifest listings, colliding CSV ids);
     on ``input_count``, how many inputs the listing holds."""
 
@@ -137,15 +130,16 @@ class ListImagesFn(beam.DoFn):
             images = [image for image in images if image.path not in collisions]
             extra += [error_row(path, "read", message, self._run_id, error_type="DuplicateCsvId")
                       for path, message in sorted(collisions.items())]
+        progress.expect(len(images) + len(extra))
         yield beam.pvalue.TaggedOutput(INPUT_COUNT, len(images) + len(extra))
         if extra:
             yield beam.pvalue.TaggedOutput(DUPLICATES, error_table(extra))
         for start in range(0, len(images), self._batch_size):
-            yield images[start:start + self._batch_size]
+            yield PathBatch(images[start:start + self._batch_size])
 
 
 class ReadImagePaths(beam.PTransform):
-    """``{'paths': lists of ListedImage, 'duplicates': error tables, 'input_count': ints}``.
+    """``{'paths': PathBatch es, 'duplicates': error tables, 'input_count': ints}``.
 
     A path listed more than once in a manifest is scored once; each extra listing leaves as an
     error row (``DuplicatePath``). Paths whose ``submission.csv`` id collides (``csv_format``,

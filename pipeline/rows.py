@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -23,13 +24,15 @@ class ListedImage(NamedTuple):
     scored_sha256: tuple[str, ...] = ()
 
 
-class ImageSource(NamedTuple):
-    """What a prediction row records of the file it scored."""
+@dataclasses.dataclass
+class PathBatch:
+    """Images listed together, the unit of work until they are decoded. A dataclass rather than
+    a list so that Beam's coder pickles the whole batch in one call, not each image on its own."""
 
-    path: str
-    content_sha256: str
-    file_bytes: int
-    file_updated_seconds: float | None
+    images: list[ListedImage]
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 ERROR_SCHEMA = pa.schema([

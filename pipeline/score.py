@@ -53,7 +53,6 @@ from pipeline.read import (
     INPUT_COUNT,
     ReadImagePaths,
     check_input_exists,
-    count_inputs,
     directory_glob,
     fixed_prefix,
 )
@@ -336,7 +335,7 @@ def execute(checked: CheckedRun) -> dict:
     report_progress = runner is not None and (
         pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing")
     if report_progress:
-        progress.start(count_inputs(options.input, options.manifest))
+        progress.start()
     with frozen_heap(), beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
                        checked.inference_hints, checked.scored_files, checked.earlier,

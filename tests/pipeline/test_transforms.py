@@ -21,7 +21,7 @@ from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ExportedModelHandler, ScoredBatch, ScoreImages, ToPredictionTableFn
 from pipeline.options import ThreadBudget
 from pipeline.read import DUPLICATES, INPUT_COUNT, EmptyInputError, ReadImagePaths, check_input_exists
-from pipeline.rows import ListedImage, image_id, prediction_schema, top_k_columns
+from pipeline.rows import ListedImage, PathBatch, image_id, prediction_schema, top_k_columns
 from pipeline.write import (
     BINARY,
     MULTICLASS,
@@ -43,7 +43,7 @@ def test_glob_lists_every_file_once_in_batches(corpus):
     root, expected = corpus
     with TestPipeline() as p:
         out = p | ReadImagePaths(os.path.join(root, "*"), None, "run", batch_size=3)
-        assert_that(out["paths"] | beam.FlatMap(lambda batch: batch), equal_to([
+        assert_that(out["paths"] | beam.FlatMap(lambda batch: batch.images), equal_to([
             ListedImage(os.path.join(root, n), os.path.getsize(os.path.join(root, n)),
                         os.path.getmtime(os.path.join(root, n))) for n in expected]))
         assert_that(out["paths"] | beam.Map(len), equal_to(
@@ -67,7 +67,7 @@ def test_files_that_would_share_a_csv_id_become_error_rows_naming_each_other(
         (tmp_path / name).write_bytes(b"x")
     with TestPipeline() as p:
         out = p | ReadImagePaths(str(tmp_path / "**"), None, "run", csv_format=csv_format)
-        assert_that(out["paths"] | beam.FlatMap(lambda batch: [image.path for image in batch]),
+        assert_that(out["paths"] | beam.FlatMap(lambda batch: [image.path for image in batch.images]),
                     equal_to([str(tmp_path / n) for n in names if n not in colliding]))
         errors = rows_of(out[DUPLICATES]) | beam.Map(lambda r: (r["path"], r["error_type"],
                                                                 r["message"].split(" is also")[0]))
@@ -85,7 +85,7 @@ def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp
     manifest.write_text("# nightly list\n/a/1.jpg\n\n/a/2.jpg\n/a/1.jpg\n  /a/1.jpg  \n")
     with TestPipeline() as p:
         out = p | ReadImagePaths(None, str(manifest), "run-7")
-        assert_that(out["paths"], equal_to([[ListedImage("/a/1.jpg"), ListedImage("/a/2.jpg")]]))
+        assert_that(out["paths"], equal_to([PathBatch([ListedImage("/a/1.jpg"), ListedImage("/a/2.jpg")])]))
         assert_that(rows_of(out[DUPLICATES]) | beam.Map(lambda r: (r["path"], r["error_type"],
                                                                    r["run_id"], r["message"])),
                     equal_to([("/a/1.jpg", "DuplicatePath", "run-7",
@@ -121,7 +121,7 @@ def test_a_batch_with_bad_files_among_good_ones_keeps_every_good_image_and_one_e
     paths = [os.path.join(root, name) for name in expected] + [os.path.join(root, "missing.jpg")]
     good = [os.path.join(root, n) for n, outcome in expected.items() if outcome == GOOD]
     with TestPipeline() as p:
-        out = (p | beam.Create([[ListedImage(path, None, 1.5) for path in paths]])
+        out = (p | beam.Create([PathBatch([ListedImage(path, None, 1.5) for path in paths])])
                | decode((16, 24), 1_000_000, 1 << 20))
         assert_that(out["images"] | beam.FlatMap(image_rows),
                     equal_to([(path, sha256_of(path), os.path.getsize(path), 1.5, (16, 24, 3), "uint8")
@@ -146,7 +146,7 @@ def test_files_already_scored_with_the_same_bytes_are_skipped_not_decoded(corpus
     images = [ListedImage(same, scored_sha256=("0" * 64, sha256_of(same))),
               ListedImage(changed, scored_sha256=("0" * 64,)), ListedImage(new)]
     with TestPipeline() as p:
-        out = p | beam.Create([images]) | decode()
+        out = p | beam.Create([PathBatch(images)]) | decode()
         assert_that(out[SKIPPED], equal_to([[same]]), label="Skipped")
         assert_that(out["images"] | beam.Map(lambda batch: batch.paths), equal_to([[changed, new]]))
 
@@ -179,11 +179,12 @@ def test_skip_scored_trusts_an_unchanged_listing_and_otherwise_reads_the_bytes(t
               ListedImage("/night/manifest-entry.jpg"),
               ListedImage("/night/new.jpg", 5, 1.0)]
     with TestPipeline() as p:
-        out = p | beam.Create([listed]) | SkipScored([history, legacy], "/night/", 2, known_paths_limit)
+        out = (p | beam.Create([PathBatch(listed)])
+               | SkipScored([history, legacy], "/night/", 2, known_paths_limit))
         # skipped on the listing alone: the file does not even exist, so it was never read
         assert_that(out[SKIPPED], equal_to([["/night/listed-same.jpg"]]), label="Skipped")
         assert_that(out["images"] | beam.Map(len), equal_to([2, 1]), label="BatchedAgain")
-        assert_that(out["images"] | beam.FlatMap(lambda batch: batch), equal_to([
+        assert_that(out["images"] | beam.FlatMap(lambda batch: batch.images), equal_to([
             ListedImage("/night/touched.jpg", 100, 1700000000.0, ("b" * 64, "c" * 64)),
             ListedImage("/night/manifest-entry.jpg", None, None, ("f" * 64,)),
             ListedImage("/night/new.jpg", 5, 1.0)]))
@@ -221,7 +222,7 @@ def test_files_over_the_byte_cap_are_error_rows(corpus):
     root, _ = corpus
     path = os.path.join(root, "1.jpg")
     with TestPipeline() as p:
-        out = p | beam.Create([[ListedImage(path)]]) | decode(max_bytes=100)
+        out = p | beam.Create([PathBatch([ListedImage(path)])]) | decode(max_bytes=100)
         assert_that(rows_of(out[ERRORS]) | beam.Map(lambda r: (r["error_type"], r["message"])),
                     equal_to([("FileTooLargeError", "file is larger than the 100-byte cap")]))
 
@@ -235,7 +236,7 @@ def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows
     monkeypatch.setattr(FileSystems, "open", unavailable)
     with pytest.raises(Exception, match="storage briefly unavailable"):
         with TestPipeline() as p:
-            (p | beam.Create([[ListedImage(os.path.join(root, "1.jpg"))]]) | decode())
+            (p | beam.Create([PathBatch([ListedImage(os.path.join(root, "1.jpg"))])]) | decode())
 
 
 def image_batch(paths, sha256=None, sizes=None, updated=None):
