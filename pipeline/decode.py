@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
@@ -127,11 +128,11 @@ class ReadAndDecodeFn(beam.DoFn):
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped_already_scored")
 
     def setup(self):
-        self._threads_in_pool = self._threads.resolve()[0]
-        self._pool = ThreadPoolExecutor(max_workers=self._threads_in_pool)
+        self._pool = None  # sized on the first batch, which says whether storage is local
 
     def teardown(self):
-        self._pool.shutdown(wait=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def start_bundle(self):
         self._in_flight = collections.deque()
@@ -139,6 +140,10 @@ class ReadAndDecodeFn(beam.DoFn):
     def process(self, batch: PathBatch, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
         images = batch.images
+        if self._pool is None:
+            remote = FileSystems.get_scheme(images[0].path) not in (None, "file")
+            self._threads_in_pool = self._threads.resolve(remote=remote)[0]
+            self._pool = ThreadPoolExecutor(max_workers=self._threads_in_pool)
         pixels = np.empty((len(images), *self._size, 3), np.uint8)
         # A few images per task: a task's overhead (submit, wake-up, result) is paid per chunk.
         chunk = max(1, math.ceil(len(images) / (2 * self._threads_in_pool)))

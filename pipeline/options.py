@@ -170,11 +170,18 @@ class ThreadBudget:
     tflite_threads: int = 0
     processes: int | None = 1
 
-    def resolve(self, cores: int | None = None) -> tuple[int, int]:
-        """``(decode threads, LiteRT threads)`` for a process on a machine of ``cores`` cores."""
+    def resolve(self, cores: int | None = None, remote: bool = False) -> tuple[int, int]:
+        """``(decode threads, LiteRT threads)`` for a process on a machine of ``cores`` cores.
+
+        Each process gets its share of the cores, for its decoders and its LiteRT threads alike:
+        the two take turns on a batch more than they run at once (see docs/performance.md).
+        ``remote``: the images are on an object store, where a read mostly waits on the
+        network, so the pool keeps a thread per core of the machine whatever the share (as the
+        decoder did before the budget)."""
         cores = cores or os.cpu_count() or 1
         share = max(1, cores // (cores if self.processes is None else max(1, self.processes)))
-        return (self.decode_threads or max(2, share), self.tflite_threads or share)
+        decoders = max(2, cores if remote else share)
+        return (self.decode_threads or decoders, self.tflite_threads or share)
 
 
 def thread_budget(pipeline_options: PipelineOptions, options) -> ThreadBudget:
