@@ -379,6 +379,41 @@ def test_a_clean_local_run_reports_progress_and_no_unrelated_warnings(scored):
     assert [line for line in stderr.splitlines() if "warning" in line.lower()] == []
 
 
+def test_the_next_batches_decode_while_the_model_runs_the_current_one(corpus, trained, tmp_path,
+                                                                    monkeypatch):
+    """A GPU worker's device never waits for the CPUs to start on the next batch: while one
+    inference call runs, the decoder pool works on the batches after it."""
+    import threading
+    import time
+
+    from pipeline import decode
+    from pipeline.inference import ExportedModelHandler
+
+    root, _ = corpus
+    decoded, seen = [], []
+    real_decode, run_inference = decode.decode_and_resize, ExportedModelHandler.run_inference
+
+    def counting_decode(*args, **kwargs):
+        pixels = real_decode(*args, **kwargs)
+        decoded.append(threading.get_ident())
+        return pixels
+
+    def slow_first_batch(self, batch, model, inference_args=None):
+        if not seen:
+            before = len(decoded)
+            time.sleep(1.0)  # a device busy on this batch
+            seen.append((before, len(decoded), threading.get_ident()))
+        return run_inference(self, batch, model, inference_args)
+
+    monkeypatch.setattr(decode, "decode_and_resize", counting_decode)
+    monkeypatch.setattr(ExportedModelHandler, "run_inference", slow_first_batch)
+    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--batch-size", "2",
+                         "--max-error-rate", "1"))
+    (before, after, bundle_thread), = seen
+    assert after > before  # images decoded while the first batch was being scored
+    assert bundle_thread not in decoded  # on the pool, not on the thread that runs the model
+
+
 def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus, trained, tmp_path,
                                                                          monkeypatch):
     root, expected = corpus
