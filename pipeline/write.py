@@ -183,16 +183,21 @@ class WriteKaggleCsv(beam.PTransform):
         csv_format, clip, rows_per_part = self._format, self._clip, self._rows_per_part
         columns = ([probability_column(self._positive_class)] if csv_format == BINARY
                    else [probability_column(name) for name in self._class_names])
-        keyed = (predictions
-                 | "CsvRows" >> beam.Map(csv_rows, csv_format, columns)
-                 | "NotEmpty" >> beam.Filter(lambda rows: len(rows[0]) > 0))
-        # One pass over the ids gives their count and approximate quantiles (a bounded sketch).
+        def rows_of(table):
+            keys, values = csv_rows(table, csv_format, columns)
+            if keys:
+                yield keys, values
+
+        keyed = predictions | "CsvRows" >> beam.FlatMap(rows_of)
+        # One pass over the ids gives their count and approximate quantiles (a bounded sketch);
+        # (0, []) for a run without a row: the combine adds no default of its own to the graph.
         count_and_quantiles = (keyed
                                | "CountAndIds" >> beam.Map(lambda rows: (len(rows[0]), rows[0]))
                                | "CountAndQuantiles" >> beam.CombineGlobally(
                                    beam.combiners.TupleCombineFn(
                                        sum, ApproximateQuantilesCombineFn.create(
-                                           self.MAX_PARTS + 1, input_batched=True))))
+                                           self.MAX_PARTS + 1, input_batched=True))).without_defaults())
+        stats = beam.pvalue.AsSingleton(count_and_quantiles, default_value=(0, []))
         part_rows = Metrics.distribution(METRICS_NAMESPACE, "csv_part_rows")
         parts_dir = self._parts_dir
 
@@ -228,14 +233,18 @@ class WriteKaggleCsv(beam.PTransform):
             delete_with_directories([part for _, part in parts], [parts_dir])
             return path
 
-        csv = (keyed
-               | "SplitIntoParts" >> beam.FlatMap(
-                   split_into_parts, stats=beam.pvalue.AsSingleton(count_and_quantiles))
-               | "GroupPart" >> beam.GroupByKey()
-               | "WriteSortedPart" >> beam.MapTuple(write_part)
-               | "AllParts" >> beam.combiners.ToList()
-               | "ConcatenateParts" >> beam.Map(concatenate))
-        rows = count_and_quantiles | "RowCount" >> beam.Map(lambda stats: stats[0])
+        parts = (keyed
+                 | "SplitIntoParts" >> beam.FlatMap(split_into_parts, stats=stats)
+                 | "GroupPart" >> beam.GroupByKey()
+                 | "WriteSortedPart" >> beam.MapTuple(write_part))
+        # Once, when every part is written (none: a CSV of its header alone).
+        csv = (predictions.pipeline
+               | "OnceAllPartsAreWritten" >> beam.Impulse()
+               | "ConcatenateParts" >> beam.Map(lambda _, parts: concatenate(parts),
+                                                parts=beam.pvalue.AsList(parts)))
+        rows = (predictions.pipeline
+                | "OnceCounted" >> beam.Impulse()
+                | "RowCount" >> beam.Map(lambda _, stats: stats[0], stats=stats))
         return {"csv": csv, "rows": rows}
 
 
