@@ -172,9 +172,11 @@ def run_python_command(command: str, stand_in_model: str | None) -> None:
 def venv_is_set_up() -> bool:
     """True when scripts/setup.sh would install nothing (its stamp matches): the scripts the
     README shows call it, and a test must not install packages."""
-    wanted = hashlib.sha256(b"".join(
-        open(os.path.join(REPO, name), "rb").read()
-        for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt", "setup.py"))).hexdigest()
+    digest = hashlib.sha256()
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt", "setup.py"):
+        with open(os.path.join(REPO, name), "rb") as handle:
+            digest.update(handle.read())
+    wanted = digest.hexdigest()
     stamp = os.path.join(REPO, ".venv", ".petscore-installed")
     return os.path.exists(stamp) and read_text(stamp).strip() == wanted
 
