@@ -66,10 +66,11 @@ class ScoreOptions(PipelineOptions):
         flag("output", help="Output prefix (a directory, local or gs://) for submission.csv, "
                             "predictions/, errors/ and summary.json.")
         flag("skip-scored",
-             help="Incremental runs: glob of earlier runs' predictions Parquet files (e.g. "
-                  "'gs://bkt/scores/dt=*/predictions/*.parquet'). Files whose path and bytes "
-                  "(SHA-256) were already scored by the same model version are skipped and "
-                  "counted as skipped; a new model version re-scores everything.")
+             help="Incremental runs: glob of earlier runs' output prefixes (e.g. "
+                  "'gs://bkt/scores/dt=*'), read through their summary.json. Files whose path and "
+                  "bytes (listed size and update time, else SHA-256) were already scored by the "
+                  "same model version in a committed run are skipped and counted as skipped; a "
+                  "new model version re-scores everything.")
         flag("overwrite", nargs="?", const=True, default=False, type=parse_bool,
              help="Replace outputs already under --output (default: refuse to run).")
         parser.add_argument(

@@ -99,6 +99,12 @@ def test_scheduler_launch_body_uses_only_template_parameters():
         assert launch["environment"]["sdkContainerImage"] == IMAGE
         assert (GPU in launch["environment"]["additionalExperiments"]) == (profile == "gpu")
         assert launch["parameters"]["share_model_across_processes"] == str(profile == "gpu").lower()
+        assert launch["parameters"]["overwrite"] == "false"  # a scheduled night never replaces one
+    rerun = subprocess.run(["bash", os.path.join(DEPLOY, "nightly.sh"), "launch-body"],
+                           env={**env, "RUN_DATE": "2026-11-20", "OVERWRITE": "true"}, capture_output=True,
+                           text=True, check=True)
+    parameters = json.loads(rerun.stdout)["launchParameter"]["parameters"]
+    assert (parameters["run_date"], parameters["overwrite"]) == ("2026-11-20", "true")
 
 
 def test_dockerfile_pins_equal_the_project_pins():
