@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
@@ -9,22 +11,28 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.rows import ListedImage, error_row
 
 DUPLICATES = "duplicates"
+# UTF-32's byte-order marks start with UTF-16's: both are refused by the same check.
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 class EmptyInputError(ValueError):
     """The glob or manifest names no image: a mistake, not an empty success."""
 
 
+class ManifestEncodingError(ValueError):
+    """The manifest is not UTF-8 text: refused before any work, saying how to save it."""
+
+
 def check_input_exists(pattern: str | None, manifest: str | None) -> None:
-    """Fail fast, before a job is built, when there is nothing to score."""
+    """Fail fast, before a job is built, when there is nothing to score (or, for a manifest,
+    when it is not UTF-8 text: ``read_manifest``)."""
     if bool(pattern) == bool(manifest):
         raise ValueError("give exactly one of --input (a glob) and --manifest (a file of paths)")
     if manifest:
         if not FileSystems.exists(manifest):
             raise EmptyInputError(f"manifest {manifest} does not exist")
-        with FileSystems.open(manifest) as handle:
-            if not any(is_manifest_entry(line.decode("utf-8").strip()) for line in handle):
-                raise EmptyInputError(f"manifest {manifest} lists no path")
+        if not read_manifest(manifest):
+            raise EmptyInputError(f"manifest {manifest} lists no path")
         return
     matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     if not matched:
@@ -36,8 +44,37 @@ def count_inputs(pattern: str | None, manifest: str | None) -> int:
     (duplicates included: each becomes a row)."""
     if pattern:
         return len(FileSystems.match([pattern])[0].metadata_list)
+    return len(read_manifest(manifest))
+
+
+def read_manifest(manifest: str) -> list[str]:
+    """Every path ``manifest`` lists, in order, duplicates included (``manifest_entry`` of each
+    line; lines end at LF, as ``beam.io.ReadFromText`` splits them).
+
+    Raises ``ManifestEncodingError`` for UTF-16 (Notepad's "Unicode", Excel's "Unicode Text")
+    and for bytes that are not UTF-8 (a legacy code page such as Windows-1252), naming the line:
+    guessing an encoding could turn a path into another path, so the user re-saves it as UTF-8."""
     with FileSystems.open(manifest) as handle:
-        return sum(is_manifest_entry(line.decode("utf-8").strip()) for line in handle)
+        data = handle.read()
+    if data.startswith(UTF16_BOMS):
+        raise ManifestEncodingError(f"manifest {manifest} is UTF-16 text (Notepad's \"Unicode\"): "
+                                    "save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ManifestEncodingError(
+            f"manifest {manifest} line {line} is not UTF-8 (byte 0x{data[error.start]:02x}, a "
+            "legacy code page such as Windows-1252?): save it as UTF-8") from None
+    return [path for path in map(manifest_entry, text.split("\n")) if path]
+
+
+def manifest_entry(line: str) -> str | None:
+    """The path one manifest line lists, or None for a blank or ``#`` comment line. Manifests
+    are text files people write: a UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8"), the CR
+    of a CRLF line end and spaces or tabs around the path are not part of it."""
+    path = line.lstrip("\ufeff").strip()
+    return path if path and not path.startswith("#") else None
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -53,10 +90,6 @@ def directory_glob(pattern: str) -> str | None:
         return None
     recursive = FileSystems.join(pattern.rstrip("/"), "**")
     return recursive if FileSystems.match([recursive], limits=[1])[0].metadata_list else None
-
-
-def is_manifest_entry(line: str) -> bool:
-    return bool(line) and not line.startswith("#")
 
 
 class ReadImagePaths(beam.PTransform):
@@ -85,8 +118,8 @@ class ReadImagePaths(beam.PTransform):
             }
         listed = (pbegin
                   | "ReadManifest" >> beam.io.ReadFromText(self._manifest)
-                  | "StripLines" >> beam.Map(str.strip)
-                  | "SkipBlankAndComments" >> beam.Filter(is_manifest_entry)
+                  | "ManifestEntries" >> beam.Map(manifest_entry)
+                  | "SkipBlankAndComments" >> beam.Filter(bool)
                   | "CountListings" >> beam.combiners.Count.PerElement())
         run_id = self._run_id
         return {

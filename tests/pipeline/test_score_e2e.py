@@ -207,6 +207,22 @@ def test_manifest_with_missing_and_duplicate_paths_and_uncertain_rows(corpus, tr
         ("1.jpg", "read", "DuplicatePath"), ("gone.jpg", "read", "FileNotFoundError")]
 
 
+def test_a_manifest_saved_by_excel_scores_every_path(corpus, trained, tmp_path):
+    """Excel's "CSV UTF-8" (and Notepad's UTF-8): a byte-order mark and CRLF line ends. Its
+    first path was reported missing and the run exited 3."""
+    root, expected = corpus
+    good = sorted(name for name, outcome in expected.items() if outcome == GOOD)[:3]
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "".join(f"{os.path.join(root, name)}\r\n"
+                                                     for name in good).encode())
+    output = str(tmp_path / "out")
+    assert score.main(["--manifest", str(manifest), "--model-dir", trained["model_dir"],
+                       "--output", output]) == 0
+    run = read_run(output)
+    assert (run["summary"]["inputs"], run["summary"]["predictions"], run["summary"]["errors"]) == (3, 3, 0)
+    assert sorted(run["predictions"].column("path").to_pylist()) == [os.path.join(root, n) for n in good]
+
+
 def test_incremental_run_scores_only_new_and_changed_images_and_all_after_a_model_change(
         corpus, trained, tmp_path):
     root, _ = corpus
