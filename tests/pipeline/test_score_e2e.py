@@ -89,7 +89,7 @@ def test_error_rows_name_the_file_the_stage_and_the_reason(scored):
         name: outcome for name, outcome in scored["expected"].items() if outcome != GOOD}
     assert got["0.jpg"][2] == "empty file (0 bytes)"
     assert "truncated" in got["truncated.jpg"][2]
-    assert "cannot identify image file" in got["not_an_image.jpg"][2]
+    assert got["not_an_image.jpg"][2] == "not an image: text (first line 'this is a text file, not a JPEG')"
     assert "10000000000 pixels exceeds the cap" in got["bomb.png"][2]
 
 
