@@ -1,7 +1,8 @@
 """Bring a model trained in a notebook under the model contract: ``python -m model.package``.
 
-A notebook-trained Keras model (``.keras``, legacy ``.h5`` or a SavedModel directory; or, for
-bottleneck-feature models, a head trained on a named Keras application's features) is wrapped so
+A notebook-trained Keras model (``.keras``, legacy ``.h5`` from Keras 3 or from Keras 2 /
+tf.keras 2.x, Teachable Machine's ``keras_model.h5`` among them, or a SavedModel directory; or,
+for bottleneck-feature models, a head trained on a named Keras application's features) is wrapped so
 that it takes what every petscore model takes, uint8 pixels, and gives what every petscore model
 gives, class probabilities:
 
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import sys
 
 import keras
@@ -36,6 +38,7 @@ from model.architecture import (
 )
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
+from model.keras2 import RESAVE_ADVICE, Keras2ConfigError, describe_load_error, is_keras2_h5, load_keras2_h5
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 from serving.metadata import file_sha256
 from serving.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
@@ -46,6 +49,8 @@ LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION}
 DEFAULT_INTERPOLATION = {"keras": "nearest", "petscore": "bilinear"}  # each loader's own default
 PROBE_SEEDS = tuple(range(200, 216))
 PROBABILITY_TOLERANCE = 1e-3
+# Teachable Machine's labels.txt: "0 Cats", "1 Dogs", ... (its index, a space, the class name)
+NUMBERED_LABEL = re.compile(r"^(\d+)\s+(\S.*)$")
 
 
 class PackagingError(ValueError):
@@ -56,14 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.package", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keras", required=True, metavar="PATH",
-                        help="The notebook's model: .keras, legacy .h5, or a SavedModel directory. "
-                             "With --feature-extractor: the head trained on the features.")
+                        help="The notebook's model: .keras, legacy .h5 (Keras 3 or Keras 2 / "
+                             "tf.keras 2.x: Teachable Machine's keras_model.h5), or a SavedModel "
+                             "directory. With --feature-extractor: the head trained on the features.")
     parser.add_argument("--output", required=True, help="Model directory to write (replaced atomically).")
     classes = parser.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes", help="Class names in output order, comma-separated: cat,dog.")
     classes.add_argument("--classes-from", metavar="DIR",
                          help="The training folder: its sorted sub-folder names, as "
                               "flow_from_directory and image_dataset_from_directory number them.")
+    classes.add_argument("--labels", metavar="FILE",
+                         help="A labels file, one class name per line in output order; "
+                              "Teachable Machine's labels.txt ('0 Cats') as it is exported.")
     parser.add_argument("--scaling", choices=sorted(SCALINGS),
                         help="How the notebook scaled pixels before model.predict: 1/255 "
                              "(rescale=1./255), tf (x/127.5 - 1: MobileNet, Inception), caffe "
@@ -105,20 +114,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_class_names(args: argparse.Namespace) -> list[str]:
     if args.classes:
         return [name.strip() for name in args.classes.split(",") if name.strip()]
+    if args.labels:
+        return read_labels(args.labels)
     if not os.path.isdir(args.classes_from):
         raise PackagingError(f"--classes-from {args.classes_from} is not a directory")
     return sorted(name for name in os.listdir(args.classes_from)
                   if os.path.isdir(os.path.join(args.classes_from, name)))
 
 
-def load_notebook_model(path: str) -> tuple[keras.Model, str]:
-    """``(model, format)``. Keras files load with ``safe_mode=True``: no deserialised Python runs."""
+def read_labels(path: str) -> list[str]:
+    """Class names in output order from a labels file (``--labels``): one name per line, blank
+    lines skipped, a UTF-8 byte-order mark and spaces around a name ignored. When every line
+    starts with its own index, 0, 1, 2, ... (Teachable Machine's ``0 Cats``), the index is not
+    part of the name; numbered lines in another order are refused, as ambiguous."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise PackagingError(f"--labels {path}: {error}") from error
+    numbered = [NUMBERED_LABEL.match(line) for line in lines]
+    if lines and all(numbered):
+        indices = [int(match.group(1)) for match in numbered]
+        if indices != list(range(len(lines))):
+            raise PackagingError(f"--labels {path} numbers its lines {indices}, not 0 to "
+                                 f"{len(lines) - 1} in order: list the names in output order")
+        return [match.group(2) for match in numbered]
+    return lines
+
+
+def load_notebook_model(path: str) -> tuple[keras.Model, str, dict[str, int]]:
+    """``(model, format, keras2_changes)``. Keras files load with ``safe_mode=True``: no
+    deserialised Python runs. A Keras 2 / tf.keras 2.x ``.h5`` loads with its layer configs
+    translated for Keras 3 (``model.keras2``); ``keras2_changes`` counts each translation (empty
+    for other files). A file that still cannot load is refused naming the layer and key."""
     if not os.path.exists(path):
         raise PackagingError(f"--keras {path} does not exist")
     if os.path.isdir(path):
-        return _saved_model_as_keras(path), "saved_model"
+        return _saved_model_as_keras(path), "saved_model", {}
+    keras2 = is_keras2_h5(path)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True), os.path.splitext(path)[1][1:]
+        if keras2:
+            model, changes = load_keras2_h5(path)
+            return model, "h5", dict(changes)
+        return keras.saving.load_model(path, compile=False, safe_mode=True), os.path.splitext(path)[1][1:], {}
+    except Keras2ConfigError as error:
+        raise PackagingError(f"{path} (Keras 2): {error}") from error
     except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear refusal
         text = str(error)
         if "Lambda" in text or "safe_mode" in text:
@@ -128,6 +168,10 @@ def load_notebook_model(path: str) -> tuple[keras.Model, str]:
                 "scaled pixels, rebuild the model without it, save it again and pass --scaling; "
                 "otherwise replace it with a layer subclass registered with "
                 "@keras.saving.register_keras_serializable") from error
+        if keys := describe_load_error(error):
+            advice = RESAVE_ADVICE if keras2 else "save the model again with this Keras version"
+            raise PackagingError(f"Keras {keras.__version__} cannot load {path}: {keys}. To "
+                                 f"package it, {advice}") from error
         raise PackagingError(f"Keras cannot load {path}: {type(error).__name__}: "
                              f"{text.splitlines()[0] if text else ''}") from error
 
@@ -288,7 +332,7 @@ def package(args: argparse.Namespace):
     if scaling is None:
         raise PackagingError("--scaling is required: how the notebook scaled pixels "
                              "(1/255, tf, caffe, torch or none)")
-    model, source_format = load_notebook_model(args.keras)
+    model, source_format, keras2_changes = load_notebook_model(args.keras)
     if not args.feature_extractor:
         check_channels(model, args.keras)
     size = resolve_input_size(args, model)
@@ -307,6 +351,7 @@ def package(args: argparse.Namespace):
         "output": "sigmoid" if units == 1 else "softmax", "from_logits": args.from_logits,
         "feature_extractor": args.feature_extractor,
         "feature_weights": feature_weights if args.feature_extractor else None,
+        "keras2_translations": keras2_changes,
     }
     return export_model(
         classifier, args.output, class_names=class_names,

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 from keras import layers
 from keras.src.legacy.preprocessing.image import ImageDataGenerator
-from PIL import Image
 
 from model import package
 from model.architecture import calibrate_batchnorm
 from model.export import TFLITE_TOLERANCE
-from model.synthetic import write_kaggle_test_folder, write_labelled_folders
 from pipeline import score
 from serving.metadata import read_metadata
 from serving.preprocessing import KERAS_LOAD_IMG
@@ -26,33 +24,6 @@ from tests.pipeline.outputs import read_run
 
 TOLERANCE = {"saved_model": 1e-5, "tflite": TFLITE_TOLERANCE}
 BREEDS = [f"breed_{i:03d}" for i in range(133)]
-
-
-def write_odd_images(folder: str) -> None:
-    """Images whose loaders disagree unless they are the same: transparency, grayscale, CMYK,
-    palette and an EXIF rotation (which Keras's load_img ignores)."""
-    rng = np.random.default_rng(5)
-    photo = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).resize((180, 120))
-    rgba = photo.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
-    rgba.save(os.path.join(folder, "rgba.png"))
-    photo.convert("L").save(os.path.join(folder, "gray.jpg"))
-    photo.convert("CMYK").save(os.path.join(folder, "cmyk.jpg"))
-    photo.convert("P").save(os.path.join(folder, "palette.bmp"))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    photo.save(os.path.join(folder, "rotated.jpg"), exif=exif)
-
-
-@pytest.fixture(scope="module")
-def notebook_data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("notebook")
-    train = str(root / "train")
-    write_labelled_folders(train, per_class=12, size=(64, 80))
-    images = root / "test" / "images"  # flow_from_directory wants one sub-folder
-    write_kaggle_test_folder(str(images), 8, side_range=(40, 200))
-    write_odd_images(str(images))
-    return {"root": root, "train": train, "test": str(root / "test"), "images": str(images)}
 
 
 def score_packaged(model_dir: str, data: dict, output: str, runtime: str, *extra: str) -> dict:

@@ -1,0 +1,190 @@
+"""Keras 2 (tf.keras 2.x) ``.h5`` models, Teachable Machine's among them, package and score as
+their own ``model.predict``; a Keras 2 file that Keras 3 cannot rebuild is refused naming the
+layer, the key and what to do."""
+
+from __future__ import annotations
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from model import package
+from model.keras2 import translate_config
+from serving.metadata import file_sha256, read_metadata
+from tests.model import notebook
+from tests.model.keras2_files import layer_config, save_keras2_h5
+from tests.model.test_package import (
+    TOLERANCE,
+    assert_parity,
+    package_cli,
+    refused,
+    score_packaged,
+)
+
+
+def mobilenet_like(size: int) -> keras.Model:
+    """The layers of Teachable Machine's MobileNet base, few and narrow: ZeroPadding, Conv2D,
+    BatchNormalization, ReLU(6), DepthwiseConv2D, global average pooling (1280 features there)."""
+    image = keras.Input((size, size, 3), name="input_1")
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)), name="Conv1_pad")(image)
+    x = layers.Conv2D(8, 3, strides=4, use_bias=False, name="Conv1")(x)
+    x = layers.BatchNormalization(name="bn_Conv1")(x)
+    x = layers.ReLU(6.0, name="Conv1_relu")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="expanded_conv_depthwise")(x)
+    x = layers.BatchNormalization(name="expanded_conv_depthwise_BN")(x)
+    x = layers.ReLU(6.0, name="out_relu")(x)
+    return keras.Model(image, layers.GlobalAveragePooling2D(name="gap")(x), name="model1")
+
+
+@pytest.fixture(scope="module")
+def teachable_machine(tmp_path_factory) -> dict:
+    """keras_model.h5 as Teachable Machine exports it: Sequential[MobileNet base, Sequential[
+    Dense(100, relu), Dense(classes, softmax)]], 224x224, pixels scaled x / 127.5 - 1, and
+    labels.txt ("0 Cats")."""
+    root = tmp_path_factory.mktemp("teachable")
+    keras.utils.set_random_seed(7)
+    base = mobilenet_like(224)
+    # BatchNorm statistics as training leaves them, so the features do not vanish.
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.random.default_rng(1).normal(0, 0.5, channels))
+            layer.moving_variance.assign(np.random.default_rng(2).uniform(0.5, 2, channels))
+    head = keras.Sequential([keras.Input((8,)), layers.Dense(100, activation="relu"),
+                             layers.Dense(2, activation="softmax", use_bias=False)], name="sequential_4")
+    model = keras.Sequential([keras.Input((224, 224, 3)), base, head], name="sequential_5")
+    path = str(root / "keras_model.h5")
+    save_keras2_h5(model, path)
+    labels = root / "labels.txt"
+    labels.write_text("0 Cats\n1 Dogs\n")
+    return {"root": root, "path": path, "labels": str(labels), "model": model}
+
+
+def test_a_teachable_machine_model_with_its_labels_txt_scores_as_its_own_predict(
+        teachable_machine, notebook_data, tmp_path):
+    with h5py.File(teachable_machine["path"]) as handle:  # Keras 3 alone refuses the file
+        assert '"groups": 1' in handle.attrs["model_config"]
+    with pytest.raises(TypeError, match="could not be deserialized|Error when deserializing"):
+        keras.saving.load_model(teachable_machine["path"], compile=False)
+
+    model_dir = str(tmp_path / "tm")
+    assert package_cli("--keras", teachable_machine["path"], "--labels", teachable_machine["labels"],
+                       "--scaling", "tf", "--output", model_dir) == 0
+    metadata = read_metadata(model_dir)
+    assert metadata.class_names == ["Cats", "Dogs"] and metadata.input_size == [224, 224]
+    assert metadata.training["packaged_from"]["keras2_translations"] == {
+        "DepthwiseConv2D: groups dropped": 1, "BatchNormalization: axis [n] -> n": 2,
+        "Sequential: batch_input_shape of the first layer -> its InputLayer": 1}
+    paths = notebook.image_paths(notebook_data["images"])
+    expected = teachable_machine["model"].predict(notebook.load_batch(paths, (224, 224)) / 127.5 - 1,
+                                                  verbose=0)
+    for runtime in ("saved_model", "tflite"):
+        scored = score_packaged(model_dir, notebook_data, str(tmp_path / runtime), runtime)
+        assert_parity(scored, paths, expected, ["Cats", "Dogs"], TOLERANCE[runtime])
+
+
+def every_known_key_model() -> keras.Model:
+    image = keras.Input((24, 24, 3), name="pixels")
+    x = layers.SeparableConv2D(6, 3, name="separable")(image)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.Conv2DTranspose(4, 3, name="transposed")(x)
+    x = layers.DepthwiseConv2D(3, name="depthwise")(x)
+    x = layers.Conv2D(4, 3, name="conv")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(image, layers.Dense(3, activation="softmax", name="dense")(x))
+
+
+def test_every_known_keras2_key_loads_with_the_models_own_predictions(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = every_known_key_model()
+    path = str(tmp_path / "every.h5")
+
+    def older_keys(config):  # what older tf.keras versions also wrote
+        layer_config(config, "dense")["dtype"] = {"class_name": "Policy", "config": {"name": "float32"}}
+        layer_config(config, "conv")["kernel_initializer"] = {"class_name": "VarianceScaling", "config": {
+            "scale": 1.0, "mode": "fan_avg", "distribution": "uniform", "seed": None, "dtype": "float32"}}
+
+    save_keras2_h5(model, path, older_keys)
+    loaded, source_format, changes = package.load_notebook_model(path)
+    images = np.random.default_rng(0).uniform(0, 1, (4, 24, 24, 3)).astype("float32")
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    assert source_format == "h5"
+    assert changes == {
+        "SeparableConv2D: groups dropped": 1, "SeparableConv2D: kernel_initializer dropped": 1,
+        "SeparableConv2D: kernel_regularizer dropped": 1, "SeparableConv2D: kernel_constraint dropped": 1,
+        "BatchNormalization: axis [n] -> n": 1,
+        "Conv2DTranspose: groups dropped": 1, "DepthwiseConv2D: groups dropped": 1,
+        "dtype policy Policy -> 'float32'": 1, "VarianceScaling initializer: dtype dropped": 1}
+
+
+def test_a_mixed_precision_policy_becomes_its_keras3_name():
+    config = {"class_name": "Dense", "config": {"name": "dense", "units": 2, "dtype": {
+        "class_name": "Policy", "config": {"name": "mixed_float16"}}}}
+    translated, changes = translate_config(config)
+    assert translated["config"]["dtype"] == "mixed_float16"
+    assert keras.layers.Dense.from_config(translated["config"]).dtype_policy.name == "mixed_float16"
+    assert changes == {"dtype policy Policy -> 'mixed_float16'": 1}
+    assert config["config"]["dtype"]["class_name"] == "Policy"  # the caller's config is untouched
+
+
+def set_in(name: str, **keys):
+    return lambda config: layer_config(config, name).update(keys)
+
+
+def tf_function_layer(config):
+    """tf.keras 2's record of ``x / 127.5`` in a functional model (preprocess_input inside)."""
+    config["config"]["layers"].insert(1, {
+        "class_name": "TFOpLambda", "name": "tf.math.truediv", "inbound_nodes": [
+            ["pixels", 0, 0, {"y": 127.5, "name": None}]],
+        "config": {"name": "tf.math.truediv", "trainable": True, "dtype": "float32",
+                   "function": "math.truediv"}})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (set_in("depthwise", groups=2),
+     "layer 'depthwise' (DepthwiseConv2D) has groups=2 (written by Keras 2's Conv base class"),
+    (set_in("bn", virtual_batch_size=4),
+     "layer 'bn' (BatchNormalization) has virtual_batch_size=4 (ghost batch normalisation"),
+    (set_in("bn", renorm=True), "layer 'bn' (BatchNormalization) has renorm=True"),
+    (set_in("dense", activation="hard_sigmoid"),
+     "layer 'dense' (Dense) uses activation 'hard_sigmoid', which Keras 2 computes as clip(0.2 x + 0.5)"),
+    (tf_function_layer, "layer 'tf.math.truediv' (TFOpLambda) is a TensorFlow function call "
+                        "(math.truediv)"),
+    (set_in("conv", kernel_quantizer="int4"),  # no translation known: Keras 3's own error, made plain
+     "cannot load PATH: layer 'conv' (Conv2D) has config keys Keras 3 does not accept: "
+     "{'kernel_quantizer': 'int4'}. To package it, load the file in tf.keras 2"),
+])
+def test_a_keras2_file_keras3_cannot_rebuild_is_refused_naming_layer_key_and_what_to_do(
+        tmp_path, capsys, edit, message):
+    path = str(tmp_path / "model.h5")
+    save_keras2_h5(every_known_key_model(), path, edit)
+    text = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "a,b,c", "--scaling", "none")
+    assert message.replace("PATH", path) in text
+    assert "pip install tf-keras" in text and "model.export(DIR)" in text
+
+
+@pytest.mark.parametrize("text, names", [
+    ("0 Cats\n1 Dogs\n", ["Cats", "Dogs"]),  # Teachable Machine
+    ("\ufeff0 Golden Retriever\r\n1 Tabby cat\r\n\r\n", ["Golden Retriever", "Tabby cat"]),
+    ("cat\ndog\n", ["cat", "dog"]),  # one name per line
+    ("1 cat\ndog\n", ["1 cat", "dog"]),  # not every line numbered: the numbers are names
+])
+def test_labels_files_give_class_names_in_output_order(tmp_path, text, names):
+    path = tmp_path / "labels.txt"
+    path.write_bytes(text.encode())
+    assert package.read_labels(str(path)) == names
+
+
+def test_labels_numbered_out_of_order_are_refused(tmp_path):
+    path = tmp_path / "labels.txt"
+    path.write_text("1 Dogs\n0 Cats\n")
+    with pytest.raises(package.PackagingError, match=r"numbers its lines \[1, 0\], not 0 to 1 in order"):
+        package.read_labels(str(path))
+
+
+def test_the_users_file_is_not_modified(teachable_machine):
+    before = file_sha256(teachable_machine["path"])
+    package.load_notebook_model(teachable_machine["path"])
+    assert file_sha256(teachable_machine["path"]) == before
