@@ -79,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(BGR minus ImageNet means: ResNet50, VGG), torch (DenseNet) or none "
                              "(the model scales inside). Default: the feature extractor's own; "
                              "required otherwise.")
+    parser.add_argument("--allow-double-scaling", action="store_true",
+                        help="Package a --scaling other than none although the model's input "
+                             "layer (Rescaling, Normalization) scales pixels itself: only when the "
+                             "notebook really fed it pixels scaled twice. Refused otherwise.")
     parser.add_argument("--loader", choices=sorted(LOADERS), default="keras",
                         help="How the notebook read and resized images: keras = keras.utils.load_img "
                              "/ ImageDataGenerator.flow_from_directory (default); petscore = "
@@ -214,6 +218,46 @@ def resolve_input_size(args: argparse.Namespace, model: keras.Model) -> tuple[in
     return int(shape[1]), int(shape[2])
 
 
+def input_scaling_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The ``Rescaling`` or ``Normalization`` layer through which the model's pixels first pass,
+    if the first layer that changes them is one (``first_value_layer``), else None."""
+    layer = first_value_layer(model)
+    return layer if isinstance(layer, keras.layers.Rescaling | keras.layers.Normalization) else None
+
+
+def first_value_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The first layer that changes the pixel values at inference, looked for past input
+    layers, into nested models, and past layers that leave the values' range as it is at
+    inference (``Random*`` augmentation, ``Resizing``, ``CenterCrop``), as Keras's image
+    classification tutorial and ``keras.applications`` with ``include_preprocessing`` place
+    them; None if there is none."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found = first_value_layer(layer)
+            if found is not None:
+                return found
+        elif not (isinstance(layer, keras.layers.InputLayer | keras.layers.Resizing | keras.layers.CenterCrop)
+                  or type(layer).__name__.startswith("Random")):
+            return layer
+    return None
+
+
+def check_single_scaling(model: keras.Model, scaling: str) -> None:
+    """Refuse ``--scaling`` other than ``none`` for a model that scales its input itself: the
+    packaged model would scale the pixels twice (1/255 then Rescaling(1/255): every image
+    near black to the model), silently."""
+    layer = input_scaling_layer(model)
+    if scaling == "none" or layer is None:
+        return
+    config = layer.get_config()
+    values = ", ".join(f"{key}={config[key]!r:.40}" for key in ("scale", "offset", "mean", "variance")
+                       if config.get(key) is not None)
+    raise PackagingError(
+        f"the model's input layer '{layer.name}' ({type(layer).__name__}{f'({values})' if values else ''}) "
+        f"already scales pixels, so --scaling {scaling} would scale them twice: pass --scaling none, "
+        "or --allow-double-scaling if the notebook really fed the model pixels scaled both ways")
+
+
 def check_channels(model: keras.Model, what: str) -> None:
     shape = model.input_shape
     if isinstance(shape, list) or len(shape) != 4 or shape[-1] != 3:
@@ -335,6 +379,8 @@ def package(args: argparse.Namespace):
     model, source_format, keras2_changes = load_notebook_model(args.keras)
     if not args.feature_extractor:
         check_channels(model, args.keras)
+        if not args.allow_double_scaling:
+            check_single_scaling(model, scaling)
     size = resolve_input_size(args, model)
     base = build_feature_extractor(args, size, model) if args.feature_extractor else None
     classifier, scores, units = wrap(model, size, scaling, base, args.from_logits)
@@ -348,6 +394,7 @@ def package(args: argparse.Namespace):
         "path": source, "format": source_format,
         "sha256": file_sha256(source) if os.path.isfile(source) else None,
         "loader": args.loader, "interpolation": interpolation, "scaling": scaling,
+        "double_scaling_allowed": args.allow_double_scaling,
         "output": "sigmoid" if units == 1 else "softmax", "from_logits": args.from_logits,
         "feature_extractor": args.feature_extractor,
         "feature_weights": feature_weights if args.feature_extractor else None,

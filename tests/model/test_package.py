@@ -344,3 +344,58 @@ def test_scaling_inside_the_model_equals_preprocess_input_in_a_graph(mode):
     graph = tf.function(lambda x: layer(x))
     want = keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode=mode)
     assert np.array_equal(graph(tf.constant(pixels)).numpy(), want)
+
+
+def rescaling_cnn(size: tuple[int, int]) -> keras.Model:
+    """Keras's image classification tutorial: augmentation, then Rescaling(1./255) inside the model."""
+    keras.utils.set_random_seed(4)
+    augmentation = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1)],
+                                    name="data_augmentation")
+    rescaling = layers.Rescaling(1. / 255, name="rescaling")
+    return keras.Sequential([keras.Input((*size, 3)), augmentation, rescaling,
+                             *notebook.small_cnn(size, layers.Dense(2, activation="softmax")).layers])
+
+
+def test_scaling_pixels_a_model_scales_itself_is_refused_and_none_scores_as_the_notebook(
+        notebook_data, tmp_path, capsys):
+    path = str(tmp_path / "rescaling.keras")
+    model = rescaling_cnn((64, 64))
+    model.save(path)
+    message = refused(capsys, str(tmp_path / "twice"), "--keras", path, "--classes", "cat,dog",
+                      "--scaling", "1/255")
+    assert ("the model's input layer 'rescaling' (Rescaling(scale=0.00392156862745098, offset=0.0)) "
+            "already scales pixels, so --scaling 1/255 would scale them twice: pass --scaling none, "
+            "or --allow-double-scaling") in message
+    model_dir = str(tmp_path / "once")
+    assert package_cli("--keras", path, "--classes", "cat,dog", "--scaling", "none",
+                       "--output", model_dir) == 0
+    paths = notebook.image_paths(notebook_data["images"])
+    expected = model.predict(notebook.load_batch(paths, (64, 64)), verbose=0)
+    scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), "saved_model")
+    assert_parity(scored, paths, expected, ["cat", "dog"], TOLERANCE["saved_model"])
+    # Said to be intended, the double scaling is packaged, and recorded.
+    allowed = str(tmp_path / "allowed")
+    assert package_cli("--keras", path, "--classes", "cat,dog", "--scaling", "1/255",
+                       "--allow-double-scaling", "--output", allowed) == 0
+    assert read_metadata(allowed).training["packaged_from"]["double_scaling_allowed"] is True
+
+
+def nested_normalization(size: tuple[int, int]) -> keras.Model:
+    """keras.applications with include_preprocessing (EfficientNet, ConvNeXt): a nested base whose
+    first layer normalises."""
+    image = keras.Input((*size, 3))
+    x = layers.Normalization(mean=[120.0, 110.0, 100.0], variance=[3000.0] * 3, name="normalization")(image)
+    base = keras.Model(image, layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(x)), name="base")
+    return keras.Sequential([keras.Input((*size, 3)), base, layers.Dense(2, activation="softmax")])
+
+
+@pytest.mark.parametrize("build, scaling_layer", [
+    (rescaling_cnn, "rescaling"),
+    (nested_normalization, "normalization"),
+    (lambda size: notebook.small_cnn(size, layers.Dense(2, activation="softmax")), None),
+    (lambda size: keras.Sequential([keras.Input((*size, 3)), layers.Conv2D(4, 3), layers.Rescaling(2.0),
+                                    layers.Flatten(), layers.Dense(2, activation="softmax")]), None),
+])
+def test_the_scaling_layer_at_a_models_input_is_found_and_only_there(build, scaling_layer):
+    layer = package.input_scaling_layer(build((16, 16)))
+    assert (layer.name if layer is not None else None) == scaling_layer
