@@ -41,12 +41,13 @@ from model.export import export_model
 from model.keras2 import RESAVE_ADVICE, Keras2ConfigError, describe_load_error, is_keras2_h5, load_keras2_h5
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 from serving.metadata import file_sha256
-from serving.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
+from serving.preprocessing import KERAS_LOAD_IMG, PILLOW_FIT, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
 from serving.reference import reference_batch
 
 _LOG = logging.getLogger("petscore.package")
-LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION}
-DEFAULT_INTERPOLATION = {"keras": "nearest", "petscore": "bilinear"}  # each loader's own default
+LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION, "teachable-machine": PILLOW_FIT}
+# each loader's own default
+DEFAULT_INTERPOLATION = {"keras": "nearest", "petscore": "bilinear", "teachable-machine": "lanczos"}
 PROBE_SEEDS = tuple(range(200, 216))
 PROBABILITY_TOLERANCE = 1e-3
 # Teachable Machine's labels.txt: "0 Cats", "1 Dogs", ... (its index, a space, the class name)
@@ -86,10 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader", choices=sorted(LOADERS), default="keras",
                         help="How the notebook read and resized images: keras = keras.utils.load_img "
                              "/ ImageDataGenerator.flow_from_directory (default); petscore = "
-                             "petscore's own loader (EXIF rotation, DCT-scaled JPEG decoding).")
+                             "petscore's own loader (EXIF rotation, DCT-scaled JPEG decoding); "
+                             "teachable-machine = Teachable Machine's Python sample (ImageOps.fit: "
+                             "a centred crop to the input's shape, LANCZOS).")
     parser.add_argument("--interpolation", default=None,
                         help="The loader's resize method: nearest (Keras's default), bilinear, "
-                             "bicubic, hamming, box, lanczos. Default: the loader's own default.")
+                             "bicubic, hamming, box, lanczos (Teachable Machine's). Default: the "
+                             "loader's own default.")
     parser.add_argument("--feature-extractor", choices=sorted(FEATURE_EXTRACTORS),
                         help="Bottleneck-feature models: the Keras application (include_top=False) "
                              "whose features the head was trained on; it is put in front of the head.")

@@ -20,7 +20,11 @@ Four loaders, each a versioned preprocessing recorded in a model's metadata:
   ``ImageDataGenerator.flow_from_directory`` do (full decode, Pillow ``convert("RGB")``, no EXIF
   rotation, resize with Keras's interpolation, ``nearest`` by default), for models trained in
   notebooks and brought in with ``python -m model.package``. Scoring a model through the loader
-  it was trained with is what makes its scores equal to the notebook's.
+  it was trained with is what makes its scores equal to the notebook's;
+- ``pillow-fit-v1``: what Teachable Machine's exported Python sample does before
+  ``model.predict`` (``Image.open(path).convert("RGB")``, then ``ImageOps.fit`` to the input
+  size: the largest centred crop of the input's aspect ratio, resized with LANCZOS by default),
+  for its ``keras_model.h5``.
 
 Every loader opens the bytes with ``open_image``: Pillow's own formats, AVIF (Pillow 12's wheels
 carry libavif) and HEIF/HEIC, what phones save by default, through pillow-heif's plugin (libheif
@@ -49,6 +53,7 @@ PILLOW_DRAFT_V1 = PREPROCESSING_VERSION
 PILLOW_DRAFT_CV2 = "pillow-draft-cv2-v2"
 CV2_JPEG = "cv2-jpeg-v3"
 KERAS_LOAD_IMG = "keras-load-img-v1"
+PILLOW_FIT = "pillow-fit-v1"
 RESIZE_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # keras.utils.image_utils.PIL_INTERPOLATION_METHODS
 KERAS_INTERPOLATIONS = {
@@ -59,7 +64,8 @@ KERAS_INTERPOLATIONS = {
 # preprocessing version -> the resize methods it knows
 CV2_RESIZE_METHODS = {"bilinear": "INTER_LINEAR"}  # OpenCV flag names (cv2 is imported lazily)
 PREPROCESSING_VERSIONS = {PILLOW_DRAFT_V1: RESIZE_METHODS, PILLOW_DRAFT_CV2: CV2_RESIZE_METHODS,
-                          CV2_JPEG: CV2_RESIZE_METHODS, KERAS_LOAD_IMG: KERAS_INTERPOLATIONS}
+                          CV2_JPEG: CV2_RESIZE_METHODS, KERAS_LOAD_IMG: KERAS_INTERPOLATIONS,
+                          PILLOW_FIT: KERAS_INTERPOLATIONS}
 # JPEG DCT scale -> OpenCV's flag that decodes at it (EXIF orientation applied, 3-channel BGR)
 CV2_REDUCED_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
                      8: "IMREAD_REDUCED_COLOR_8"}
@@ -167,7 +173,8 @@ def decode_and_resize(
     either loader); callers turn that into an error row. ``pillow-rgb-draft-v1``: EXIF
     orientation is applied, the first frame of an animation is used, grayscale/CMYK/palette/
     16-bit images become RGB and transparent pixels are composited over white.
-    ``keras-load-img-v1``: whatever ``keras.utils.load_img`` + ``img_to_array`` give, to the bit.
+    ``keras-load-img-v1``: whatever ``keras.utils.load_img`` + ``img_to_array`` give, to the bit;
+    ``pillow-fit-v1``: whatever ``ImageOps.fit(image.convert("RGB"), size, method)`` gives.
     """
     if not data:
         raise EmptyImageError("empty file (0 bytes)")
@@ -186,6 +193,9 @@ def decode_and_resize(
             )
         if preprocessing == KERAS_LOAD_IMG:
             return _keras_load_img(image, width, height, methods[resize_method])
+        if preprocessing == PILLOW_FIT:
+            fitted = ImageOps.fit(image.convert("RGB"), (width, height), methods[resize_method])
+            return np.asarray(fitted, dtype=np.uint8)
         # JPEG only: decode at the smallest DCT scale that still covers the target size (v1, v3)
         # or half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
         longest = max(height, width)

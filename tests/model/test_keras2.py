@@ -9,10 +9,12 @@ import keras
 import numpy as np
 import pytest
 from keras import layers
+from PIL import Image, ImageOps
 
 from model import package
 from model.keras2 import translate_config
 from serving.metadata import file_sha256, read_metadata
+from serving.preprocessing import PILLOW_FIT
 from tests.model import notebook
 from tests.model.keras2_files import layer_config, save_keras2_h5
 from tests.model.test_package import (
@@ -41,8 +43,8 @@ def mobilenet_like(size: int) -> keras.Model:
 @pytest.fixture(scope="module")
 def teachable_machine(tmp_path_factory) -> dict:
     """keras_model.h5 as Teachable Machine exports it: Sequential[MobileNet base, Sequential[
-    Dense(100, relu), Dense(classes, softmax)]], 224x224, pixels scaled x / 127.5 - 1, and
-    labels.txt ("0 Cats")."""
+    Dense(100, relu), Dense(classes, softmax)]], 224x224, pixels cropped to a square and scaled
+    x / 127.5 - 1 by its sample code, and labels.txt ("0 Cats")."""
     root = tmp_path_factory.mktemp("teachable")
     keras.utils.set_random_seed(7)
     base = mobilenet_like(224)
@@ -71,18 +73,26 @@ def test_a_teachable_machine_model_with_its_labels_txt_scores_as_its_own_predict
 
     model_dir = str(tmp_path / "tm")
     assert package_cli("--keras", teachable_machine["path"], "--labels", teachable_machine["labels"],
-                       "--scaling", "tf", "--output", model_dir) == 0
+                       "--scaling", "tf", "--loader", "teachable-machine", "--output", model_dir) == 0
     metadata = read_metadata(model_dir)
     assert metadata.class_names == ["Cats", "Dogs"] and metadata.input_size == [224, 224]
+    assert (metadata.preprocessing, metadata.resize_method) == (PILLOW_FIT, "lanczos")
     assert metadata.training["packaged_from"]["keras2_translations"] == {
         "DepthwiseConv2D: groups dropped": 1, "BatchNormalization: axis [n] -> n": 2,
         "Sequential: batch_input_shape of the first layer -> its InputLayer": 1}
     paths = notebook.image_paths(notebook_data["images"])
-    expected = teachable_machine["model"].predict(notebook.load_batch(paths, (224, 224)) / 127.5 - 1,
+    expected = teachable_machine["model"].predict(teachable_machine_sample_pixels(paths) / 127.5 - 1,
                                                   verbose=0)
     for runtime in ("saved_model", "tflite"):
         scored = score_packaged(model_dir, notebook_data, str(tmp_path / runtime), runtime)
         assert_parity(scored, paths, expected, ["Cats", "Dogs"], TOLERANCE[runtime])
+
+
+def teachable_machine_sample_pixels(paths: list[str]) -> np.ndarray:
+    """What Teachable Machine's exported Python sample feeds model.predict, before scaling."""
+    return np.stack([np.asarray(ImageOps.fit(Image.open(path).convert("RGB"), (224, 224),
+                                             Image.Resampling.LANCZOS), dtype=np.float32)
+                     for path in paths])
 
 
 def every_known_key_model() -> keras.Model:

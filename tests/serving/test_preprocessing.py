@@ -12,6 +12,7 @@ from serving.preprocessing import (
     KERAS_LOAD_IMG,
     PILLOW_DRAFT_CV2,
     PILLOW_DRAFT_V1,
+    PILLOW_FIT,
     EmptyImageError,
     ImageTooLargeError,
     decode_and_resize,
@@ -197,6 +198,20 @@ def test_keras_loader_gives_keras_load_img_pixels_to_the_bit(tmp_path, interpola
         assert got.dtype == np.uint8 and np.array_equal(got.astype(np.float32), want), name
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"])
+def test_the_teachable_machine_loader_gives_its_samples_pixels_to_the_bit(interpolation):
+    """Teachable Machine's Python sample: Image.open(path).convert("RGB"), then ImageOps.fit
+    (the largest centred crop of the target's aspect ratio, resized), EXIF not applied."""
+    method = getattr(Image.Resampling, interpolation.upper())
+    for photo in (smooth((90, 40)), smooth((30, 70)).convert("P"), quadrants()):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = 6
+        data = encode(photo.convert("RGB"), "JPEG", quality=90, exif=exif.tobytes())
+        want = np.asarray(ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (32, 24), method))
+        got = decode_and_resize(data, (24, 32), resize_method=interpolation, preprocessing=PILLOW_FIT)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_keras_loader_ignores_exif_orientation_as_keras_does():
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -221,7 +236,7 @@ def smooth(size=(64, 48)) -> Image.Image:
     return Image.fromarray(np.stack([x * 3, y * 5, (x + y) * 2], -1).astype(np.uint8))
 
 
-@pytest.mark.parametrize("version", [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG, KERAS_LOAD_IMG])
+@pytest.mark.parametrize("version", [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG, KERAS_LOAD_IMG, PILLOW_FIT])
 @pytest.mark.parametrize("orientation", [1, 6])
 def test_a_phones_heic_decodes_as_the_same_photo_in_png_in_every_loader(version, orientation):
     """A HEIC written by pillow-heif, lossless, with the EXIF orientation a phone held sideways
