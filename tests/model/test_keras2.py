@@ -95,6 +95,24 @@ def teachable_machine_sample_pixels(paths: list[str]) -> np.ndarray:
                      for path in paths])
 
 
+def test_a_file_tf_keras_writes_predicts_as_it_does_under_tf_keras(tmp_path):
+    """The real thing, not an edited config: Teachable Machine's shape (MobileNetV2 alpha 0.35
+    and a Dense head in nested Sequentials) saved by tf-keras 2.21, the tf.keras 2.x line."""
+    tf_keras = pytest.importorskip("tf_keras")
+    base = tf_keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, include_top=False,
+                                             weights=None, pooling="avg")
+    head = tf_keras.Sequential([tf_keras.layers.Dense(16, activation="relu", input_shape=(1280,)),
+                                tf_keras.layers.Dense(2, activation="softmax")])
+    model = tf_keras.Sequential([base, head])
+    path = str(tmp_path / "keras_model.h5")
+    model.save(path)
+    images = np.random.default_rng(0).uniform(-1, 1, (4, 96, 96, 3)).astype("float32")
+    loaded, _, changes = package.load_notebook_model(path)
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+    assert changes == {"DepthwiseConv2D: groups dropped": 17, "BatchNormalization: axis [n] -> n": 52,
+                       "Sequential: batch_input_shape of the first layer -> its InputLayer": 1}
+
+
 def every_known_key_model() -> keras.Model:
     image = keras.Input((24, 24, 3), name="pixels")
     x = layers.SeparableConv2D(6, 3, name="separable")(image)
