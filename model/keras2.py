@@ -1,25 +1,32 @@
 """Keras 2 (tf.keras 2.x) ``.h5`` models under Keras 3: their layer configs, translated.
 
-tf.keras 2.x wrote configuration keys that Keras 3 refuses although they change nothing at
-inference (``keras.src.legacy.saving.legacy_h5_format`` reads the weights of these files, but
-builds each layer with ``cls(**config)``, which rejects any key Keras 3 does not know):
+Keras 3 reads the weights of these files (``keras.src.legacy.saving.legacy_h5_format``) but
+builds each layer with ``cls(**config)``, which rejects any key it does not know, and numbers
+nodes its own way. tf.keras 2.x wrote, at no difference in inference:
 
 - ``groups: 1`` on depthwise, separable and transposed convolutions (their Keras 2 base class,
-  ``Conv``, wrote it; Keras 3 has no grouped form of these layers);
+  ``Conv``, wrote it; Keras 3 has no grouped form of these layers), and the separable layers'
+  unused ``kernel_initializer``/``_regularizer``/``_constraint``;
 - ``BatchNormalization``'s ``axis`` as a one-element list (Keras 2 stores the built axes);
+- ``rng_type`` on augmentation layers (``RandomFlip``, ``RandomRotation``, ...): their random
+  generator, which only draws while training;
+- node indices of calls to a nested Sequential in a functional model (tf.keras 2 counted the
+  node it built the Sequential with);
 - ``batch_input_shape`` on the first layer of a nested Sequential (Keras 2's record of
   ``input_shape=``, beside the ``InputLayer`` it built from it);
 - a layer's ``dtype`` as a Keras 2 mixed-precision policy (``{"class_name": "Policy", "config":
   {"name": "mixed_float16"}}``), which Keras 3 takes as the policy's name;
 - ``dtype`` inside an initializer's config (TF 1.x-era initializers): Keras 3 initializers take
-  the dtype when called. Initializers only matter for training: the weights come from the file.
+  the dtype when called (and the weights come from the file);
+- TensorFlow functions of a tensor and a number recorded as ``TFOpLambda`` layers (``x / 127.5
+  - 1``: ``preprocess_input`` inside the model, as TensorFlow's transfer learning tutorial saves
+  it), which become the ``Rescaling`` layer that computes them.
 
-Each known key is translated to the Keras 3 config with the same inference (checked against
-files tf-keras 2.21 writes); a value that has no Keras 3 equivalent (``groups`` other than 1,
-``renorm=True``, ``virtual_batch_size``, a BatchNormalization over several axes), Keras 2's
-``hard_sigmoid``
-(``0.2 x + 0.5``, where Keras 3's is ``x / 6 + 0.5``) and TensorFlow functions recorded as layers
-(``TFOpLambda``) are refused, naming the layer, the key and what to do instead.
+Each is translated to the Keras 3 config with the same inference (checked against files tf-keras
+2.21 writes). What has no Keras 3 equivalent is refused, naming the layer, the key and what to do
+instead: ``groups`` other than 1, ``renorm=True``, ``virtual_batch_size``, a BatchNormalization
+over several axes, Keras 2's ``hard_sigmoid`` (``0.2 x + 0.5``, where Keras 3's is ``x / 6 +
+0.5``) and other TensorFlow functions recorded as layers.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ _DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
 _SEPARABLE = ("SeparableConv1D", "SeparableConv2D")
 _TRANSPOSED = ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
 # Keys Keras 2 wrote and Keras 3 refuses, dropped when their value changes nothing at inference:
-# (layer classes, key, the values that may be dropped or None for any, what the key is).
+# (layer classes or None for any, key, the values that may be dropped or None for any, what it is).
 DROPPED_KEYS = (
     (_DEPTHWISE + _SEPARABLE + _TRANSPOSED, "groups", (1,),
      "written by Keras 2's Conv base class; Keras 3 has no grouped form of these layers"),
@@ -49,11 +56,21 @@ DROPPED_KEYS = (
     (_SEPARABLE, "kernel_constraint", None, "unused: separable kernels are depthwise_/pointwise_"),
     (("BatchNormalization",), "virtual_batch_size", (None,),
      "ghost batch normalisation, whose weights Keras 2 stores with an extra axis"),
+    (None, "rng_type", None, "the random generator of augmentation and noise layers: training only"),
 )
 # Keras 2's mixed-precision policy classes, as they appear in a layer's serialised "dtype".
 KERAS2_POLICIES = frozenset({"Policy", "PolicyV1", "PolicyV2"})
 # Layers that hold a TensorFlow function call (x / 127.5 written in a functional model, for one).
 TF_FUNCTION_LAYERS = frozenset({"TFOpLambda", "SlicingOpLambda", "TensorFlowOpLayer"})
+# TFOpLambda functions of a tensor and a number, as (scale, offset) of Keras 3's Rescaling, which
+# computes x * scale + offset: what preprocess_input inside a model, or x / 255, records. A
+# division becomes the product with the reciprocal, as TensorFlow's graph optimiser also makes it
+# (within one float32 rounding).
+SCALAR_FUNCTIONS = {
+    "math.truediv": lambda y: (1 / y, 0.0), "math.divide": lambda y: (1 / y, 0.0),
+    "math.multiply": lambda y: (y, 0.0), "math.subtract": lambda y: (1.0, -y),
+    "math.add": lambda y: (1.0, y), "__operators__.add": lambda y: (1.0, y),
+}
 RESAVE_ADVICE = ("load the file in tf.keras 2 (pip install tf-keras, TF_USE_LEGACY_KERAS=1) and "
                  "pass the SavedModel that model.export(DIR) writes from there as --keras DIR")
 
@@ -88,10 +105,14 @@ def translate_config(config: dict) -> tuple[dict, Counter]:
     layer and key when a value has no Keras 3 equivalent."""
     config = copy.deepcopy(config)
     changes: Counter = Counter()
-    for class_name, layer in _layer_configs(config):
-        if class_name == "Sequential":
-            _input_layer_first(layer, changes)
-        _translate_layer(class_name, layer, changes)
+    for node in _layer_nodes(config):
+        if node["class_name"] == "TFOpLambda":
+            _tf_function_as_rescaling(node, changes)
+        if node["class_name"] == "Sequential":
+            _input_layer_first(node["config"], changes)
+        if node["class_name"] in ("Functional", "Model"):
+            _first_call_of_nested_sequentials(node["config"], changes)
+        _translate_layer(node["class_name"], node["config"], changes)
     return config, changes
 
 
@@ -133,7 +154,7 @@ def _translate_layer(class_name: str, layer: dict, changes: Counter) -> None:
             "(preprocess_input inside the model), rebuild the model without it and pass --scaling; "
             f"otherwise {RESAVE_ADVICE}")
     for classes, key, honoured, why in DROPPED_KEYS:
-        if class_name in classes and key in layer:
+        if (classes is None or class_name in classes) and key in layer:
             if honoured is not None and layer[key] not in honoured:
                 raise Keras2ConfigError(f"layer '{name}' ({class_name}) has {key}={layer[key]!r} "
                                         f"({why}), which Keras 3 cannot load: {RESAVE_ADVICE}")
@@ -154,6 +175,52 @@ def _translate_layer(class_name: str, layer: dict, changes: Counter) -> None:
         if key.endswith("_initializer") and isinstance(value, dict) and "dtype" in value.get("config", {}):
             del value["config"]["dtype"]
             changes[f"{value.get('class_name')} initializer: dtype dropped"] += 1
+
+
+def _tf_function_as_rescaling(node: dict, changes: Counter) -> None:
+    """A ``TFOpLambda`` of one of ``SCALAR_FUNCTIONS`` with a number ``y`` becomes the
+    ``Rescaling`` layer that computes it, in place (anything else is left to be refused)."""
+    config, calls = node["config"], node.get("inbound_nodes") or []
+    function = SCALAR_FUNCTIONS.get(config.get("function"))
+    call = calls[0] if len(calls) == 1 else None  # [layer, node index, tensor index, kwargs]
+    if function is None or not (isinstance(call, list) and len(call) == 4 and isinstance(call[3], dict)):
+        return
+    arguments = {key: value for key, value in call[3].items() if key != "name"}
+    y = arguments.get("y")
+    if set(arguments) != {"y"} or isinstance(y, bool) or not isinstance(y, int | float) or y == 0:
+        return
+    scale, offset = function(float(y))
+    node.update(class_name="Rescaling", inbound_nodes=[[[*call[:3], {}]]], config={
+        "name": config["name"], "trainable": config.get("trainable", True),
+        "dtype": config.get("dtype", "float32"), "scale": scale, "offset": offset})
+    changes[f"TFOpLambda {config['function']}(x, y) -> Rescaling"] += 1
+
+
+def _first_call_of_nested_sequentials(functional: dict, changes: Counter) -> None:
+    """tf.keras 2 gave a Sequential a node of its own when it built it, so a functional model
+    calling it (``data_augmentation(inputs)``, Keras's tutorials) names its first call node 1;
+    Keras 3 numbers that call 0 (its Functional models keep the built node, its Sequentials do
+    not). References to a nested Sequential's nodes, in the layers' inbound nodes and the
+    model's inputs and outputs, move down by one."""
+    sequentials = {layer.get("name", layer["config"].get("name")) for layer in functional.get("layers", [])
+                   if layer.get("class_name") == "Sequential"}
+
+    def renumber(value) -> None:  # [layer name, node index, tensor index(, call kwargs)]
+        if not isinstance(value, list):
+            return
+        if (3 <= len(value) <= 4 and isinstance(value[0], str) and isinstance(value[1], int)
+                and value[0] in sequentials and value[1] >= 1):
+            value[1] -= 1
+            changes["nested Sequential: its first call's node index 1 -> 0"] += 1
+            return
+        for item in value:
+            renumber(item)
+
+    if sequentials:
+        for layer in functional["layers"]:
+            renumber(layer.get("inbound_nodes"))
+        renumber(functional.get("input_layers"))
+        renumber(functional.get("output_layers"))
 
 
 def _input_layer_first(sequential: dict, changes: Counter) -> None:
@@ -188,19 +255,19 @@ def _translate_batchnorm(name: str, layer: dict, changes: Counter) -> None:
                                 f"weights Keras 3 lays out differently: {RESAVE_ADVICE}")
 
 
-def _layer_configs(node) -> Iterator[tuple[str, dict]]:
-    """``(class_name, config)`` of every layer in a serialised model, nested models, wrapped
-    layers (``TimeDistributed``, ``Bidirectional``) and the model itself included. A layer is a
-    ``{"class_name", "config"}`` dict whose config has a name (initializers and policies have none)."""
+def _layer_nodes(node) -> Iterator[dict]:
+    """Every layer's ``{"class_name", "config", ...}`` dict in a serialised model: nested models,
+    wrapped layers (``TimeDistributed``, ``Bidirectional``) and the model itself included. A layer's
+    config has a name (initializers' and policies' have none). Each is yielded before its config
+    is walked, so a caller may change it."""
     if isinstance(node, dict):
-        inner = node.get("config")
-        if "class_name" in node and isinstance(inner, dict) and "name" in inner:
-            yield node["class_name"], inner
-        for value in node.values():
-            yield from _layer_configs(value)
+        if "class_name" in node and isinstance(node.get("config"), dict) and "name" in node["config"]:
+            yield node
+        for value in list(node.values()):
+            yield from _layer_nodes(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _layer_configs(value)
+            yield from _layer_nodes(value)
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:

@@ -113,6 +113,32 @@ def test_a_file_tf_keras_writes_predicts_as_it_does_under_tf_keras(tmp_path):
                        "Sequential: batch_input_shape of the first layer -> its InputLayer": 1}
 
 
+def test_tensorflows_transfer_learning_tutorial_model_loads_and_its_scaling_is_found(tmp_path, capsys):
+    """TensorFlow's transfer learning tutorial, saved by tf-keras 2.21: an augmentation Sequential
+    called in a functional model (its first call is node 1 in tf.keras 2), MobileNetV2's
+    preprocess_input inside the model (x / 127.5 - 1, recorded as TFOpLambda layers), a base and a
+    Dense head. It predicts as under tf-keras, and --scaling tf would scale its pixels twice."""
+    tf_keras = pytest.importorskip("tf_keras")
+    k2 = tf_keras.layers
+    image = tf_keras.Input((32, 32, 3))
+    x = tf_keras.Sequential([k2.RandomFlip("horizontal"), k2.RandomRotation(0.2)])(image)
+    x = tf_keras.applications.mobilenet_v2.preprocess_input(x)
+    x = k2.GlobalAveragePooling2D()(k2.Conv2D(4, 3, activation="relu")(x))
+    model = tf_keras.Model(image, k2.Dense(2, activation="softmax")(x))
+    path = str(tmp_path / "transfer.h5")
+    model.save(path)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    loaded, _, changes = package.load_notebook_model(path)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0),
+                               atol=1e-6)  # x / 127.5 is computed as x * (1 / 127.5)
+    assert changes == {"nested Sequential: its first call's node index 1 -> 0": 1,
+                       "RandomFlip: rng_type dropped": 1, "RandomRotation: rng_type dropped": 1,
+                       "TFOpLambda math.truediv(x, y) -> Rescaling": 1,
+                       "TFOpLambda math.subtract(x, y) -> Rescaling": 1}
+    message = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "cat,dog", "--scaling", "tf")
+    assert "input layer 'tf.math.truediv' (Rescaling(scale=0.00784313725490196, offset=0.0))" in message
+
+
 def every_known_key_model() -> keras.Model:
     image = keras.Input((24, 24, 3), name="pixels")
     x = layers.SeparableConv2D(6, 3, name="separable")(image)
@@ -162,12 +188,13 @@ def set_in(name: str, **keys):
 
 
 def tf_function_layer(config):
-    """tf.keras 2's record of ``x / 127.5`` in a functional model (preprocess_input inside)."""
+    """tf.keras 2's record of ``tf.math.reduce_mean(x, axis=-1, keepdims=True)`` in a functional
+    model: no Keras 3 layer computes it from the config."""
     config["config"]["layers"].insert(1, {
-        "class_name": "TFOpLambda", "name": "tf.math.truediv", "inbound_nodes": [
-            ["pixels", 0, 0, {"y": 127.5, "name": None}]],
-        "config": {"name": "tf.math.truediv", "trainable": True, "dtype": "float32",
-                   "function": "math.truediv"}})
+        "class_name": "TFOpLambda", "name": "tf.math.reduce_mean", "inbound_nodes": [
+            ["pixels", 0, 0, {"axis": -1, "keepdims": True, "name": None}]],
+        "config": {"name": "tf.math.reduce_mean", "trainable": True, "dtype": "float32",
+                   "function": "math.reduce_mean"}})
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -178,8 +205,8 @@ def tf_function_layer(config):
     (set_in("bn", renorm=True), "layer 'bn' (BatchNormalization) has renorm=True"),
     (set_in("dense", activation="hard_sigmoid"),
      "layer 'dense' (Dense) uses activation 'hard_sigmoid', which Keras 2 computes as clip(0.2 x + 0.5)"),
-    (tf_function_layer, "layer 'tf.math.truediv' (TFOpLambda) is a TensorFlow function call "
-                        "(math.truediv)"),
+    (tf_function_layer, "layer 'tf.math.reduce_mean' (TFOpLambda) is a TensorFlow function call "
+                        "(math.reduce_mean)"),
     (set_in("conv", kernel_quantizer="int4"),  # no translation known: Keras 3's own error, made plain
      "cannot load PATH: layer 'conv' (Conv2D) has config keys Keras 3 does not accept: "
      "{'kernel_quantizer': 'int4'}. To package it, load the file in tf.keras 2"),
