@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -414,6 +415,10 @@ def package(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Keras 3 calls a nested model built from a legacy config (Teachable Machine's head) with its
+    # one input in a list, and warns at every call that the structure differs: same values.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message="The structure of `inputs` doesn't match the expected structure")
     args = parse_args(argv)
     try:
         metadata = package(args)
