@@ -101,7 +101,7 @@ def is_keras2_h5(path: str) -> bool:
 def translate_config(config: dict) -> tuple[dict, Counter]:
     """``(Keras 3 config, changes)`` for a Keras 2 ``model_config``: a deep copy with each known
     key translated (module docstring); ``changes`` counts each kind of change, e.g.
-    ``{"DepthwiseConv2D: groups=1 dropped": 17}``. Raises ``Keras2ConfigError`` naming the
+    ``{"DepthwiseConv2D: groups dropped": 17}``. Raises ``Keras2ConfigError`` naming the
     layer and key when a value has no Keras 3 equivalent."""
     config = copy.deepcopy(config)
     changes: Counter = Counter()

@@ -90,6 +90,9 @@ def test_kind1_metadata_records_the_notebook_loader_and_scaling(kind1):
 @pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
 def test_kind2_softmax_keras_file_scores_as_the_notebook(notebook_data, tmp_path, runtime):
     path = str(tmp_path / "model.keras")
+    # Seeded: one epoch from an unlucky initialisation leaves every ReLU dead and the model
+    # answering every image alike, which depended on the tests that ran before.
+    keras.utils.set_random_seed(2)
     model = notebook.kind2_softmax_cnn(notebook_data["train"], path)
     paths = notebook.image_paths(notebook_data["images"])
     expected = model.predict(notebook.load_batch(paths, (224, 224)) / 255., verbose=0)
