@@ -9,6 +9,7 @@ what no single image can show: manifest lines listed twice, and files whose Kagg
 
 from __future__ import annotations
 
+import codecs
 import collections
 from collections.abc import Iterable, Iterator
 
@@ -22,14 +23,21 @@ from pipeline.write import BINARY
 
 DUPLICATES = "duplicates"
 INPUT_COUNT = "input_count"
+# UTF-32's byte-order marks start with UTF-16's: both are refused by the same check.
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 class EmptyInputError(ValueError):
     """The glob or manifest names no image: a mistake, not an empty success."""
 
 
+class ManifestEncodingError(ValueError):
+    """The manifest is not UTF-8 text: refused before any work, saying how to save it."""
+
+
 def check_input_exists(pattern: str | None, manifest: str | None) -> None:
-    """Fail fast, before a job is built, when there is nothing to score."""
+    """Fail fast, before a job is built, when there is nothing to score (or, for a manifest,
+    when it is not UTF-8 text: ``read_manifest``)."""
     if bool(pattern) == bool(manifest):
         raise ValueError("give exactly one of --input (a glob) and --manifest (a file of paths)")
     if manifest:
@@ -41,6 +49,36 @@ def check_input_exists(pattern: str | None, manifest: str | None) -> None:
     matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     if not matched:
         raise EmptyInputError(f"--input {pattern!r} matches no file")
+
+
+def read_manifest(manifest: str) -> list[str]:
+    """Every path ``manifest`` lists, in order, duplicates included (``manifest_entry`` of each
+    line; lines end at LF, the CR of a CRLF is stripped with the spaces).
+
+    Raises ``ManifestEncodingError`` for UTF-16 (Notepad's "Unicode", Excel's "Unicode Text")
+    and for bytes that are not UTF-8 (a legacy code page such as Windows-1252), naming the line:
+    guessing an encoding could turn a path into another path, so the user re-saves it as UTF-8."""
+    with FileSystems.open(manifest) as handle:
+        data = handle.read()
+    if data.startswith(UTF16_BOMS):
+        raise ManifestEncodingError(f"manifest {manifest} is UTF-16 text (Notepad's \"Unicode\"): "
+                                    "save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ManifestEncodingError(
+            f"manifest {manifest} line {line} is not UTF-8 (byte 0x{data[error.start]:02x}, a "
+            "legacy code page such as Windows-1252?): save it as UTF-8") from None
+    return [path for path in map(manifest_entry, text.split("\n")) if path]
+
+
+def manifest_entry(line: str) -> str | None:
+    """The path one manifest line lists, or None for a blank or ``#`` comment line. Manifests
+    are text files people write: a UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8"), the CR
+    of a CRLF line end and spaces or tabs around the path are not part of it."""
+    path = line.lstrip("\ufeff").strip()
+    return path if path and not path.startswith("#") else None
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -56,18 +94,6 @@ def directory_glob(pattern: str) -> str | None:
         return None
     recursive = FileSystems.join(pattern.rstrip("/"), "**")
     return recursive if FileSystems.match([recursive], limits=[1])[0].metadata_list else None
-
-
-def is_manifest_entry(line: str) -> bool:
-    return bool(line) and not line.startswith("#")
-
-
-def read_manifest(manifest: str) -> list[str]:
-    """Every path a manifest lists, in order, duplicates included: one per line, stripped;
-    blank lines and ``#`` comments skipped."""
-    with FileSystems.open(manifest) as handle:
-        lines = handle.read().decode("utf-8").splitlines()
-    return [line for line in map(str.strip, lines) if is_manifest_entry(line)]
 
 
 def csv_key(path: str, csv_format: str) -> int | str | None:

@@ -168,7 +168,8 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
     assert merged["OSError"][0] == 5 and len(merged["OSError"][1]) == 3
 
 
-def test_a_thumbnail_is_upright_and_small_for_any_photo_size():
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])  # HEIF: a phone's default, rotated as it stores it
+def test_a_thumbnail_is_upright_and_small_for_any_photo_size(fmt):
     import base64
     import io
 
@@ -181,7 +182,7 @@ def test_a_thumbnail_is_upright_and_small_for_any_photo_size():
     exif = Image.Exif()
     exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the red half on top
     buffer = io.BytesIO()
-    photo.save(buffer, format="JPEG", quality=95, exif=exif)
+    photo.save(buffer, format=fmt, quality=95, exif=exif.tobytes())
     small = Image.open(io.BytesIO(base64.b64decode(thumbnail(buffer.getvalue(), side=128))))
     assert small.size == (64, 128)
     top, bottom = small.getpixel((32, 10)), small.getpixel((32, 117))

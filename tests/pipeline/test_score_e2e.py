@@ -89,7 +89,7 @@ def test_error_rows_name_the_file_the_stage_and_the_reason(scored):
         name: outcome for name, outcome in scored["expected"].items() if outcome != GOOD}
     assert got["0.jpg"][2] == "empty file (0 bytes)"
     assert "truncated" in got["truncated.jpg"][2]
-    assert "cannot identify image file" in got["not_an_image.jpg"][2]
+    assert got["not_an_image.jpg"][2] == "not an image: text (first line 'this is a text file, not a JPEG')"
     assert "10000000000 pixels exceeds the cap" in got["bomb.png"][2]
 
 
@@ -205,6 +205,22 @@ def test_manifest_with_missing_and_duplicate_paths_and_uncertain_rows(corpus, tr
     assert sorted((os.path.basename(r["path"]), r["stage"], r["error_type"])
                   for r in run["errors"].to_pylist()) == [
         ("1.jpg", "read", "DuplicatePath"), ("gone.jpg", "read", "FileNotFoundError")]
+
+
+def test_a_manifest_saved_by_excel_scores_every_path(corpus, trained, tmp_path):
+    """Excel's "CSV UTF-8" (and Notepad's UTF-8): a byte-order mark and CRLF line ends. Its
+    first path was reported missing and the run exited 3."""
+    root, expected = corpus
+    good = sorted(name for name, outcome in expected.items() if outcome == GOOD)[:3]
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "".join(f"{os.path.join(root, name)}\r\n"
+                                                     for name in good).encode())
+    output = str(tmp_path / "out")
+    assert score.main(["--manifest", str(manifest), "--model-dir", trained["model_dir"],
+                       "--output", output]) == 0
+    run = read_run(output)
+    assert (run["summary"]["inputs"], run["summary"]["predictions"], run["summary"]["errors"]) == (3, 3, 0)
+    assert sorted(run["predictions"].column("path").to_pylist()) == [os.path.join(root, n) for n in good]
 
 
 def test_incremental_run_scores_only_new_and_changed_images_and_all_after_a_model_change(

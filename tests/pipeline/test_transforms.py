@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import apache_beam as beam
 import numpy as np
@@ -20,7 +21,15 @@ from pipeline.decode import ERRORS, SKIPPED, DecodeImages, ImageBatch
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ExportedModelHandler, ScoredBatch, ScoreImages, ToPredictionTableFn
 from pipeline.options import ThreadBudget
-from pipeline.read import DUPLICATES, INPUT_COUNT, EmptyInputError, ReadImagePaths, check_input_exists
+from pipeline.read import (
+    DUPLICATES,
+    INPUT_COUNT,
+    EmptyInputError,
+    ManifestEncodingError,
+    ReadImagePaths,
+    check_input_exists,
+    read_manifest,
+)
 from pipeline.rows import ListedImage, PathBatch, image_id, prediction_schema, top_k_columns
 from pipeline.write import (
     BINARY,
@@ -92,6 +101,44 @@ def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp
                                "listed 3 times in the manifest; scored once")] * 2),
                     label="Duplicates")
         assert_that(out[INPUT_COUNT], equal_to([4]), label="InputCount")
+
+
+# What editors and spreadsheets write for the same three lines: a UTF-8 byte-order mark (Notepad,
+# Excel's "CSV UTF-8"), CRLF line ends, spaces and tabs around a path, a trailing blank line.
+EDITOR_MANIFESTS = {
+    "bom": "\ufeff/a/é 1.jpg\n/a/2.jpg\n/a/1.jpg\n",
+    "bom-crlf": "\ufeff/a/é 1.jpg\r\n/a/2.jpg\r\n/a/1.jpg\r\n\r\n",
+    "spaces-tabs-crlf": "  /a/é 1.jpg\t\r\n# comment\r\n\t/a/2.jpg \r\n/a/1.jpg",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EDITOR_MANIFESTS))
+def test_a_manifest_saved_by_an_editor_lists_its_paths_and_nothing_else(tmp_path, kind):
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_bytes(EDITOR_MANIFESTS[kind].encode("utf-8"))
+    listed = ["/a/é 1.jpg", "/a/2.jpg", "/a/1.jpg"]
+    assert read_manifest(str(manifest)) == listed
+    check_input_exists(None, str(manifest))
+    with TestPipeline() as p:
+        out = p | ReadImagePaths(None, str(manifest), "run")
+        assert_that(out["paths"], equal_to([PathBatch([ListedImage(path) for path in listed])]))
+        assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
+        assert_that(out[INPUT_COUNT], equal_to([3]), label="InputCount")
+
+
+@pytest.mark.parametrize("encoding, message", [
+    ("utf-16", "is UTF-16 text (Notepad's \"Unicode\"): save it as UTF-8"),  # BOM FF FE
+    ("utf-16-be", "is UTF-16 text"),  # a BOM written by hand: FE FF
+    ("cp1252", "line 2 is not UTF-8 (byte 0xe9, a legacy code page such as Windows-1252?): "
+               "save it as UTF-8"),
+])
+def test_a_manifest_that_is_not_utf8_is_refused_with_how_to_save_it(tmp_path, encoding, message):
+    manifest = tmp_path / "manifest.txt"
+    text = "/a/1.jpg\r\n/a/caf\u00e9.jpg\r\n"
+    manifest.write_bytes(("\ufeff" if encoding == "utf-16-be" else "").encode(encoding)
+                         + text.encode(encoding))
+    with pytest.raises(ManifestEncodingError, match=re.escape(f"manifest {manifest} {message}")):
+        check_input_exists(None, str(manifest))
 
 
 def test_empty_inputs_are_refused_before_any_work(tmp_path):
