@@ -218,7 +218,7 @@ class ServingModel:
                                          metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch)
         elif self.runtime == "keras":
             self.device = keras_device if runtime == "auto" else self.device
-            self._predict = _load_keras(keras_file, metadata)
+            self._predict = keras_predict(load_keras_model(keras_file, metadata), metadata.signature_output)
         else:
             self._predict = _load_saved_model(model_dir, metadata)
 
@@ -283,7 +283,12 @@ def _expected_input(metadata: ModelMetadata) -> list:
 
 
 def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as error:  # a worker image with LiteRT or JAX alone
+        raise ModelContractError(
+            f"runtime 'saved_model' needs TensorFlow, which is not installed here ({error}): score "
+            "with --runtime keras or tflite, or install TensorFlow (deploy/Dockerfile)") from error
 
     path = f"{model_dir}/{SAVED_MODEL_DIR}"
     try:
@@ -312,10 +317,12 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
     return predict
 
 
-def _load_keras(path: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
-    """``keras_predict`` for ``model.keras`` at ``path`` on the configured Keras backend, loaded
-    with ``safe_mode=True`` (no deserialised Python runs: a Lambda layer is refused) and checked
-    against the metadata: one uint8-compatible image input of its size, its class count."""
+def load_keras_model(path: str, metadata: ModelMetadata):
+    """The ``keras.Model`` in ``model.keras`` at ``path`` (any Beam filesystem) on the configured
+    Keras backend, loaded with ``safe_mode=True`` (no deserialised Python runs: a Lambda layer is
+    refused) and checked against the metadata: one image input of its size, an output named as
+    its ``signature_output`` when there are several, its class count. Raises
+    ``ModelContractError`` in one line when it cannot be loaded here, saying what to use instead."""
     backend = keras_backend()
     try:
         import keras
@@ -351,7 +358,7 @@ def _load_keras(path: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np
     index = names.index(metadata.signature_output) if len(names) > 1 else 0
     _check_class_count(path, int(classifier.outputs[index].shape[-1]), metadata)
     _LOG.info("%s on Keras's %s backend", path, keras.backend.backend())
-    return keras_predict(classifier, metadata.signature_output)
+    return classifier
 
 
 @contextlib.contextmanager

@@ -34,24 +34,30 @@ BACKENDS = ["jax", pytest.param("torch", marks=[
 # for the tiny trained model (LiteRT against the SavedModel: 2.3e-5), 8.6e-6 for the packaged
 # MobileNet, 1.6e-5 for the packaged ResNet50; the small CNNs, 1e-7.
 DEEP_RANDOM_BASE = 5e-5
-# A finder ahead of every other that refuses TensorFlow without listing it in sys.modules (Keras
-# takes a listed module for an imported one).
-WITHOUT_TENSORFLOW = """
-import importlib.abc, sys
-class _NoTensorFlow(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "tensorflow":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-sys.meta_path.insert(0, _NoTensorFlow())
+# Every import finder made blind to some packages: they are then as absent as on a machine without
+# them (importlib.util.find_spec answers None, an import raises ModuleNotFoundError).
+WITHOUT = """
+import sys
+class _Without:
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {absent!r} or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+    def __getattr__(self, name):
+        return getattr(self.finder, name)
+sys.meta_path[:] = [_Without(finder) for finder in sys.meta_path]
 """
 
 
-def run_on_backend(backend: str, code: str, timeout: int = 900):
-    """Run ``code`` in a fresh interpreter on Keras's ``backend`` without TensorFlow; return the
-    JSON value it prints on its last line."""
+def run_on_backend(backend: str, code: str, absent: tuple[str, ...] = ("tensorflow",), timeout: int = 900):
+    """Run ``code`` in a fresh interpreter on Keras's ``backend`` with the ``absent`` packages
+    unimportable; return the JSON value it prints on its last line."""
     process = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TENSORFLOW + code], cwd=REPO, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        [sys.executable, "-c", WITHOUT.format(absent=set(absent)) + code], cwd=REPO, capture_output=True,
+        text=True, timeout=timeout,
+        env={**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert process.returncode == 0, process.stderr[-4000:]
     return json.loads(process.stdout.strip().splitlines()[-1])
 
