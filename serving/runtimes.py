@@ -58,8 +58,8 @@ LITERT_INVOKE_BATCH = 4
 # that an exported model.keras may hold: the keras runtime imports them before loading one.
 CUSTOM_LAYER_MODULES = ("model.architecture",)
 # XLA compiles one program per input shape: the keras runtime on JAX pads each batch up to the next
-# of these powers of two (at least KERAS_MIN_PADDED images), so the batch sizes Beam's
-# BatchElements sends (anything from 1 to --max-batch-size) compile a handful of programs, once each.
+# power of two (at least KERAS_MIN_PADDED images), so the batch sizes a run sends (--batch-size,
+# smaller last batches, the reference check's 4) compile a handful of programs, once each.
 KERAS_MIN_PADDED = 8
 
 
@@ -205,19 +205,22 @@ class ServingModel:
                 f"runtime 'keras' requested but {model_dir} has no {KERAS_FILE} (a model packaged "
                 "from a SavedModel directory has only saved_model/): score it with --runtime "
                 "saved_model, or tflite where the export has model.tflite")
-        # LiteRT runs on the CPU: an explicit request for it needs no device probing (nor TF).
-        self.device = "CPU" if runtime in LITERT_FILES else (
-            keras_devices(keras_backend()) if runtime == "keras" else configure_devices())
-        keras_device = "CPU"
-        if (runtime == "auto" and self.device == "CPU" and keras_backend() != "tensorflow"
-                and FileSystems.exists(keras_file)):
-            keras_device = keras_devices(keras_backend())
+        if runtime in LITERT_FILES:  # LiteRT runs on the CPU: nothing to probe (nor to import)
+            self.device = keras_device = "CPU"
+        elif runtime == "keras":
+            self.device = keras_device = keras_devices(keras_backend())
+        else:
+            self.device = configure_devices()  # TensorFlow's view
+            # auto where TensorFlow sees no GPU: does the configured JAX or PyTorch backend?
+            keras_device = (keras_devices(keras_backend())
+                            if runtime == "auto" and self.device == "CPU" and keras_backend() != "tensorflow"
+                            and FileSystems.exists(keras_file) else "CPU")
         self.runtime = choose_runtime(runtime, metadata, self.device, keras_device)
         if self.runtime in LITERT_FILES:
             self._predict = _load_tflite(f"{model_dir}/{LITERT_FILES[self.runtime]}",
                                          metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch)
         elif self.runtime == "keras":
-            self.device = keras_device if runtime == "auto" else self.device
+            self.device = keras_device
             self._predict = keras_predict(load_keras_model(keras_file, metadata), metadata.signature_output)
         else:
             self._predict = _load_saved_model(model_dir, metadata)
