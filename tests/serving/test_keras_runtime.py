@@ -45,7 +45,7 @@ def test_a_trained_model_scores_on_another_keras_backend_as_on_the_saved_model(b
     output = str(tmp_path / "out")
     ran = score_on_backend(backend, [["--input", os.path.join(root, "*"), "--model-dir", trained["model_dir"],
                                       "--output", output, "--runtime", "keras", "--max-error-rate", "1"]])
-    assert ran == {"backend": backend, "codes": [0], "tensorflow": False}
+    assert ran == {"backend": backend, "codes": [0]}
     with open(os.path.join(output, "summary.json")) as handle:
         summary = json.load(handle)
     assert summary["predictions"] == sum(outcome == GOOD for outcome in expected.values())
