@@ -6,7 +6,7 @@ Ampere and newer GPUs run float32 convolutions in TF32 by default (TensorFlow an
 This builds the product's ResNet50 classifier with a random base (BatchNorm calibrated on the
 benchmark images, so activations are realistic), compiles it with XLA and times it at both
 precisions on 512 benchmark images; it prints the largest probability difference between them.
-It is why ``serving.runtimes.configure_devices`` turns TF32 off.
+It is why ``serving.runtimes`` turns TF32 off (``configure_devices``, ``keras_predict``).
 """
 import os
 import sys
@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.inference import decode_all, time_batches, uint8_predictor  # noqa: E402
+from bench.inference import decode_all, time_batches  # noqa: E402
 from bench.throughput import generate  # noqa: E402
 from model.architecture import build_classifier, calibrate_batchnorm  # noqa: E402
+from serving.runtimes import keras_predict  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     pixels, _ = decode_all(paths, (224, 224), os.cpu_count())
     classifier, base = build_classifier("resnet50", (224, 224), 2, base_weights="none", augment=False)
     calibrate_batchnorm("resnet50", base, pixels[:16].astype("float32"))
-    predict = uint8_predictor(classifier)
+    predict = keras_predict(classifier, full_float32=False)  # each precision set around it below
     probabilities = {}
     for precision in ("default", "highest"):  # default = TF32 on Ampere+; highest = float32
         with jax.default_matmul_precision(precision):

@@ -1,7 +1,7 @@
 """Model-only inference rates per runtime and batch size, against the decode rate that feeds them.
 
     .venv/bin/python bench/inference.py --model-dir MODEL [--images 2000] [--work bench_output]
-    KERAS_BACKEND=jax python3 bench/inference.py --model-dir MODEL --runtimes keras,keras-exact,tflite
+    KERAS_BACKEND=jax python3 bench/inference.py --model-dir MODEL --runtimes keras,keras-tf32,tflite
 
 Answers "what does an accelerator buy for this model": decodes the benchmark JPEGs once (the
 model's own preprocessing, one process per core, timed: that is the most a machine's CPUs can
@@ -10,9 +10,9 @@ feed), then times each runtime on those pixels, already in memory:
                each of --invoke-batches images per invoke (``serving.runtimes.LITERT_INVOKE_BATCH``)
   tflite-int8  the same for the export's integer model
   saved_model  the SavedModel through TensorFlow (GPU when TensorFlow sees one)
-  keras        model.keras on the configured Keras backend, compiled (XLA on JAX), GPU when the
-               backend sees one; float32 at the backend's default precision (TF32 on Ampere+)
-  keras-exact  the same with TF32 turned off (full float32 matrix products)
+  keras        model.keras on the configured Keras backend as ``--runtime keras`` runs it:
+               compiled (XLA on JAX), GPU when the backend sees one, full float32
+  keras-tf32   the same on JAX at its default precision (TF32 on Ampere and newer GPUs)
 and the largest difference of each from the metadata's reference predictions and from the first
 runtime listed, on 256 benchmark images.
 """
@@ -32,7 +32,14 @@ from bench.throughput import generate  # noqa: E402
 from serving.metadata import KERAS_FILE, read_metadata  # noqa: E402
 from serving.preprocessing import decode_and_resize  # noqa: E402
 from serving.reference import reference_batch  # noqa: E402
-from serving.runtimes import LITERT_FILES, ServingModel  # noqa: E402
+from serving.runtimes import (  # noqa: E402
+    LITERT_FILES,
+    ServingModel,
+    keras_backend,
+    keras_devices,
+    keras_predict,
+    load_keras_model,
+)
 
 _SIZE: tuple[int, int] = (0, 0)
 
@@ -52,46 +59,11 @@ def decode_all(paths: list[str], size: tuple[int, int], processes: int) -> tuple
         return np.stack(pixels), time.monotonic() - started
 
 
-def keras_predictor(model_dir: str, exact: bool):
-    """model.keras behind a uint8 input (the cast runs on the device, as in the SavedModel)."""
-    import keras
-
-    import model.architecture  # noqa: F401  registers the custom layers
-
-    if exact and keras.backend.backend() == "jax":
-        import jax
-        jax.config.update("jax_default_matmul_precision", "highest")
-    elif exact and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-        tf.config.experimental.enable_tensor_float_32_execution(False)
-    classifier = keras.saving.load_model(os.path.join(model_dir, KERAS_FILE))
-    return uint8_predictor(classifier), _keras_device()
-
-
-def uint8_predictor(classifier):
-    """``classifier`` behind a uint8 input (cast on the device, as in the SavedModel), compiled."""
-    import keras
-
-    images = keras.Input(classifier.input_shape[1:], dtype="uint8")
-    wrapped = keras.Model(images, classifier(keras.ops.cast(images, "float32"), training=False))
-    if keras.backend.backend() != "jax":
-        return lambda batch: np.asarray(wrapped.predict_on_batch(batch))
-    import jax
-
-    # One XLA function, variables passed in: predict_on_batch adds ~0.1 s per call on JAX.
-    trainable = [v.value for v in wrapped.trainable_variables]
-    fixed = [v.value for v in wrapped.non_trainable_variables]
-    infer = jax.jit(lambda t, f, x: wrapped.stateless_call(t, f, x, training=False)[0])
-    return lambda batch: np.asarray(infer(trainable, fixed, batch))
-
-
-def _keras_device() -> str:
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-        return f"jax {jax.devices()[0].device_kind}"
-    return keras.backend.backend()
+def keras_tf32_predictor(model_dir: str, metadata):
+    """``--runtime keras``'s model and compiled function, at JAX's default matrix precision."""
+    classifier = load_keras_model(os.path.join(model_dir, KERAS_FILE), metadata)
+    return keras_predict(classifier, metadata.signature_output, full_float32=False), \
+        f"keras {keras_devices(keras_backend())}"
 
 
 def time_batches(predict, pixels: np.ndarray, batch: int, min_seconds: float) -> float:
@@ -133,8 +105,8 @@ def main() -> int:
         invoke_batches = [int(b) for b in args.invoke_batches.split(",")] if runtime in LITERT_FILES else [0]
         for invoke_batch in invoke_batches:
             started = time.monotonic()
-            if runtime.startswith("keras"):
-                predict, device = keras_predictor(args.model_dir, exact=runtime == "keras-exact")
+            if runtime == "keras-tf32":
+                predict, device = keras_tf32_predictor(args.model_dir, metadata)
             else:
                 model = ServingModel(args.model_dir, metadata, runtime, tflite_invoke_batch=invoke_batch)
                 predict, device = model.predict, f"{model.runtime} {model.device}"

@@ -90,8 +90,10 @@ def export_model(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
+        keras_entry = None
         if save_keras:
             classifier.save(os.path.join(staging, KERAS_FILE))
+            keras_entry = {"sha256": file_sha256(os.path.join(staging, KERAS_FILE))}
         write_saved_model(classifier, os.path.join(staging, SAVED_MODEL_DIR))
 
         draft = ModelMetadata(
@@ -103,6 +105,7 @@ def export_model(
             base=base,
             base_weights=base_weights,
             sha256=saved_model_sha256(staging),
+            keras=keras_entry,
             training=training or {},
             metrics=metrics or {},
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -112,11 +112,14 @@ class ScoreOptions(PipelineOptions):
              help="Exit non-zero (after writing all outputs) when errors / inputs exceeds this "
                   "fraction (default 0.05).")
         flag("runtime", default="auto", choices=RUNTIMES,
-             help="Inference runtime: 'saved_model' (TensorFlow; GPU when visible), 'tflite' "
+             help="Inference runtime: 'saved_model' (TensorFlow; GPU when visible), 'keras' "
+                  "(the export's model.keras on the Keras backend KERAS_BACKEND names: jax, torch "
+                  "or tensorflow; GPU when that backend sees one; docs/gpu.md), 'tflite' "
                   "(LiteRT/XNNPACK, fastest on CPU), 'tflite-int8' (the export's opt-in integer "
                   "model_int8.tflite: 2-3x faster on CPU, probabilities a little different, see "
-                  "its metadata) or 'auto': SavedModel on a GPU, model.tflite on a CPU when the "
-                  "export has one (default; never the integer model).")
+                  "its metadata) or 'auto': SavedModel where TensorFlow sees a GPU, else keras "
+                  "where a JAX or PyTorch backend sees one, else model.tflite when the export has "
+                  "one (default; never the integer model).")
         flag("decode-threads", type=int, default=0,
              help="Threads that read and decode images in each worker process; 0 = sized "
                   "together with --tflite-threads from the cores each process has (default; "

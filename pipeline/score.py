@@ -75,6 +75,7 @@ from pipeline.write import (
 )
 from serving.metadata import (
     INT8_TFLITE_FILE,
+    KERAS_FILE,
     TFLITE_FILE,
     ModelContractError,
     ModelMetadata,
@@ -125,6 +126,9 @@ def load_checked_model(model_dir: str, runtime: str) -> ModelMetadata:
     if metadata.tflite:
         hashes[TFLITE_FILE] = (file_sha256(FileSystems.join(model_dir, TFLITE_FILE)),
                                metadata.tflite["sha256"])
+    keras_file = FileSystems.join(model_dir, KERAS_FILE)
+    if metadata.keras and FileSystems.exists(keras_file):  # --runtime keras refuses a missing one
+        hashes[KERAS_FILE] = (file_sha256(keras_file), metadata.keras["sha256"])
     if metadata.int8_kept:
         hashes[INT8_TFLITE_FILE] = (file_sha256(FileSystems.join(model_dir, INT8_TFLITE_FILE)),
                                     metadata.tflite_int8["sha256"])

@@ -8,10 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.petscore-installed
-wanted=$(cat requirements.txt requirements-dev.txt constraints.txt setup.py | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements.txt requirements-dev.txt requirements-jax.txt constraints.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -r requirements.txt -r requirements-dev.txt -c constraints.txt
+    -r requirements.txt -r requirements-dev.txt -r requirements-jax.txt -c constraints.txt
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
   echo "$wanted" > "$stamp"
 fi

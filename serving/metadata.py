@@ -4,7 +4,8 @@ An exported model directory looks like::
 
     MODEL_DIR/
       saved_model/     TF SavedModel; signature ``serving_default``: uint8 images -> probabilities
-      model.keras      the Keras model (for fine-tuning and evaluation; optional for scoring)
+      model.keras      the Keras model: fine-tuning, evaluation, and scoring on any Keras backend
+                       (--runtime keras); absent where a model wraps another SavedModel
       model.tflite     optional: the same model for LiteRT (fast CPU scoring), checked at export
       model_int8.tflite  optional, opt-in: a full-integer model, kept only if it passed its
                        validation (see ``model.quantize``); scored only with --runtime tflite-int8
@@ -58,6 +59,8 @@ class ModelMetadata:
     created_at: str = ""
     # {"sha256": ..., "max_abs_diff_vs_saved_model": ...} when model.tflite was exported
     tflite: dict[str, Any] | None = None
+    # {"sha256": ...} of model.keras when the export wrote one (exports before it record none)
+    keras: dict[str, Any] | None = None
     # model.quantize's verdict when an integer model was asked for: {"kept": ..., "sha256": ...,
     # "calibration", "validation", "reference_predictions", "reference_tolerance" or "reason"}
     tflite_int8: dict[str, Any] | None = None

@@ -1,32 +1,42 @@
 """Load an exported model for scoring and prove it still honours its metadata.
 
-Two runtimes execute the same exported model:
+Four runtimes execute the same exported model:
 - ``saved_model``: the SavedModel's ``serving_default`` signature through ``tf.saved_model.load``
   (GPU when one is visible). It executes no deserialised Python, but a SavedModel is still a
   TensorFlow graph: load only models from a location you trust (docs/model-contract.md).
+- ``keras``: ``model.keras`` on the configured Keras backend (``KERAS_BACKEND``: JAX, PyTorch or
+  TensorFlow), loaded with ``safe_mode=True`` and compiled once (XLA on JAX), GPU when the backend
+  sees one: a GPU path without TensorFlow (docs/gpu.md).
 - ``tflite``: ``model.tflite``, converted from that SavedModel at export and checked against it,
   run by LiteRT's XNNPACK kernels: about 4x faster than TF on CPU for MobileNets.
 - ``tflite-int8``: ``model_int8.tflite``, the opt-in full-integer model (``model.quantize``),
   about 2-3x faster again on CPU; its probabilities differ from the float runtimes' (by the
   figures its metadata records), so it runs only when asked for, never by ``auto``.
-``auto`` picks ``saved_model`` on a GPU and ``tflite`` on a CPU when the export has one.
+``auto`` picks ``saved_model`` where TensorFlow sees a GPU, else ``keras`` where the configured
+Keras backend (JAX or PyTorch) sees one and the export has ``model.keras``, else ``tflite`` when
+the export has one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import importlib
+import json
 import logging
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from serving.metadata import (
     INT8_TFLITE_FILE,
+    KERAS_FILE,
     SAVED_MODEL_DIR,
     TFLITE_FILE,
     ModelContractError,
@@ -36,7 +46,7 @@ from serving.metadata import (
 from serving.reference import REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
-RUNTIMES = ("auto", "saved_model", "tflite", "tflite-int8")
+RUNTIMES = ("auto", "saved_model", "keras", "tflite", "tflite-int8")
 LITERT_FILES = {"tflite": TFLITE_FILE, "tflite-int8": INT8_TFLITE_FILE}
 # Images per LiteRT invoke. XNNPACK runs a network layer by layer over the whole invoke, so a
 # small one keeps each layer's activations in the CPU's caches. On the 2-vCPU VM, 4 images per
@@ -44,6 +54,13 @@ LITERT_FILES = {"tflite": TFLITE_FILE, "tflite-int8": INT8_TFLITE_FILE}
 # 1.25-1.44x, integer 1.15-1.17x; MobileNet alpha 0.25 float 1.59-1.60x, integer 1.15-1.18x;
 # within 10% of the best size for each of the four.
 LITERT_INVOKE_BATCH = 4
+# Modules whose import registers the custom layers (``@keras.saving.register_keras_serializable``)
+# that an exported model.keras may hold: the keras runtime imports them before loading one.
+CUSTOM_LAYER_MODULES = ("model.architecture",)
+# XLA compiles one program per input shape: the keras runtime on JAX pads each batch up to the next
+# power of two (at least KERAS_MIN_PADDED images), so the batch sizes a run sends (--batch-size,
+# smaller last batches, the reference check's 4) compile a handful of programs, once each.
+KERAS_MIN_PADDED = 8
 
 
 def gpu_possible() -> bool:
@@ -83,7 +100,73 @@ def configure_devices() -> str:
     return f"GPU x{len(gpus)}" if gpus else "CPU"
 
 
-def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
+def keras_devices(backend: str) -> str:
+    """What Keras's ``backend`` scores on here: "GPU xN", or "CPU" (also when the backend's
+    library is not installed), set up to score in full float32 as ``configure_devices`` does for
+    TensorFlow (which answers for the ``tensorflow`` backend).
+
+    Asked of the backend's own library, without importing Keras (whose backend is fixed at its
+    import), and only where ``gpu_possible``. JAX: its GPU memory grows on demand
+    (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set; JAX would otherwise take 75% of the GPU
+    per process at its first use, so a second SDK process on the worker would fail); TF32 is
+    turned off inside the compiled program (``keras_predict``). PyTorch: TF32 off for cuDNN
+    convolutions (on by default) and matrix products.
+    """
+    if backend == "tensorflow":
+        return configure_devices()
+    if not gpu_possible():
+        return "CPU"
+    try:
+        if backend == "jax":
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+            import jax
+
+            count = jax.device_count() if jax.default_backend() == "gpu" else 0
+        elif backend == "torch":
+            import torch
+
+            count = torch.cuda.device_count()
+            _torch_full_float32(torch)
+        else:
+            return "CPU"
+    except ImportError:
+        return "CPU"
+    return f"GPU x{count}" if count else "CPU"
+
+
+def _torch_full_float32(torch) -> None:
+    if hasattr(torch.backends.cudnn, "conv"):  # PyTorch 2.9+: a precision per backend and operator
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def keras_backend() -> str:
+    """The Keras backend this process scores on: Keras's own answer once it is imported (its
+    backend is fixed then), before that the one its import will pick: ``KERAS_BACKEND``, else
+    ``backend`` in ``$KERAS_HOME/keras.json`` (``~/.keras``), else ``tensorflow``, in that order
+    (``keras/src/backend/config.py``). Learnt without importing Keras, which on its TensorFlow
+    backend imports TensorFlow."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as handle:
+            return json.load(handle).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+def choose_runtime(requested: str, metadata: ModelMetadata, device: str, keras_device: str = "CPU") -> str:
+    """The runtime to score with: ``requested``, checked against what the export holds, or for
+    ``auto``: ``saved_model`` where TensorFlow sees a GPU (``device``), else ``keras`` where the
+    configured Keras backend sees one (``keras_device``: "CPU" when it does not, or the export has
+    no ``model.keras``), else ``tflite`` when the export has ``model.tflite``, else ``saved_model``.
+    Raises ``ModelContractError`` for a runtime whose file the export lacks."""
     if requested not in RUNTIMES:
         raise ValueError(f"runtime {requested!r} is not one of {RUNTIMES}")
     if requested == "tflite" and not metadata.tflite:
@@ -97,23 +180,50 @@ def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
             + "; score with --runtime auto")
     if requested != "auto":
         return requested
-    return "tflite" if metadata.tflite and device == "CPU" else "saved_model"
+    if device != "CPU":
+        return "saved_model"
+    if keras_device != "CPU":
+        return "keras"
+    return "tflite" if metadata.tflite else "saved_model"
 
 
 class ServingModel:
-    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``."""
+    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``.
+
+    ``device``: what the chosen runtime scores on ("GPU xN" or "CPU"). Raises
+    ``ModelContractError`` (one line, before any scoring) when the export or this machine cannot
+    serve the runtime asked for.
+    """
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, runtime: str = "auto",
                  tflite_threads: int = 0, tflite_invoke_batch: int = LITERT_INVOKE_BATCH):
         self.metadata = metadata
-        # LiteRT runs on the CPU: an explicit request for it needs no device probing (nor TF).
-        self.device = "CPU" if runtime in LITERT_FILES else configure_devices()
-        self.runtime = choose_runtime(runtime, metadata, self.device)
-        if self.runtime in LITERT_FILES:
-            self._predict = _load_tflite(f"{model_dir.rstrip('/')}/{LITERT_FILES[self.runtime]}",
-                                         metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch)
+        model_dir = model_dir.rstrip("/")
+        keras_file = f"{model_dir}/{KERAS_FILE}"
+        if runtime == "keras" and not FileSystems.exists(keras_file):
+            raise ModelContractError(
+                f"runtime 'keras' requested but {model_dir} has no {KERAS_FILE} (a model packaged "
+                "from a SavedModel directory has only saved_model/): score it with --runtime "
+                "saved_model, or tflite where the export has model.tflite")
+        if runtime in LITERT_FILES:  # LiteRT runs on the CPU: nothing to probe (nor to import)
+            self.device = keras_device = "CPU"
+        elif runtime == "keras":
+            self.device = keras_device = keras_devices(keras_backend())
         else:
-            self._predict = _load_saved_model(model_dir.rstrip("/"), metadata)
+            self.device = configure_devices()  # TensorFlow's view
+            # auto where TensorFlow sees no GPU: does the configured JAX or PyTorch backend?
+            keras_device = (keras_devices(keras_backend())
+                            if runtime == "auto" and self.device == "CPU" and keras_backend() != "tensorflow"
+                            and FileSystems.exists(keras_file) else "CPU")
+        self.runtime = choose_runtime(runtime, metadata, self.device, keras_device)
+        if self.runtime in LITERT_FILES:
+            self._predict = _load_tflite(f"{model_dir}/{LITERT_FILES[self.runtime]}",
+                                         metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch)
+        elif self.runtime == "keras":
+            self.device = keras_device
+            self._predict = keras_predict(load_keras_model(keras_file, metadata), metadata.signature_output)
+        else:
+            self._predict = _load_saved_model(model_dir, metadata)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities, shape (batch, classes), for a uint8 batch (batch, height, width, 3)."""
@@ -152,11 +262,23 @@ def local_copy(directory: str) -> str:
         return directory
     target = tempfile.mkdtemp(prefix="petscore-model-")
     for match in FileSystems.match([FileSystems.join(directory, "**")])[0].metadata_list:
-        destination = os.path.join(target, match.path[len(directory):].lstrip("/"))
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        with open(destination, "wb") as copy:
-            copy.writelines(file_chunks(match.path))
+        _copy_file(match.path, os.path.join(target, match.path[len(directory):].lstrip("/")))
     return target
+
+
+def local_file(path: str) -> str:
+    """``path`` itself when local, else a copy in a temporary local directory (``local_copy``
+    for one file: Keras reads ``model.keras`` only from local disk, or through TensorFlow)."""
+    if FileSystems.get_scheme(path) in (None, "file"):
+        return path
+    return _copy_file(path, os.path.join(tempfile.mkdtemp(prefix="petscore-model-"), os.path.basename(path)))
+
+
+def _copy_file(source: str, destination: str) -> str:
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    with open(destination, "wb") as copy:
+        copy.writelines(file_chunks(source))
+    return destination
 
 
 def _expected_input(metadata: ModelMetadata) -> list:
@@ -164,7 +286,12 @@ def _expected_input(metadata: ModelMetadata) -> list:
 
 
 def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as error:  # a worker image with LiteRT or JAX alone
+        raise ModelContractError(
+            f"runtime 'saved_model' needs TensorFlow, which is not installed here ({error}): score "
+            "with --runtime keras or tflite, or install TensorFlow (deploy/Dockerfile)") from error
 
     path = f"{model_dir}/{SAVED_MODEL_DIR}"
     try:
@@ -190,6 +317,150 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
         return result[metadata.signature_output].numpy()
 
     predict.keep_alive = loaded  # the signature needs the loaded object's variables
+    return predict
+
+
+def load_keras_model(path: str, metadata: ModelMetadata):
+    """The ``keras.Model`` in ``model.keras`` at ``path`` (any Beam filesystem) on the configured
+    Keras backend, loaded with ``safe_mode=True`` (no deserialised Python runs: a Lambda layer is
+    refused) and checked against the metadata: one image input of its size, an output named as
+    its ``signature_output`` when there are several, its class count. Raises
+    ``ModelContractError`` in one line when it cannot be loaded here, saying what to use instead."""
+    backend = keras_backend()
+    try:
+        import keras
+    except ImportError as error:
+        raise ModelContractError(
+            f"runtime 'keras' cannot start Keras's {backend!r} backend ({error}): install it "
+            "(docs/gpu.md), or set KERAS_BACKEND to an installed one (jax, torch, tensorflow)") from error
+    wanted = os.environ.get("KERAS_BACKEND")
+    if wanted and wanted != keras.backend.backend():
+        _LOG.warning("KERAS_BACKEND=%s, but this process imported Keras on %s before it was set: "
+                     "the keras runtime runs on %s", wanted, keras.backend.backend(),
+                     keras.backend.backend())
+    for module in CUSTOM_LAYER_MODULES:
+        importlib.import_module(module)
+    try:
+        with _initial_values_on_host(keras.backend.backend()):
+            classifier = keras.saving.load_model(local_file(path), compile=False, safe_mode=True)
+    except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear refusal
+        cause = error  # Keras wraps the failure of a nested layer in the model's own
+        while cause.__cause__ or cause.__context__:
+            cause = cause.__cause__ or cause.__context__
+        reason = (str(cause).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        raise ModelContractError(
+            f"{path} does not load on Keras's {keras.backend.backend()} backend ({type(cause).__name__}: "
+            f"{reason}): score it with --runtime saved_model or tflite") from error
+    if len(classifier.inputs) != 1 or list(classifier.inputs[0].shape) != _expected_input(metadata):
+        raise ModelContractError(f"{path}: takes {[list(i.shape) for i in classifier.inputs]}, but the "
+                                 f"metadata promises one image input {_expected_input(metadata)}")
+    names = list(classifier.output_names)
+    if len(names) > 1 and metadata.signature_output not in names:
+        raise ModelContractError(f"{path}: outputs {names}, none named {metadata.signature_output!r} "
+                                 "(the metadata's signature_output)")
+    index = names.index(metadata.signature_output) if len(names) > 1 else 0
+    _check_class_count(path, int(classifier.outputs[index].shape[-1]), metadata)
+    _LOG.info("%s on Keras's %s backend", path, keras.backend.backend())
+    return classifier
+
+
+@contextlib.contextmanager
+def _initial_values_on_host(backend: str) -> Iterator[None]:
+    """While a model loads on JAX, its variables' throwaway initial values come from NumPy.
+
+    Loading builds every layer, which draws each variable's initial value before the file's
+    weights replace it (``load_own_variables`` assigns every variable, or raises). Keras's JAX
+    backend draws them with ``jax.random``, one XLA program per shape: loading the alpha 0.25
+    MobileNet compiled 26 of them, 17-28 s on the 2-core VM, against about a second this way.
+    Keras calls its backend's ``random.uniform``/``normal``/``truncated_normal`` at run time, so
+    replacing them on that module for the duration of the load is enough; Keras without them
+    (another version) loads as it would anyway.
+    """
+    if backend != "jax":
+        yield
+        return
+    from keras.src.backend.jax import random as jax_random
+
+    def zeros(shape, *args, dtype=None, **kwargs):
+        return np.zeros(shape, dtype=dtype or "float32")
+
+    names = [name for name in ("uniform", "normal", "truncated_normal") if hasattr(jax_random, name)]
+    drawn = {name: getattr(jax_random, name) for name in names}
+    try:
+        for name in names:
+            setattr(jax_random, name, zeros)
+        yield
+    finally:
+        for name, function in drawn.items():
+            setattr(jax_random, name, function)
+
+
+def keras_predict(classifier, output: str = "probabilities",
+                  full_float32: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict(uint8 batch [n, height, width, 3]) -> numpy array [n, ...]`` for a Keras model
+    taking float pixels, on whatever backend Keras runs: the model's ``output`` (its only output,
+    or the one of that name). The uint8 pixels travel to the device and are cast there (a
+    quarter of float32's bytes), as in the SavedModel's signature.
+
+    Compiled once: JAX, one XLA program (the variables passed in, not baked into it as constants)
+    per padded batch size (``KERAS_MIN_PADDED``); TensorFlow, one ``tf.function`` for any batch
+    size; PyTorch runs eagerly under ``no_grad``, as Keras's own ``predict`` does there
+    (``jit_compile="auto"`` is eager on torch: ``torch.compile`` needs a compiler toolchain at
+    run time and minutes per model). ``full_float32``: matrix products and convolutions in
+    float32, not TF32 (Ampere+ GPUs' default), see ``configure_devices``; on JAX it is set in the
+    program itself, on the other backends by ``keras_devices``.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    names = list(classifier.output_names)
+    dtype = classifier.inputs[0].dtype
+
+    def pick(outputs: Any):
+        if isinstance(outputs, dict):
+            return outputs[output] if len(outputs) > 1 else next(iter(outputs.values()))
+        if isinstance(outputs, (list, tuple)):
+            return outputs[names.index(output)] if len(outputs) > 1 else outputs[0]
+        return outputs
+
+    if backend == "jax":
+        import jax
+
+        trainable = [variable.value for variable in classifier.trainable_variables]
+        fixed = [variable.value for variable in classifier.non_trainable_variables]
+
+        def forward(trainable, fixed, images):
+            precision = jax.default_matmul_precision("float32") if full_float32 else contextlib.nullcontext()
+            with precision:
+                outputs, _ = classifier.stateless_call(trainable, fixed, images.astype(dtype),
+                                                       training=False)
+            return pick(outputs)
+
+        program = jax.jit(forward)
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            images = np.asarray(images, dtype=np.uint8)
+            count = len(images)
+            padded = max(KERAS_MIN_PADDED, 1 << max(count - 1, 0).bit_length())
+            if padded > count:
+                images = np.concatenate([images, np.zeros((padded - count, *images.shape[1:]), np.uint8)])
+            return np.asarray(program(trainable, fixed, images))[:count]
+
+        return predict
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        program = tf.function(
+            lambda images: pick(classifier(tf.cast(images, dtype), training=False)),
+            input_signature=[tf.TensorSpec([None, *classifier.inputs[0].shape[1:]], tf.uint8)])
+        return lambda images: program(np.asarray(images, dtype=np.uint8)).numpy()
+    import torch
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            pixels = keras.ops.cast(keras.ops.convert_to_tensor(np.asarray(images, dtype=np.uint8)), dtype)
+            return keras.ops.convert_to_numpy(pick(classifier(pixels, training=False)))
+
     return predict
 
 

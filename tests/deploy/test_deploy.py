@@ -121,6 +121,29 @@ def test_dockerfile_pins_equal_the_project_pins():
         assert constraints[name] == version, name
 
 
+def test_the_jax_image_installs_the_project_pins_without_tensorflow():
+    """deploy/Dockerfile.jax, the worker image for --runtime keras on JAX: the same Beam, Python
+    and launcher as the TensorFlow image, the pinned JAX with its CUDA plugin, no TensorFlow."""
+    with open(os.path.join(DEPLOY, "Dockerfile")) as handle:
+        tensorflow_args = dict(re.findall(r"^ARG (\w+)=(\S+)$", handle.read(), flags=re.M))
+    with open(os.path.join(DEPLOY, "Dockerfile.jax")) as handle:
+        dockerfile = handle.read()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, flags=re.M))
+    for shared in ("PYTHON_VERSION", "BEAM_VERSION", "LAUNCHER_IMAGE"):
+        assert args[shared] == tensorflow_args[shared], shared
+    jax = pins("requirements-jax.txt")
+    assert args["JAX_VERSION"] == jax["jax"] == jax["jaxlib"] == pins("constraints.txt")["jax"]
+    assert '"jax[cuda12]==${JAX_VERSION}"' in dockerfile
+    assert "grep -v '^tensorflow==' requirements.txt" in dockerfile and "--no-deps ." in dockerfile
+    assert "-r requirements-jax.txt" in dockerfile and "-c constraints.txt" in dockerfile
+    # set before the build's import check, which imports Keras (on TensorFlow by default)
+    check = dockerfile.index('python -c "import apache_beam, jax, keras')
+    assert dockerfile.index("ENV KERAS_BACKEND=jax") < check
+    constraints = pins("constraints.txt")
+    for name, version in jax.items():
+        assert constraints[name] == version, name
+
+
 def test_shell_scripts_pass_shellcheck():
     shellcheck = os.path.join(os.path.dirname(sys.executable), "shellcheck")
     scripts = [os.path.join(DEPLOY, "nightly.sh"), os.path.join(REPO, ".ci", "run"),

@@ -19,10 +19,11 @@ from model.export import TFLITE_TOLERANCE
 from pipeline import score
 from serving.metadata import read_metadata
 from serving.preprocessing import KERAS_LOAD_IMG
+from tests.backends import BACKENDS, DEEP_RANDOM_BASE, saved_model_gap, score_on_backend
 from tests.model import notebook
 from tests.pipeline.outputs import read_run
 
-TOLERANCE = {"saved_model": 1e-5, "tflite": TFLITE_TOLERANCE}
+TOLERANCE = {"saved_model": 1e-5, "tflite": TFLITE_TOLERANCE, "keras": 1e-5}
 BREEDS = [f"breed_{i:03d}" for i in range(133)]
 
 
@@ -64,7 +65,7 @@ def kind1(notebook_data):
     return {"model_dir": model_dir, "paths": paths, "expected": np.hstack([1 - dog, dog])}
 
 
-@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
+@pytest.mark.parametrize("runtime", ["saved_model", "tflite", "keras"])
 def test_kind1_binary_h5_scores_as_the_notebook(kind1, notebook_data, tmp_path, runtime):
     scored = score_packaged(kind1["model_dir"], notebook_data, str(tmp_path / "out"), runtime)
     assert_parity(scored, kind1["paths"], kind1["expected"], ["cat", "dog"], TOLERANCE[runtime])
@@ -87,53 +88,73 @@ def test_kind1_metadata_records_the_notebook_loader_and_scaling(kind1):
     assert os.path.exists(os.path.join(kind1["model_dir"], "model.keras"))
 
 
-@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
-def test_kind2_softmax_keras_file_scores_as_the_notebook(notebook_data, tmp_path, runtime):
-    path = str(tmp_path / "model.keras")
+@pytest.fixture(scope="module")
+def kind2(notebook_data):
+    """CNN from scratch, rescale 1/255, Dense(2, softmax), model.keras."""
+    path = str(notebook_data["root"] / "model.keras")
     # Seeded: one epoch from an unlucky initialisation leaves every ReLU dead and the model
     # answering every image alike, which depended on the tests that ran before.
     keras.utils.set_random_seed(2)
     model = notebook.kind2_softmax_cnn(notebook_data["train"], path)
     paths = notebook.image_paths(notebook_data["images"])
     expected = model.predict(notebook.load_batch(paths, (224, 224)) / 255., verbose=0)
-    model_dir = str(tmp_path / "kind2")
+    model_dir = str(notebook_data["root"] / "kind2")
     assert package_cli("--keras", path, "--output", model_dir, "--classes", "cat,dog",
                        "--scaling", "1/255") == 0
-    scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), runtime)
-    assert_parity(scored, paths, expected, ["cat", "dog"], TOLERANCE[runtime])
+    return {"model_dir": model_dir, "paths": paths, "expected": expected}
 
 
-def test_kind3_mobilenet_transfer_h5_with_preprocess_input_scores_as_the_notebook(notebook_data, tmp_path):
-    path = str(tmp_path / "model.h5")
+@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
+def test_kind2_softmax_keras_file_scores_as_the_notebook(kind2, notebook_data, tmp_path, runtime):
+    scored = score_packaged(kind2["model_dir"], notebook_data, str(tmp_path / "out"), runtime)
+    assert_parity(scored, kind2["paths"], kind2["expected"], ["cat", "dog"], TOLERANCE[runtime])
+
+
+@pytest.fixture(scope="module")
+def kind3(notebook_data):
+    """Frozen MobileNet + GlobalAveragePooling + Dense(2, softmax), preprocess_input outside, .h5."""
+    path = str(notebook_data["root"] / "mobilenet_transfer.h5")
     model = notebook.kind3_mobilenet_transfer(notebook_data["train"], path)
     generator = ImageDataGenerator(preprocessing_function=keras.applications.mobilenet.preprocess_input)
     paths, expected = notebook.predict_folder(generator, notebook_data["test"], (128, 128), model)
-    model_dir = str(tmp_path / "kind3")
+    model_dir = str(notebook_data["root"] / "kind3")
     assert package_cli("--keras", path, "--output", model_dir, "--classes-from", notebook_data["train"],
                        "--scaling", "tf") == 0
+    return {"model_dir": model_dir, "paths": paths, "expected": expected}
+
+
+def test_kind3_mobilenet_transfer_h5_with_preprocess_input_scores_as_the_notebook(kind3, notebook_data,
+                                                                                   tmp_path):
     for runtime in ("saved_model", "tflite"):
-        scored = score_packaged(model_dir, notebook_data, str(tmp_path / runtime), runtime)
-        assert_parity(scored, paths, expected, ["cat", "dog"], TOLERANCE[runtime])
+        scored = score_packaged(kind3["model_dir"], notebook_data, str(tmp_path / runtime), runtime)
+        assert_parity(scored, kind3["paths"], kind3["expected"], ["cat", "dog"], TOLERANCE[runtime])
 
 
-def test_kind4_bottleneck_head_behind_a_resnet50_scores_as_the_notebook(notebook_data, tmp_path):
+@pytest.fixture(scope="module")
+def kind4(notebook_data):
     """133 dog breeds on ResNet50 features (random base, BatchNorm calibrated, its weights file
-    as the user has it); multi-class CSV with hex-like ids and top-5 columns."""
+    as the user has it): a bottleneck head saved alone, packaged behind its feature extractor."""
+    root = notebook_data["root"]
     keras.utils.set_random_seed(3)
     base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3))
     train_paths = notebook.image_paths(notebook_data["train"])
     calibrate_batchnorm("resnet50", base, notebook.load_batch(train_paths, (64, 64)))
-    weights = str(tmp_path / "resnet50_notop.weights.h5")
+    weights = str(root / "resnet50_notop.weights.h5")
     base.save_weights(weights)
-    head_path = str(tmp_path / "bottleneck_head.h5")
+    head_path = str(root / "bottleneck_head.h5")
     head = notebook.kind4_bottleneck_head(train_paths, base, len(BREEDS), head_path)
     paths = notebook.image_paths(notebook_data["images"])
     expected = notebook.predict_bottleneck(paths, base, head)
-
-    model_dir = str(tmp_path / "kind4")
+    model_dir = str(root / "kind4")
     assert package_cli("--keras", head_path, "--feature-extractor", "resnet50", "--feature-weights",
                        weights, "--input-size", "64", "--classes", ",".join(BREEDS),
                        "--output", model_dir) == 0  # --scaling: resnet50's own (caffe)
+    return {"model_dir": model_dir, "paths": paths, "expected": expected}
+
+
+def test_kind4_bottleneck_head_behind_a_resnet50_scores_as_the_notebook(kind4, notebook_data, tmp_path):
+    """Multi-class CSV with hex-like ids and top-5 columns."""
+    paths, expected, model_dir = kind4["paths"], kind4["expected"], kind4["model_dir"]
     assert read_metadata(model_dir).training["packaged_from"]["scaling"] == "caffe"
     scored = score_packaged(model_dir, notebook_data, str(tmp_path / "out"), "saved_model")
     assert_parity(scored, paths, expected, BREEDS, TOLERANCE["saved_model"])
@@ -151,6 +172,27 @@ def test_kind4_bottleneck_head_behind_a_resnet50_scores_as_the_notebook(notebook
                for p, want in zip(paths, expected, strict=True)}
     for row in csv_rows[1:]:
         np.testing.assert_allclose([float(v) for v in row[1:]], by_stem[row[0]], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_packaged_kind_scores_on_another_keras_backend_as_on_the_saved_model(
+        backend, kind1, kind2, kind3, kind4, notebook_data, tmp_path):
+    """The four kinds' model.keras, custom layers and all (NotebookScaling with and without
+    weights, CaffePreprocess, SigmoidToTwoClasses), through the real CLI with --runtime keras on
+    JAX's CPU (PyTorch where installed), without TensorFlow, against the SavedModel on the same
+    images: within 1e-5 for the two small CNNs; within DEEP_RANDOM_BASE for the random MobileNet
+    and ResNet50 bases, where float32 rounding differences grow layer by layer (docs/gpu.md)."""
+    kinds = {"kind1": kind1, "kind2": kind2, "kind3": kind3, "kind4": kind4}
+    outputs = {name: str(tmp_path / name) for name in kinds}
+    ran = score_on_backend(backend, [
+        ["--input", os.path.join(notebook_data["images"], "*"), "--model-dir", kind["model_dir"],
+         "--output", outputs[name], "--runtime", "keras"] for name, kind in kinds.items()])
+    assert ran == {"backend": backend, "codes": [0] * len(kinds)}
+    gaps = {name: saved_model_gap(outputs[name], kind["model_dir"]) for name, kind in kinds.items()}
+    tolerance = {"kind1": TOLERANCE["keras"], "kind2": TOLERANCE["keras"], "kind3": DEEP_RANDOM_BASE,
+                 "kind4": DEEP_RANDOM_BASE}
+    print(f"{backend} against the SavedModel, largest difference: {gaps}")  # docs/gpu.md's figures
+    assert all(gaps[name] <= tolerance[name] for name in kinds), gaps
 
 
 def test_a_savedmodel_directory_packages_and_scores_as_the_notebook(notebook_data, tmp_path):
