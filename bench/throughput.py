@@ -175,7 +175,10 @@ def free_decoder_and_model() -> None:
 
     from pipeline import decode
 
-    decode.decode_and_resize = lambda data, size, *args, **kwargs: np.zeros((*size, 3), np.uint8)
+    def free_decoder(data, size, *args, out=None, **kwargs):  # writes no pixel
+        return np.zeros((*size, 3), np.uint8) if out is None else out
+
+    decode.decode_and_resize = free_decoder
     free_model()
 
 

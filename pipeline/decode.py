@@ -206,8 +206,8 @@ class ReadAndDecodeFn(beam.DoFn):
         if content_sha256 in image.scored_sha256:
             return len(data), SKIPPED, None
         try:
-            target[...] = decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
-                                            self._preprocessing)
+            decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
+                              self._preprocessing, out=target)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
             return len(data), ERRORS, error_row(path, "decode", error, self._run_id)
         return len(data), DECODED, content_sha256

@@ -164,11 +164,14 @@ def decode_and_resize(
     resize_method: str = "bilinear",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     preprocessing: str = PREPROCESSING_VERSION,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode any Pillow-readable image and stretch it to ``size`` = (height, width) the way
     the ``preprocessing`` version says.
 
-    Contract: returns a ``(height, width, 3)`` uint8 array. Raises on empty, truncated, unknown
+    Contract: returns a ``(height, width, 3)`` uint8 array: ``out`` itself when given (a row of
+    a batch's array, say), which OpenCV's steps write straight into and the others copy into;
+    the pixels are the same either way. Raises on empty, truncated, unknown
     or oversized input (``ImageTooLargeError``, checked from the header before decoding with
     either loader); callers turn that into an error row. ``pillow-rgb-draft-v1``: EXIF
     orientation is applied, the first frame of an animation is used, grayscale/CMYK/palette/
@@ -192,15 +195,15 @@ def decode_and_resize(
                 f"{image.width}x{image.height} = {pixels} pixels exceeds the cap of {max_pixels}"
             )
         if preprocessing == KERAS_LOAD_IMG:
-            return _keras_load_img(image, width, height, methods[resize_method])
+            return _into(out, _keras_load_img(image, width, height, methods[resize_method]))
         if preprocessing == PILLOW_FIT:
             fitted = ImageOps.fit(image.convert("RGB"), (width, height), methods[resize_method])
-            return np.asarray(fitted, dtype=np.uint8)
+            return _into(out, np.asarray(fitted, dtype=np.uint8))
         # JPEG only: decode at the smallest DCT scale that still covers the target size (v1, v3)
         # or half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
         longest = max(height, width)
         if preprocessing == CV2_JPEG and image.format in ("JPEG", "MPO") and image.mode == "RGB":
-            return _cv2_jpeg(data, image.size, longest, width, height, methods[resize_method])
+            return _cv2_jpeg(data, image.size, longest, width, height, methods[resize_method], out)
         cover = max(1, longest // 2) if preprocessing == PILLOW_DRAFT_CV2 else longest
         image.draft("RGB", (cover, cover))
         image.load()
@@ -208,12 +211,22 @@ def decode_and_resize(
             image = ImageOps.exif_transpose(image)
         rgb = _to_rgb(image)
         if preprocessing == PILLOW_DRAFT_V1:
-            return np.asarray(rgb.resize((width, height), RESIZE_METHODS[resize_method]), dtype=np.uint8)
-        return _cv2_resize(rgb, width, height, methods[resize_method])
+            return _into(out, np.asarray(rgb.resize((width, height), RESIZE_METHODS[resize_method]),
+                                         dtype=np.uint8))
+        return _cv2_resize(rgb, width, height, methods[resize_method], out)
+
+
+def _into(out: np.ndarray | None, pixels: np.ndarray) -> np.ndarray:
+    """``pixels``, copied into ``out`` when there is one (OpenCV reallocates a ``dst`` of the
+    wrong shape or type rather than failing: this copy is then what keeps the contract)."""
+    if out is None or pixels is out:
+        return pixels
+    out[...] = pixels
+    return out
 
 
 def _cv2_jpeg(data: bytes, stored: tuple[int, int], cover: int, width: int, height: int,
-              method: str) -> np.ndarray:
+              method: str, out: np.ndarray | None = None) -> np.ndarray:
     """v3, colour JPEGs: OpenCV's libjpeg-turbo decodes at v1's DCT scale (the same pixels as
     Pillow's decode, without Pillow's 4-byte pixels and the copy out of them) and applies the EXIF
     orientation; then OpenCV's bilinear resize. After that DCT scale no step shrinks a side 2x or
@@ -226,10 +239,11 @@ def _cv2_jpeg(data: bytes, stored: tuple[int, int], cover: int, width: int, heig
     if bgr is None:  # Pillow raises OSError on the same truncated or corrupt files
         raise OSError("image file is truncated or corrupt (OpenCV could not decode it)")
     resized = cv2.resize(bgr, (width, height), interpolation=getattr(cv2, method))
-    return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+    return _into(out, cv2.cvtColor(resized, cv2.COLOR_BGR2RGB, dst=out))
 
 
-def _cv2_resize(rgb: Image.Image, width: int, height: int, method: str) -> np.ndarray:
+def _cv2_resize(rgb: Image.Image, width: int, height: int, method: str,
+                out: np.ndarray | None = None) -> np.ndarray:
     """v2, and v3 for all but colour JPEGs: box-reduce by an integer factor while both sides stay
     at least the target size (large PNGs and the like), then OpenCV's bilinear resize. It does
     not antialias, but after the DCT scaling or the box reduction no step is 2x or more, so it
@@ -239,8 +253,8 @@ def _cv2_resize(rgb: Image.Image, width: int, height: int, method: str) -> np.nd
     factor = min(rgb.width // width, rgb.height // height)
     if factor >= 2:
         rgb = rgb.reduce(factor)
-    return cv2.resize(np.asarray(rgb, dtype=np.uint8), (width, height),
-                      interpolation=getattr(cv2, method))
+    return _into(out, cv2.resize(np.asarray(rgb, dtype=np.uint8), (width, height), dst=out,
+                                 interpolation=getattr(cv2, method)))
 
 
 def _keras_load_img(image: Image.Image, width: int, height: int, resample) -> np.ndarray:

@@ -53,6 +53,20 @@ def test_every_good_corpus_file_decodes_to_rgb_uint8_of_the_target_size(tmp_path
             assert type(raised.value).__name__ == outcome[1], name
 
 
+@pytest.mark.parametrize("loader", [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG, KERAS_LOAD_IMG, PILLOW_FIT])
+def test_decoding_into_a_batch_row_gives_the_same_pixels_and_writes_only_that_row(tmp_path, loader):
+    """The decoder writes each image straight into its row of the batch's array (``out``)."""
+    expected = write_corpus(str(tmp_path))
+    good = [name for name, outcome in expected.items() if outcome == GOOD]
+    batch = np.full((len(good) + 1, 24, 32, 3), 7, np.uint8)
+    for row, name in enumerate(good):
+        data = (tmp_path / name).read_bytes()
+        written = decode_and_resize(data, (24, 32), preprocessing=loader, out=batch[row])
+        assert np.shares_memory(written, batch[row]), name
+        np.testing.assert_array_equal(batch[row], decode_and_resize(data, (24, 32), preprocessing=loader))
+    assert (batch[-1] == 7).all()  # the row after the last image is untouched
+
+
 def test_exif_orientation_is_applied(version):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees clockwise
