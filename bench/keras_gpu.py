@@ -51,7 +51,7 @@ CARRY_LIMIT = 64 * 1024 * 1024  # what a device call carries: the working tree a
 SITE_PACKAGES = ("apache-beam==2.77.0", "ai-edge-litert==2.3.0", "proto-plus", "fastavro", "fasteners",
                  "httplib2", "jsonpickle", "objsize<0.8", "pytz", "zstandard", "beartype<0.23,>=0.21",
                  "pyparsing", "cryptography<51", "cffi", "pycparser", "keras==3.15.1", "namex", "optree",
-                 "packaging")
+                 "packaging", "pillow-heif==1.8.1")
 # Parts no scoring run imports: Beam's examples, YAML and dataframe APIs and interactive runner,
 # LiteRT's GPU/WebGPU accelerators and tools, and every package's tests and C sources.
 SITE_TRIM = ("apache_beam/examples", "apache_beam/yaml", "apache_beam/dataframe",
