@@ -199,7 +199,7 @@ def split_off_head(model: keras.Model) -> tuple[keras.Model | None, keras.layers
     """``(the notebook model up to its head, a copy of the head)`` when its output is a ``Dense``
     layer's, else ``(None, None)``. The packaged model calls the copy (same configuration and
     weights: the notebook's arithmetic) at its top level, where the integer export can re-fit it
-    to the integer base's features (``model.quantize.refittable_head``); a nested head could not
+    to the integer base's features (``model.architecture.final_dense_layer``); a nested head could not
     be. A copy, because a layer's ``input`` is that of its first call, inside the notebook."""
     last = model.layers[-1] if model.layers else None
     if (not isinstance(last, keras.layers.Dense) or len(model.outputs) != 1

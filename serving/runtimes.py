@@ -10,6 +10,10 @@ Two runtimes execute the same exported model:
   about 2-3x faster again on CPU; its probabilities differ from the float runtimes' (by the
   figures its metadata records), so it runs only when asked for, never by ``auto``.
 ``auto`` picks ``saved_model`` on a GPU and ``tflite`` on a CPU when the export has one.
+
+A model with an out-of-scope detector (``metadata.out_of_scope``) has a second output,
+``scope_score``, that the float runtimes compute in the same inference call
+(``ServingModel.predict_outputs``); the integer model does not carry it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -28,12 +33,13 @@ from apache_beam.io.filesystems import FileSystems
 from serving.metadata import (
     INT8_TFLITE_FILE,
     SAVED_MODEL_DIR,
+    SCOPE_SCORE,
     TFLITE_FILE,
     ModelContractError,
     ModelMetadata,
     file_chunks,
 )
-from serving.reference import REFERENCE_TOLERANCE, reference_batch
+from serving.reference import REFERENCE_TOLERANCE, SCOPE_REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
 RUNTIMES = ("auto", "saved_model", "tflite", "tflite-int8")
@@ -100,8 +106,18 @@ def choose_runtime(requested: str, metadata: ModelMetadata, device: str) -> str:
     return "tflite" if metadata.tflite and device == "CPU" else "saved_model"
 
 
+class Outputs(NamedTuple):
+    """What one inference call gives for a batch of n images."""
+
+    probabilities: np.ndarray  # float32 [n, classes], in the metadata's class order
+    # float32 [n]: the out-of-scope score, flagged above ``metadata.out_of_scope["threshold"]``;
+    # None when the model has no detector, or on a runtime that does not carry it (tflite-int8).
+    scope_score: np.ndarray | None
+
+
 class ServingModel:
-    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``."""
+    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``, or
+    ``predict_outputs(uint8 batch) -> Outputs`` for the out-of-scope score as well."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, runtime: str = "auto",
                  tflite_threads: int = 0, tflite_invoke_batch: int = LITERT_INVOKE_BATCH):
@@ -109,15 +125,31 @@ class ServingModel:
         # LiteRT runs on the CPU: an explicit request for it needs no device probing (nor TF).
         self.device = "CPU" if runtime in LITERT_FILES else configure_devices()
         self.runtime = choose_runtime(runtime, metadata, self.device)
+        # The integer model's features are quantized and its export fits no detector to them.
+        self.scope_output = (metadata.out_of_scope["output"]
+                             if metadata.has_scope_detector and self.runtime != "tflite-int8" else None)
+        outputs = [metadata.signature_output, *([self.scope_output] if self.scope_output else [])]
         if self.runtime in LITERT_FILES:
             self._predict = _load_tflite(f"{model_dir.rstrip('/')}/{LITERT_FILES[self.runtime]}",
-                                         metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch)
+                                         metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch,
+                                         outputs)
         else:
-            self._predict = _load_saved_model(model_dir.rstrip("/"), metadata)
+            self._predict = _load_saved_model(model_dir.rstrip("/"), metadata, outputs)
+
+    @property
+    def has_scope_score(self) -> bool:
+        """Whether ``predict_outputs`` gives a ``scope_score`` on this runtime."""
+        return self.scope_output is not None
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities, shape (batch, classes), for a uint8 batch (batch, height, width, 3)."""
-        return self._predict(images)
+        """Probabilities, float32 (batch, classes), for a uint8 batch (batch, height, width, 3)."""
+        return self._predict(images)[0]
+
+    def predict_outputs(self, images: np.ndarray) -> Outputs:
+        """Both outputs of one inference call for a uint8 batch (batch, height, width, 3):
+        probabilities float32 (batch, classes) and scope_score float32 (batch,) or None."""
+        results = self._predict(images)
+        return Outputs(results[0], results[1] if self.scope_output else None)
 
     def check_reference_predictions(self) -> float:
         """Re-predict the metadata's reference images (the integer model's own, within its
@@ -129,14 +161,22 @@ class ServingModel:
         if not refs:
             return 0.0
         seeds = [ref["seed"] for ref in refs]
-        got = self.predict(reference_batch(self.metadata.height, self.metadata.width, seeds))
+        got = self.predict_outputs(reference_batch(self.metadata.height, self.metadata.width, seeds))
         want = np.array([ref["probabilities"] for ref in refs], dtype=np.float64)
-        worst = float(np.max(np.abs(got - want)))
+        worst = float(np.max(np.abs(got.probabilities - want)))
         if worst > tolerance:
             raise ModelContractError(
                 f"{self.runtime}: reference predictions differ from metadata by {worst:.2e} "
                 f"(> {tolerance:.3g}): the model or its preprocessing changed since export"
             )
+        if got.scope_score is not None:
+            scope = float(np.max(np.abs(got.scope_score - np.array([ref[SCOPE_SCORE] for ref in refs]))))
+            if scope > SCOPE_REFERENCE_TOLERANCE:
+                raise ModelContractError(
+                    f"{self.runtime}: reference {SCOPE_SCORE}s differ from metadata by {scope:.2e} "
+                    f"(> {SCOPE_REFERENCE_TOLERANCE:.3g}): the model or its preprocessing changed "
+                    "since export")
+            worst = max(worst, scope)
         _LOG.info("%s reference predictions match metadata (max abs diff %.2e) on %s",
                   self.runtime, worst, self.device)
         return worst
@@ -163,7 +203,9 @@ def _expected_input(metadata: ModelMetadata) -> list:
     return [None, metadata.height, metadata.width, 3]
 
 
-def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
+def _load_saved_model(model_dir: str, metadata: ModelMetadata,
+                      outputs: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``predict(uint8 batch) -> [each of outputs]`` of the SavedModel's ``serving_default``."""
     import tensorflow as tf
 
     path = f"{model_dir}/{SAVED_MODEL_DIR}"
@@ -180,22 +222,26 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
         raise ModelContractError(
             f"{path}: signature input {metadata.signature_input!r} is {spec}, but the "
             f"metadata promises uint8 {_expected_input(metadata)}")
-    outputs = signature.structured_outputs
-    if metadata.signature_output not in outputs:
-        raise ModelContractError(f"{path}: signature has no output {metadata.signature_output!r}")
-    _check_class_count(path, outputs[metadata.signature_output].shape.as_list()[-1], metadata)
+    missing = [name for name in outputs if name not in signature.structured_outputs]
+    if missing:
+        raise ModelContractError(f"{path}: signature has no output {missing[0]!r}"
+                                 f"{_MISSING_SCOPE if missing[0] == SCOPE_SCORE else ''}")
+    _check_class_count(path, signature.structured_outputs[metadata.signature_output].shape.as_list()[-1],
+                       metadata)
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> list[np.ndarray]:
         result = signature(**{metadata.signature_input: images})
-        return result[metadata.signature_output].numpy()
+        return [result[name].numpy() for name in outputs]
 
     predict.keep_alive = loaded  # the signature needs the loaded object's variables
     return predict
 
 
-def _load_tflite(path: str, metadata: ModelMetadata, threads: int,
-                 invoke_batch: int) -> Callable[[np.ndarray], np.ndarray]:
-    """LiteRT's predict function for the flatbuffer at ``path``, checked against the metadata."""
+def _load_tflite(path: str, metadata: ModelMetadata, threads: int, invoke_batch: int,
+                 outputs: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """LiteRT's ``predict(uint8 batch) -> [each of outputs]`` for the flatbuffer at ``path``,
+    checked against the metadata; outputs are found by their names in the flatbuffer's
+    ``serving_default`` signature (the converter orders them by its own rules)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=b"".join(file_chunks(path)), num_threads=threads)
@@ -203,27 +249,48 @@ def _load_tflite(path: str, metadata: ModelMetadata, threads: int,
     if source["dtype"] != np.uint8 or list(source["shape"][1:]) != _expected_input(metadata)[1:]:
         raise ModelContractError(f"{path}: input is {source['dtype'].__name__} {list(source['shape'])}, "
                                  f"the metadata promises uint8 {_expected_input(metadata)}")
-    _check_class_count(path, int(interpreter.get_output_details()[0]["shape"][-1]), metadata)
-    return litert_predict(interpreter, invoke_batch)
+    named = _litert_outputs(interpreter)
+    missing = [name for name in outputs if name not in named]
+    if missing:
+        raise ModelContractError(f"{path} has no output {missing[0]!r}"
+                                 f"{_MISSING_SCOPE if missing[0] == SCOPE_SCORE else ''}")
+    indices = [named[name]["index"] for name in outputs]
+    _check_class_count(path, int(named[metadata.signature_output]["shape"][-1]), metadata)
+    return litert_predict(interpreter, invoke_batch, indices)
 
 
-def litert_predict(interpreter,
-                   invoke_batch: int = LITERT_INVOKE_BATCH) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict(uint8 batch) -> first output`` for a LiteRT interpreter, any batch size. The
-    interpreter's tensors are planned once, at load, for ``invoke_batch`` images, and each batch
-    runs that many at a time (the last part padded): faster than one invoke for the whole batch
-    (see ``LITERT_INVOKE_BATCH``), and the interpreter's memory is fixed from the start, whatever
-    the batch sizes a run brings."""
+_MISSING_SCOPE = (": the metadata describes an out-of-scope detector the model does not compute "
+                  "(metadata.json from another export?)")
+
+
+def _litert_outputs(interpreter) -> dict[str, dict]:
+    """``{output name: tensor details}`` from the ``serving_default`` signature a SavedModel's
+    conversion keeps; a flatbuffer without signatures has one output, taken as ``probabilities``."""
+    if "serving_default" in interpreter.get_signature_list():
+        details = interpreter.get_signature_runner("serving_default").get_output_details()
+        by_index = {detail["index"]: detail for detail in interpreter.get_output_details()}
+        return {name: by_index[detail["index"]] for name, detail in details.items()}
+    return {"probabilities": interpreter.get_output_details()[0]}
+
+
+def litert_predict(interpreter, invoke_batch: int = LITERT_INVOKE_BATCH,
+                   outputs: Sequence[int] | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``predict(uint8 batch) -> [each output]`` for a LiteRT interpreter, any batch size:
+    the tensors at ``outputs`` (indices; default its first output). The interpreter's tensors are
+    planned once, at load, for ``invoke_batch`` images, and each batch runs that many at a time
+    (the last part padded): faster than one invoke for the whole batch (see
+    ``LITERT_INVOKE_BATCH``), and the interpreter's memory is fixed from the start, whatever the
+    batch sizes a run brings."""
     source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
+    targets = list(outputs) if outputs is not None else [interpreter.get_output_details()[0]["index"]]
     interpreter.resize_tensor_input(source["index"], [invoke_batch, *source["shape"][1:]])
     interpreter.allocate_tensors()
     padded = np.zeros([invoke_batch, *source["shape"][1:]], np.uint8)
     lock = threading.Lock()  # one interpreter per process; its tensors are not thread-safe
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> list[np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        parts = []
+        parts: list[list[np.ndarray]] = [[] for _ in targets]
         with lock:
             for start in range(0, len(images), invoke_batch):
                 part = images[start:start + invoke_batch]
@@ -232,8 +299,9 @@ def litert_predict(interpreter,
                     part = padded
                 interpreter.set_tensor(source["index"], part)
                 interpreter.invoke()
-                parts.append(interpreter.get_tensor(target["index"])[:len(images) - start].copy())
-        return np.concatenate(parts)
+                for collected, target in zip(parts, targets, strict=True):
+                    collected.append(interpreter.get_tensor(target)[:len(images) - start].copy())
+        return [np.concatenate(collected) for collected in parts]
 
     return predict
 

@@ -218,14 +218,14 @@ def test_int8_images_calibrate_on_one_half_and_judge_on_the_other(kind1, noteboo
 
 
 def test_the_notebook_head_is_split_off_with_its_own_weights_and_arithmetic(kind1, notebook_data):
-    from model.quantize import refittable_head
+    from model.architecture import final_dense_layer
 
     notebook_model = keras.saving.load_model(str(notebook_data["root"] / "best_model.h5"))
     features, head = package.split_off_head(notebook_model)
     images = np.random.default_rng(3).uniform(0, 1, (4, 150, 150, 3)).astype("float32")
     np.testing.assert_array_equal(head(features(images)), notebook_model(images))
     classifier, _, _ = package.wrap(notebook_model, (150, 150), "1/255", None, from_logits=False)
-    top_level_head = refittable_head(classifier)
+    top_level_head = final_dense_layer(classifier)
     assert top_level_head in classifier.layers and top_level_head is not notebook_model.layers[-1]
     for mine, notebooks in zip(top_level_head.get_weights(), notebook_model.layers[-1].get_weights(),
                                strict=True):
