@@ -56,7 +56,7 @@ def keras_predictor(model_dir: str, exact: bool):
     """model.keras behind a uint8 input (the cast runs on the device, as in the SavedModel)."""
     import keras
 
-    import model.architecture  # noqa: F401  registers the custom layers
+    import model.architecture  # registers the custom layers
 
     if exact and keras.backend.backend() == "jax":
         import jax
@@ -64,7 +64,8 @@ def keras_predictor(model_dir: str, exact: bool):
     elif exact and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
         tf.config.experimental.enable_tensor_float_32_execution(False)
-    classifier = keras.saving.load_model(os.path.join(model_dir, KERAS_FILE))
+    classifier = model.architecture.probabilities_only(
+        keras.saving.load_model(os.path.join(model_dir, KERAS_FILE)))
     return uint8_predictor(classifier), _keras_device()
 
 

@@ -223,6 +223,15 @@ def build_classifier(
     return keras.Model(inputs, outputs, name=f"petscore_{base}"), feature_extractor
 
 
+def probabilities_only(model: keras.Model) -> keras.Model:
+    """``model`` itself, or for an exported model with an out-of-scope detector (outputs
+    ``{"probabilities", "scope_score"}``) the same layers with the probabilities as the only
+    output: what re-exporting, re-fitting a head or timing the classifier alone takes."""
+    if isinstance(model.output, dict):
+        return keras.Model(model.inputs, model.output["probabilities"], name=model.name)
+    return model
+
+
 def final_dense_layer(classifier: keras.Model | None) -> layers.Dense | None:
     """The classifier's head: its last top-level layer with weights, when that is a ``Dense``
     (every model ``model.train`` makes, and a packaged notebook model whose output is a ``Dense``

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model.architecture import probabilities_only
 from model.data import readable_batches
 from model.out_of_scope import FEATURE_BATCH, ScopeRequest, attach_detector, set_threshold
 from model.quantize import Int8Request, export_int8
@@ -84,7 +85,9 @@ def export_model(
 ) -> ModelMetadata:
     """Write ``saved_model/``, ``model.keras`` (unless ``save_keras`` is false: a model wrapping
     another SavedModel), ``model.tflite``, with ``int8`` ``model_int8.tflite`` if it passes its
-    validation (``model.quantize``), and ``metadata.json``.
+    validation (``model.quantize``), and ``metadata.json``. ``classifier`` maps float pixels
+    [batch, height, width, 3] in [0, 255] to probabilities; one exported with a detector and
+    loaded back counts as its probabilities alone.
 
     The SavedModel's ``serving_default`` takes ``images``: uint8 [batch, height, width, 3]
     and returns ``probabilities``: float32 [batch, classes]. With ``scope``, an out-of-scope
@@ -95,6 +98,7 @@ def export_model(
     integer model does not carry it. Everything is written to a sibling temporary directory
     first and moved into place, so a reader never sees half a model.
     """
+    classifier = probabilities_only(classifier)  # a re-export fits its own detector, or none
     height, width = classifier.input_shape[1:3]
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)

@@ -111,15 +111,18 @@ def auroc(in_scope: np.ndarray, out_of_scope: np.ndarray) -> float:
 
 
 def threshold_for_share(scores: np.ndarray, share: float) -> float:
-    """The smallest threshold that flags (score strictly above it) at most ``share`` of
-    ``scores``: the ``floor(share * n) + 1``-th highest score. With 320 held-out images and
-    ``share`` 0.01 it flags the 3 highest (0.94%); with fewer than ``1 / share`` images, none
-    (the threshold is their maximum). Raises ``ValueError`` on no scores or a share outside [0, 1)."""
+    """A threshold that flags (score strictly above it) at most ``share`` of ``scores``: with
+    ``m = floor(share * n)`` images to flag, the midpoint between the ``m``-th highest score and
+    the next one, so that a runtime that computes a score a few ulps apart does not move an image
+    across it; with none to flag (fewer than ``1 / share`` scores), the highest score. With 320
+    held-out images and ``share`` 0.01 it flags the 3 highest (0.94%). Raises ``ValueError`` on
+    no scores or a share outside [0, 1)."""
     scores = np.sort(np.asarray(scores, np.float64))[::-1]
     if not len(scores) or not 0.0 <= share < 1.0:
         raise ValueError(f"a threshold needs at least one score and a share in [0, 1), got "
                          f"{len(scores)} scores and share {share}")
-    return float(scores[int(np.floor(share * len(scores)))])
+    flag = int(np.floor(share * len(scores)))
+    return float(scores[0] if flag == 0 else (scores[flag - 1] + scores[flag]) / 2)
 
 
 def flagged_share(scores: np.ndarray, threshold: float) -> float:

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from model.architecture import KnnCosineDistance, final_dense_layer
+from model.architecture import KnnCosineDistance, final_dense_layer, probabilities_only
 from model.data import IMAGE_SUFFIXES, readable_batches
 from model.metrics import flagged_share, threshold_for_share
 from model.quantize import calibration_sample
@@ -99,10 +99,7 @@ def image_paths(root: str) -> list[str]:
 def load_classifier(model_dir: str) -> keras.Model:
     """The exported ``model.keras`` (``safe_mode=True``) as a probabilities-only model: for a
     model with a detector, its ``probabilities`` output alone."""
-    model = keras.saving.load_model(os.path.join(model_dir, KERAS_FILE), safe_mode=True)
-    if isinstance(model.output, dict):
-        return keras.Model(model.inputs, model.output["probabilities"])
-    return model
+    return probabilities_only(keras.saving.load_model(os.path.join(model_dir, KERAS_FILE), safe_mode=True))
 
 
 def feature_model(classifier: keras.Model) -> keras.Model | None:
