@@ -21,6 +21,8 @@ from model.synthetic import write_kaggle_test_folder, write_labelled_folders
 from pipeline import score
 from serving.metadata import read_metadata
 from serving.preprocessing import KERAS_LOAD_IMG
+from serving.reference import reference_batch
+from serving.runtimes import ServingModel
 from tests.model import notebook
 from tests.pipeline.outputs import read_run
 
@@ -373,3 +375,46 @@ def test_scaling_inside_the_model_equals_preprocess_input_in_a_graph(mode):
     graph = tf.function(lambda x: layer(x))
     want = keras.applications.imagenet_utils.preprocess_input(pixels.copy(), mode=mode)
     assert np.array_equal(graph(tf.constant(pixels)).numpy(), want)
+
+
+def test_scope_images_fit_a_detector_on_the_notebook_heads_features(kind1, notebook_data, tmp_path, capsys):
+    path = str(notebook_data["root"] / "best_model.h5")  # written by the kind1 fixture
+    model_dir = str(tmp_path / "scoped")
+    assert package_cli("--keras", path, "--output", model_dir, "--classes", "cat,dog", "--scaling", "1/255",
+                       "--scope-images", notebook_data["train"], "--out-of-scope-k", "5") == 0
+    metadata = read_metadata(model_dir)
+    scope = metadata.out_of_scope
+    assert (scope["k"], scope["fit"]["images"], scope["held_out"]["images"]) == (5, 19, 5)  # 24 images
+    assert scope["held_out"]["source"] == f"{notebook_data['train']} (the other 20%)"
+    assert scope["features"].startswith("input of the final Dense layer")
+    assert "out-of-scope detector: knn-cosine k=5" in capsys.readouterr().out
+    # The notebook's probabilities are untouched; the score agrees across the float runtimes.
+    images = reference_batch(150, 150, seeds=range(30, 35)).astype("uint8")
+    plain = ServingModel(kind1["model_dir"], read_metadata(kind1["model_dir"]), "saved_model").predict(images)
+    saved = ServingModel(model_dir, metadata, "saved_model").predict_outputs(images)
+    tflite = ServingModel(model_dir, metadata, "tflite").predict_outputs(images)
+    np.testing.assert_array_equal(saved.probabilities, plain)
+    np.testing.assert_allclose(tflite.scope_score, saved.scope_score, atol=TFLITE_TOLERANCE)
+    assert read_metadata(kind1["model_dir"]).out_of_scope is None  # no --scope-images: no detector
+
+
+def test_a_model_without_a_final_dense_layer_gets_no_detector_and_says_so(notebook_data, tmp_path, caplog):
+    path = str(tmp_path / "activation.keras")
+    keras.utils.set_random_seed(2)
+    notebook.small_cnn((32, 32), layers.Dense(2)).save(str(tmp_path / "logits.keras"))
+    logits = keras.saving.load_model(str(tmp_path / "logits.keras"))
+    keras.Sequential([logits, layers.Activation("softmax")]).save(path)
+    with caplog.at_level("WARNING"):
+        assert package_cli("--keras", path, "--output", str(tmp_path / "m"), "--classes", "cat,dog",
+                           "--scaling", "1/255", "--scope-images", notebook_data["train"]) == 0
+    assert read_metadata(str(tmp_path / "m")).out_of_scope is None
+    assert "no out-of-scope detector" in caplog.text and "does not end in a Dense layer" in caplog.text
+
+
+def test_scope_images_without_images_are_refused_before_anything_is_written(kind1, notebook_data, tmp_path,
+                                                                            capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = refused(capsys, str(tmp_path / "m"), "--keras", str(notebook_data["root"] / "best_model.h5"),
+                      "--classes", "cat,dog", "--scaling", "1/255", "--scope-images", str(empty))
+    assert f"--scope-images: {empty} holds no images" in message
