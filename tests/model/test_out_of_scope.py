@@ -18,7 +18,7 @@ from model import evaluate
 from model.architecture import KnnCosineDistance
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
-from model.out_of_scope import load_classifier, model_features
+from model.out_of_scope import DEFAULT_K, load_classifier, model_features
 from model.quantize import Int8Request
 from serving.metadata import METADATA_FILE, ModelContractError, ModelMetadata, read_metadata
 from serving.reference import reference_batch
@@ -83,16 +83,16 @@ def test_export_fits_the_detector_on_the_training_split_and_its_threshold_on_the
     metadata = read_metadata(trained["model_dir"])
     scope = metadata.out_of_scope
     train, validation = split_train_validation(find_labelled_images(labelled_images), 0.2, SPLIT_SEED)
-    assert (scope["method"], scope["k"], scope["share"], scope["output"]) == ("knn-cosine", 10, 0.01,
+    assert (scope["method"], scope["k"], scope["share"], scope["output"]) == ("knn-cosine", DEFAULT_K, 0.01,
                                                                               "scope_score")
     assert scope["bank_images"] == scope["fit"]["images"] == len(train.paths) == 38
     assert scope["held_out"]["images"] == len(validation.paths) == 10
-    # The score, computed independently: cosine distance to the 10th nearest training image.
+    # The score, computed independently: cosine distance to the k-th nearest training image.
     classifier = load_classifier(trained["model_dir"])
     _, bank = model_features(classifier, train.paths, metadata)
     _, held_out = model_features(classifier, validation.paths, metadata)
     unit = [f / np.linalg.norm(f, axis=1, keepdims=True) for f in (bank, held_out)]
-    want = 1 - np.sort(unit[1] @ unit[0].T, axis=1)[:, -10]
+    want = 1 - np.sort(unit[1] @ unit[0].T, axis=1)[:, -DEFAULT_K]
     scores = _scores(trained["model_dir"], metadata, validation.paths)
     np.testing.assert_allclose(scores, want, atol=1e-5)
     # 1% of 10 held-out images is none: the threshold is their highest score, and flags none.
