@@ -75,10 +75,14 @@ def main() -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--share", type=float, default=0.01)
     parser.add_argument("--ks", default="1,5,10,20,50")
-    parser.add_argument("--bank-sizes", default="250,500,1000")
+    parser.add_argument("--bank-sizes", default="250,500,1000",
+                        help="Seeded subsamples of the training images as smaller banks ('' for none).")
     parser.add_argument("--bank-k", type=int, default=10)
     parser.add_argument("--output", default=None, help="Also write the figures here as JSON.")
     args = parser.parse_args()
+    bank_sizes = [int(size) for size in args.bank_sizes.split(",") if size]
+    if any(size < args.bank_k for size in bank_sizes):
+        parser.error(f"--bank-sizes must be at least --bank-k ({args.bank_k}), got {bank_sizes}")
 
     metadata = read_metadata(args.model_dir)
     classifier = load_classifier(args.model_dir)
@@ -109,7 +113,7 @@ def main() -> int:
     for k in [int(k) for k in args.ks.split(",")]:
         candidates[f"knn-cos k={k} bank={full_bank.shape[1]}"] = (
             lambda x, k=k: knn_scores(full_bank, x, k), dim * full_bank.shape[1], dim * full_bank.shape[1])
-    for size in [int(s) for s in args.bank_sizes.split(",")]:
+    for size in bank_sizes:
         if size < full_bank.shape[1]:
             bank = knn_bank(features["train"], size, seed=0)
             candidates[f"knn-cos k={args.bank_k} bank={size}"] = (
