@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Report the smallest --min-confidence whose scored (not withheld) "
                              "images reach this accuracy, e.g. 0.99, and the share it withholds.")
     parser.add_argument("--out-of-scope", metavar="DIR", default=None,
-                        help="Images of things the model does not classify (any files under DIR): "
+                        help="Images of things the model does not classify (under DIR, any depth): "
                              "report the AUROC of the model's scope_score between --data and these "
                              "(the Mann-Whitney statistic) and the share of each its threshold flags.")
     return parser.parse_args(argv)

@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "only if its accuracy drops by at most 0.5 points and its log loss "
                              "rises by at most 0.01 against the float model.")
     parser.add_argument("--scope-images", metavar="DIR",
-                        help="In-scope images (any files under DIR, e.g. the notebook's training "
+                        help="In-scope images under DIR (any depth, e.g. the notebook's training "
                              "folder) to fit the out-of-scope detector on: a seeded 80%% are the "
                              "images distances are measured to, the other 20%% set its threshold "
                              "(--out-of-scope-share). Without it the model has no detector.")
