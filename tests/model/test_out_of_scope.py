@@ -19,7 +19,6 @@ from model.architecture import KnnCosineDistance
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
 from model.out_of_scope import DEFAULT_K, load_classifier, model_features
-from model.quantize import Int8Request
 from serving.metadata import METADATA_FILE, ModelContractError, ModelMetadata, read_metadata
 from serving.reference import reference_batch
 from serving.runtimes import ServingModel
@@ -224,22 +223,3 @@ def test_train_refuses_an_impossible_detector_before_training(labelled_images, t
     with pytest.raises(ValueError, match=message):
         train(tiny_training_args(labelled_images, str(tmp_path / "m"), **overrides))
     assert not os.listdir(tmp_path)
-
-
-def test_the_integer_model_does_not_carry_the_score_the_float_ones_do(trained, labelled_images, tmp_path):
-    from model.out_of_scope import ScopeRequest
-
-    train, validation = split_train_validation(find_labelled_images(labelled_images), 0.2, SPLIT_SEED)
-    int8 = Int8Request(train.paths[:16], validation.paths, validation.labels, "test calibration",
-                       "test validation", max_accuracy_drop=1.0, max_log_loss_rise=100.0)
-    scope = ScopeRequest(train.paths, validation.paths, "training split", "validation split")
-    metadata = export_model(load_classifier(trained["model_dir"]), str(tmp_path / "m"),
-                            class_names=["cat", "dog"], base="mobilenet", base_weights="none",
-                            model_version="tiny-int8-scope", int8=int8, scope=scope)
-    assert metadata.int8_kept and metadata.has_scope_detector
-    images = reference_batch(TINY_SIZE, TINY_SIZE)
-    int8_model = ServingModel(str(tmp_path / "m"), metadata, "tflite-int8")
-    assert not int8_model.has_scope_score and int8_model.predict_outputs(images).scope_score is None
-    assert int8_model.check_reference_predictions() <= metadata.tflite_int8["reference_tolerance"]
-    on_float = ServingModel(str(tmp_path / "m"), metadata, "tflite")
-    assert on_float.has_scope_score and on_float.check_reference_predictions() < 1e-4
