@@ -26,6 +26,14 @@ then measures, each mode in its own process so peak RSS is its own:
              probabilities): the files are still listed, read and hashed, every output and the
              report written. What a run costs beyond its pixels and its model: no speed of
              decoding or inference takes petscore below it
+  direct-free-model  petscore's default with a free model: real reading and decoding, inference
+             costs nothing. How fast petscore feeds an accelerator (a GPU worker is nearly this)
+  decode     the model's own read + decode + resize alone, one process per core, nothing else:
+             what the CPUs can feed at most
+  litert     model.tflite alone on pixels already in memory (one interpreter, a thread per core,
+             64-image batches): what the model costs at most
+A mode ending in ``@before`` runs from the checkout given by ``--baseline-repo`` (a worktree of an
+earlier commit): the same mode, files and model, measured in the same run as today's code.
 
 The tf.data modes feed LiteRT through ``serving.runtimes``, as petscore does, so they run each batch
 in the same small invokes (``--tflite-invoke-batch``'s default; 1.15-1.6x faster than one invoke
@@ -38,6 +46,7 @@ Each mode starts from a warm page cache. Two rates per mode:
   job   images / the whole process's wall time, interpreter start and imports included:
         what a user waits for (TensorFlow's import alone is seconds on a small machine)
 Prints both, the ratios petscore/seed and petscore/tf.data on both, peak RSS and model load time.
+Each mode also reports the CPU seconds of its work (every thread of the process: ``time.process_time``).
 """
 
 from __future__ import annotations
@@ -149,23 +158,86 @@ def run_direct(model_dir: str, pattern: str, output: str, extra: list[str]) -> d
     return {"seconds": time.monotonic() - started, "summary_images_per_second": summary["images_per_second"]}
 
 
-def free_decoder_and_model() -> None:
-    """direct-floor: decoding and inference cost nothing, everything else runs as it is."""
+def free_model() -> None:
+    """direct-free-model: inference costs nothing (uniform probabilities), everything else runs."""
     import numpy as np
 
-    from pipeline import decode
     from serving.runtimes import ServingModel
 
-    decode.decode_and_resize = lambda data, size, *args, **kwargs: np.zeros((*size, 3), np.uint8)
     ServingModel.check_reference_predictions = lambda self: 0.0
     ServingModel.predict = lambda self, images: np.full(
         (len(images), len(self.metadata.class_names)), 1 / len(self.metadata.class_names), np.float32)
 
 
+def free_decoder_and_model() -> None:
+    """direct-floor: decoding and inference cost nothing, everything else runs as it is."""
+    import numpy as np
+
+    from pipeline import decode
+
+    decode.decode_and_resize = lambda data, size, *args, **kwargs: np.zeros((*size, 3), np.uint8)
+    free_model()
+
+
+_DECODE_ARGS: tuple = ()
+
+
+def _read_and_decode(path: str) -> None:
+    from serving.preprocessing import decode_and_resize
+
+    with open(path, "rb") as handle:
+        decode_and_resize(handle.read(), *_DECODE_ARGS)
+
+
+def run_decode(model_dir: str, paths: list[str]) -> dict:
+    """decode: the model's own read + decode + resize, one process per core (forked, started
+    before timing), nothing kept: what the CPUs can feed at most."""
+    import multiprocessing
+
+    from serving.metadata import read_metadata
+
+    global _DECODE_ARGS
+    metadata = read_metadata(model_dir)
+    _DECODE_ARGS = (tuple(metadata.input_size), metadata.resize_method, 64_000_000, metadata.preprocessing)
+    cores = os.cpu_count()
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        pool.map(_read_and_decode, paths[:cores])
+        started = time.monotonic()
+        pool.map(_read_and_decode, paths, chunksize=16)
+        return {"seconds": time.monotonic() - started}
+
+
+def run_litert(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
+    """litert: model.tflite alone, a thread per core, on 256 decoded images cycled until every
+    path's worth of images has been scored: what the model costs at most."""
+    import numpy as np
+
+    from serving.metadata import read_metadata
+    from serving.preprocessing import decode_and_resize
+    from serving.runtimes import ServingModel
+
+    metadata = read_metadata(model_dir)
+    size = tuple(metadata.input_size)
+    pixels = np.stack([decode_and_resize(open(path, "rb").read(), size, metadata.resize_method,
+                                         preprocessing=metadata.preprocessing) for path in paths[:256]])
+    model = ServingModel(model_dir, metadata, "tflite")
+    model.predict(pixels[:batch_size])
+    started = time.monotonic()
+    for start in range(0, len(paths), batch_size):
+        count = min(batch_size, len(paths) - start)
+        model.predict(pixels[start % 256:][:count])  # 256 is a multiple of the batch size
+    return {"seconds": time.monotonic() - started}
+
+
 def child(args) -> None:
     """One mode, in this process; prints a JSON line."""
     paths = sorted(glob.glob(os.path.join(args.images_dir, "*.jpg")))
-    if args.mode == "seed":
+    cpu_started = time.process_time()
+    if args.mode == "decode":
+        result = run_decode(args.model_dir, paths)
+    elif args.mode == "litert":
+        result = run_litert(args.model_dir, paths)
+    elif args.mode == "seed":
         result = run_seed(args.model_dir, paths)
     elif args.mode.startswith("tfdata"):
         runtime = "tflite" if "tflite" in args.mode else "saved_model"
@@ -174,7 +246,10 @@ def child(args) -> None:
     else:
         if args.mode == "direct-floor":
             free_decoder_and_model()
-        extra = {"direct": [], "direct-floor": [], "direct-savedmodel": ["--runtime=saved_model"],
+        if args.mode == "direct-free-model":
+            free_model()
+        extra = {"direct": [], "direct-floor": [], "direct-free-model": [],
+                 "direct-savedmodel": ["--runtime=saved_model"],
                  "direct-int8": ["--runtime=tflite-int8"],
                  "direct-invoke64": ["--tflite-invoke-batch=64"],
                  "direct-mt": ["--direct_running_mode=multi_threading",
@@ -186,20 +261,24 @@ def child(args) -> None:
                  }[args.mode]
         result = run_direct(args.model_dir, os.path.join(args.images_dir, "*.jpg"),
                             os.path.join(args.work, f"out-{args.mode}"), extra)
-    result.update(images=len(paths), work_images_per_second=len(paths) / result["seconds"], **peak_rss_mib())
+    result.update(images=len(paths), work_images_per_second=len(paths) / result["seconds"],
+                  cpu_seconds=time.process_time() - cpu_started, **peak_rss_mib())
     print("RESULT " + json.dumps(result))
 
 
 def run_mode(mode: str, images_dir: str, args) -> dict:
-    """One mode in a fresh process; its result plus the process's whole wall time."""
+    """One mode in a fresh process; its result plus the process's whole wall time. ``MODE@before``
+    runs this file's ``MODE`` with the code of ``args.baseline_repo`` (an earlier checkout)."""
     warm_page_cache(images_dir)
+    mode, _, before = mode.partition("@")
+    repo = os.path.abspath(args.baseline_repo) if before else REPO
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     process = subprocess.run(
-        [sys.executable, __file__, "--mode", mode, "--model-dir", args.model_dir,
-         "--images-dir", images_dir, "--work", args.work],
-        capture_output=True, text=True, env=env)
+        [sys.executable, os.path.abspath(__file__), "--mode", mode, "--model-dir", args.model_dir,
+         "--images-dir", images_dir, "--work", os.path.join(args.work, before or "now")],
+        capture_output=True, text=True, env=env, cwd=repo)
     job_seconds = time.monotonic() - started
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode or not lines:
@@ -220,6 +299,7 @@ def main() -> int:
                                 "direct-mt,direct-mp")
     parser.add_argument("--seed-images", type=int, default=300,
                         help="The seed loop is slow: time it on this many images (rate is per image).")
+    parser.add_argument("--baseline-repo", help="A checkout of an earlier commit, for MODE@before modes.")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()

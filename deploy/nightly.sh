@@ -11,7 +11,8 @@
 #   MODEL_DIR [$BUCKET/models/current], INPUT [$BUCKET/incoming/dt={run_date}/*.jpg],
 #   OUTPUT [$BUCKET/scores/dt={run_date}], SKIP_SCORED [$BUCKET/scores/dt=*],
 #   COMPARE_TO [$BUCKET/scores/dt=*] (drift against earlier committed nights),
-#   TAG [git short hash], SCHEDULE [0 2 * * *]
+#   TAG [git short hash], SCHEDULE [0 2 * * *], RUN_DATE [yesterday],
+#   OVERWRITE [false] (true: run-now replaces the outputs of an earlier or killed run of that night)
 # Credentials: whatever gcloud is logged in as (ADC); nothing is stored in this script.
 set -euo pipefail
 
@@ -29,6 +30,7 @@ SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*}"
 # Drift: tonight's profile against the earlier committed nights' records (no predictions reread).
 COMPARE_TO="${COMPARE_TO:-$BUCKET/scores/dt=*}"
 RUN_DATE="${RUN_DATE:-yesterday}"
+OVERWRITE="${OVERWRITE:-false}"
 SCHEDULE="${SCHEDULE:-0 2 * * *}"
 TAG="${TAG:-$(git rev-parse --short HEAD)}"
 REPOSITORY="petscore"
@@ -61,7 +63,8 @@ launch_body() {
   "containerSpecGcsPath": "$TEMPLATE",
   "parameters": {"input": "$INPUT", "model_dir": "$MODEL_DIR", "output": "$OUTPUT",
                  "skip_scored": "$SKIP_SCORED", "compare_to": "$COMPARE_TO",
-                 "run_date": "$RUN_DATE", "share_model_across_processes": "$(share_model)"},
+                 "run_date": "$RUN_DATE", "overwrite": "$OVERWRITE",
+                 "share_model_across_processes": "$(share_model)"},
   "environment": {"serviceAccountEmail": "$WORKER_SA", "tempLocation": "$BUCKET/tmp",
                   "sdkContainerImage": "$IMAGE", $(profile_environment)}}}
 JSON
@@ -133,5 +136,5 @@ case "${1:-}" in
   schedule) schedule ;;
   run-now) run_now ;;
   launch-body) launch_body petscore-nightly ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 """Bring a model trained in a notebook under the model contract: ``python -m model.package``.
 
-A notebook-trained Keras model (``.keras``, legacy ``.h5`` or a SavedModel directory; or, for
-bottleneck-feature models, a head trained on a named Keras application's features) is wrapped so
+A notebook-trained Keras model (``.keras``, legacy ``.h5`` from Keras 3 or from Keras 2 /
+tf.keras 2.x, Teachable Machine's ``keras_model.h5`` among them, or a SavedModel directory; or,
+for bottleneck-feature models, a head trained on a named Keras application's features) is wrapped so
 that it takes what every petscore model takes, uint8 pixels, and gives what every petscore model
 gives, class probabilities:
 
@@ -21,7 +22,9 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -37,16 +40,20 @@ from model.architecture import (
 )
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
+from model.keras2 import RESAVE_ADVICE, Keras2ConfigError, describe_load_error, is_keras2_h5, load_keras2_h5
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 from serving.metadata import file_sha256
-from serving.preprocessing import KERAS_LOAD_IMG, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
+from serving.preprocessing import KERAS_LOAD_IMG, PILLOW_FIT, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
 from serving.reference import reference_batch
 
 _LOG = logging.getLogger("petscore.package")
-LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION}
-DEFAULT_INTERPOLATION = {"keras": "nearest", "petscore": "bilinear"}  # each loader's own default
+LOADERS = {"keras": KERAS_LOAD_IMG, "petscore": PREPROCESSING_VERSION, "teachable-machine": PILLOW_FIT}
+# each loader's own default
+DEFAULT_INTERPOLATION = {"keras": "nearest", "petscore": "bilinear", "teachable-machine": "lanczos"}
 PROBE_SEEDS = tuple(range(200, 216))
 PROBABILITY_TOLERANCE = 1e-3
+# Teachable Machine's labels.txt: "0 Cats", "1 Dogs", ... (its index, a space, the class name)
+NUMBERED_LABEL = re.compile(r"^(\d+)\s+(\S.*)$")
 
 
 class PackagingError(ValueError):
@@ -57,27 +64,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.package", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keras", required=True, metavar="PATH",
-                        help="The notebook's model: .keras, legacy .h5, or a SavedModel directory. "
-                             "With --feature-extractor: the head trained on the features.")
+                        help="The notebook's model: .keras, legacy .h5 (Keras 3 or Keras 2 / "
+                             "tf.keras 2.x: Teachable Machine's keras_model.h5), or a SavedModel "
+                             "directory. With --feature-extractor: the head trained on the features.")
     parser.add_argument("--output", required=True, help="Model directory to write (replaced atomically).")
     classes = parser.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes", help="Class names in output order, comma-separated: cat,dog.")
     classes.add_argument("--classes-from", metavar="DIR",
                          help="The training folder: its sorted sub-folder names, as "
                               "flow_from_directory and image_dataset_from_directory number them.")
+    classes.add_argument("--labels", metavar="FILE",
+                         help="A labels file, one class name per line in output order; "
+                              "Teachable Machine's labels.txt ('0 Cats') as it is exported.")
     parser.add_argument("--scaling", choices=sorted(SCALINGS),
                         help="How the notebook scaled pixels before model.predict: 1/255 "
                              "(rescale=1./255), tf (x/127.5 - 1: MobileNet, Inception), caffe "
                              "(BGR minus ImageNet means: ResNet50, VGG), torch (DenseNet) or none "
                              "(the model scales inside). Default: the feature extractor's own; "
                              "required otherwise.")
+    parser.add_argument("--allow-double-scaling", action="store_true",
+                        help="Package a --scaling other than none although the model's input "
+                             "layer (Rescaling, Normalization) scales pixels itself: only when the "
+                             "notebook really fed it pixels scaled twice. Refused otherwise.")
     parser.add_argument("--loader", choices=sorted(LOADERS), default="keras",
                         help="How the notebook read and resized images: keras = keras.utils.load_img "
                              "/ ImageDataGenerator.flow_from_directory (default); petscore = "
-                             "petscore's own loader (EXIF rotation, DCT-scaled JPEG decoding).")
+                             "petscore's own loader (EXIF rotation, DCT-scaled JPEG decoding); "
+                             "teachable-machine = Teachable Machine's Python sample (ImageOps.fit: "
+                             "a centred crop to the input's shape, LANCZOS).")
     parser.add_argument("--interpolation", default=None,
                         help="The loader's resize method: nearest (Keras's default), bilinear, "
-                             "bicubic, hamming, box, lanczos. Default: the loader's own default.")
+                             "bicubic, hamming, box, lanczos (Teachable Machine's). Default: the "
+                             "loader's own default.")
     parser.add_argument("--feature-extractor", choices=sorted(FEATURE_EXTRACTORS),
                         help="Bottleneck-feature models: the Keras application (include_top=False) "
                              "whose features the head was trained on; it is put in front of the head.")
@@ -130,20 +148,51 @@ def scope_request(args: argparse.Namespace) -> out_of_scope.ScopeRequest | None:
 def resolve_class_names(args: argparse.Namespace) -> list[str]:
     if args.classes:
         return [name.strip() for name in args.classes.split(",") if name.strip()]
+    if args.labels:
+        return read_labels(args.labels)
     if not os.path.isdir(args.classes_from):
         raise PackagingError(f"--classes-from {args.classes_from} is not a directory")
     return sorted(name for name in os.listdir(args.classes_from)
                   if os.path.isdir(os.path.join(args.classes_from, name)))
 
 
-def load_notebook_model(path: str) -> tuple[keras.Model, str]:
-    """``(model, format)``. Keras files load with ``safe_mode=True``: no deserialised Python runs."""
+def read_labels(path: str) -> list[str]:
+    """Class names in output order from a labels file (``--labels``): one name per line, blank
+    lines skipped, a UTF-8 byte-order mark and spaces around a name ignored. When every line
+    starts with its own index, 0, 1, 2, ... (Teachable Machine's ``0 Cats``), the index is not
+    part of the name; numbered lines in another order are refused, as ambiguous."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise PackagingError(f"--labels {path}: {error}") from error
+    numbered = [NUMBERED_LABEL.match(line) for line in lines]
+    if lines and all(numbered):
+        indices = [int(match.group(1)) for match in numbered]
+        if indices != list(range(len(lines))):
+            raise PackagingError(f"--labels {path} numbers its lines {indices}, not 0 to "
+                                 f"{len(lines) - 1} in order: list the names in output order")
+        return [match.group(2) for match in numbered]
+    return lines
+
+
+def load_notebook_model(path: str) -> tuple[keras.Model, str, dict[str, int]]:
+    """``(model, format, keras2_changes)``. Keras files load with ``safe_mode=True``: no
+    deserialised Python runs. A Keras 2 / tf.keras 2.x ``.h5`` loads with its layer configs
+    translated for Keras 3 (``model.keras2``); ``keras2_changes`` counts each translation (empty
+    for other files). A file that still cannot load is refused naming the layer and key."""
     if not os.path.exists(path):
         raise PackagingError(f"--keras {path} does not exist")
     if os.path.isdir(path):
-        return _saved_model_as_keras(path), "saved_model"
+        return _saved_model_as_keras(path), "saved_model", {}
+    keras2 = is_keras2_h5(path)
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True), os.path.splitext(path)[1][1:]
+        if keras2:
+            model, changes = load_keras2_h5(path)
+            return model, "h5", dict(changes)
+        return keras.saving.load_model(path, compile=False, safe_mode=True), os.path.splitext(path)[1][1:], {}
+    except Keras2ConfigError as error:
+        raise PackagingError(f"{path} (Keras 2): {error}") from error
     except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear refusal
         text = str(error)
         if "Lambda" in text or "safe_mode" in text:
@@ -153,6 +202,10 @@ def load_notebook_model(path: str) -> tuple[keras.Model, str]:
                 "scaled pixels, rebuild the model without it, save it again and pass --scaling; "
                 "otherwise replace it with a layer subclass registered with "
                 "@keras.saving.register_keras_serializable") from error
+        if keys := describe_load_error(error):
+            advice = RESAVE_ADVICE if keras2 else "save the model again with this Keras version"
+            raise PackagingError(f"Keras {keras.__version__} cannot load {path}: {keys}. To "
+                                 f"package it, {advice}") from error
         raise PackagingError(f"Keras cannot load {path}: {type(error).__name__}: "
                              f"{text.splitlines()[0] if text else ''}") from error
 
@@ -193,6 +246,46 @@ def resolve_input_size(args: argparse.Namespace, model: keras.Model) -> tuple[in
         raise PackagingError(f"the model's input shape {shape} does not fix the image size: "
                              "pass --input-size (the target_size the notebook used)")
     return int(shape[1]), int(shape[2])
+
+
+def input_scaling_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The ``Rescaling`` or ``Normalization`` layer through which the model's pixels first pass,
+    if the first layer that changes them is one (``first_value_layer``), else None."""
+    layer = first_value_layer(model)
+    return layer if isinstance(layer, keras.layers.Rescaling | keras.layers.Normalization) else None
+
+
+def first_value_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The first layer that changes the pixel values at inference, looked for past input
+    layers, into nested models, and past layers that leave the values' range as it is at
+    inference (``Random*`` augmentation, ``Resizing``, ``CenterCrop``), as Keras's image
+    classification tutorial and ``keras.applications`` with ``include_preprocessing`` place
+    them; None if there is none."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found = first_value_layer(layer)
+            if found is not None:
+                return found
+        elif not (isinstance(layer, keras.layers.InputLayer | keras.layers.Resizing | keras.layers.CenterCrop)
+                  or type(layer).__name__.startswith("Random")):
+            return layer
+    return None
+
+
+def check_single_scaling(model: keras.Model, scaling: str) -> None:
+    """Refuse ``--scaling`` other than ``none`` for a model that scales its input itself: the
+    packaged model would scale the pixels twice (1/255 then Rescaling(1/255): every image
+    near black to the model), silently."""
+    layer = input_scaling_layer(model)
+    if scaling == "none" or layer is None:
+        return
+    config = layer.get_config()
+    values = ", ".join(f"{key}={config[key]!r:.40}" for key in ("scale", "offset", "mean", "variance")
+                       if config.get(key) is not None)
+    raise PackagingError(
+        f"the model's input layer '{layer.name}' ({type(layer).__name__}{f'({values})' if values else ''}) "
+        f"already scales pixels, so --scaling {scaling} would scale them twice: pass --scaling none, "
+        "or --allow-double-scaling if the notebook really fed the model pixels scaled both ways")
 
 
 def check_channels(model: keras.Model, what: str) -> None:
@@ -314,9 +407,11 @@ def package(args: argparse.Namespace):
     if scaling is None:
         raise PackagingError("--scaling is required: how the notebook scaled pixels "
                              "(1/255, tf, caffe, torch or none)")
-    model, source_format = load_notebook_model(args.keras)
+    model, source_format, keras2_changes = load_notebook_model(args.keras)
     if not args.feature_extractor:
         check_channels(model, args.keras)
+        if not args.allow_double_scaling:
+            check_single_scaling(model, scaling)
     size = resolve_input_size(args, model)
     base = build_feature_extractor(args, size, model) if args.feature_extractor else None
     classifier, scores, units = wrap(model, size, scaling, base, args.from_logits)
@@ -330,9 +425,11 @@ def package(args: argparse.Namespace):
         "path": source, "format": source_format,
         "sha256": file_sha256(source) if os.path.isfile(source) else None,
         "loader": args.loader, "interpolation": interpolation, "scaling": scaling,
+        "double_scaling_allowed": args.allow_double_scaling,
         "output": "sigmoid" if units == 1 else "softmax", "from_logits": args.from_logits,
         "feature_extractor": args.feature_extractor,
         "feature_weights": feature_weights if args.feature_extractor else None,
+        "keras2_translations": keras2_changes,
     }
     return export_model(
         classifier, args.output, class_names=class_names,
@@ -344,6 +441,10 @@ def package(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Keras 3 calls a nested model built from a legacy config (Teachable Machine's head) with its
+    # one input in a list, and warns at every call that the structure differs: same values.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message="The structure of `inputs` doesn't match the expected structure")
     args = parse_args(argv)
     try:
         metadata = package(args)

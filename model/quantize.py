@@ -16,7 +16,7 @@ on float features reads them a little wrong. So when the model ends in a ``Dense
 model ``model.train`` makes does, that head's weights are trained again, from the float ones,
 on the integer base's own features of the labelled training images before the whole model is
 converted; the float model keeps its head. On held-out real photos this closed the gap to float
-(README, "The integer model").
+(docs/integer-model.md, docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,27 +1,36 @@
-"""Stage 2: read each file and decode it to the model's input size, in parallel workers.
+"""Stage 2: read each batch's files and decode them to the model's input size, in parallel.
 
-Permanent problems (missing file, empty or corrupt bytes, unsupported format, oversized image)
-become error rows on the ``errors`` output. Anything else reading storage raises, so that
-the runner retries the bundle instead of recording a transient outage as a bad image.
+A batch of paths comes in; one ``ImageBatch`` (every decoded image of the batch in one uint8
+array), one error table and one list of skipped paths go out. Permanent problems (missing file,
+empty or corrupt bytes, unsupported format, oversized image) become error rows of their own:
+one bad file never costs its batch. Anything else reading storage raises, so that the runner
+retries the bundle instead of recording a transient outage as a bad image.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
-import os
+import math
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.rows import METRICS_NAMESPACE, ImageSource, ListedImage, error_row
+from pipeline.options import ThreadBudget
+from pipeline.read import error_table
+from pipeline.rows import METRICS_NAMESPACE, ListedImage, PathBatch, error_row
 from serving.metadata import file_chunks
 from serving.preprocessing import PREPROCESSING_VERSION, decode_and_resize
 
 ERRORS = "errors"
 SKIPPED = "skipped"
+DECODED = "images"
 
 
 def is_permanent_read_error(error: Exception) -> bool:
@@ -39,28 +48,79 @@ class FileTooLargeError(ValueError):
     """The file is larger than ``--max-image-bytes``."""
 
 
-class ReadAndDecodeFn(beam.DoFn):
-    """A batch of ``ListedImage`` -> per image ``(ImageSource, uint8 [height, width, 3])``, or an
-    error row tagged ``errors``, or the path tagged ``skipped`` when these exact bytes were
-    already scored by this model version under this path (``scored_sha256``, --skip-scored).
+@dataclasses.dataclass
+class ImageBatch:
+    """The decoded images of one batch and what a prediction row records of their files.
 
-    The paths of a batch are read and decoded on a thread pool: storage reads wait on the
-    network and Pillow releases the GIL while decoding, so one process keeps every core and
-    many requests busy, and the next batches decode while the bundle's thread runs inference on
-    the earlier ones (decode-ahead). A transient error re-raises and fails the bundle, which the
-    runner retries.
+    ``pixels``: uint8 [n, height, width, 3], row i from ``paths[i]``; ``file_bytes``: int64 [n];
+    ``file_updated_seconds``: the storage listing's update times (None for manifest inputs).
+    """
+
+    paths: list[str]
+    content_sha256: list[str]
+    file_bytes: np.ndarray
+    file_updated_seconds: list[float | None]
+    pixels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class ImageBatchCoder(beam.coders.Coder):
+    """Pickles an ``ImageBatch`` (protocol 5), and estimates its size without doing so.
+
+    Beam's workers encode a sample of each PCollection's elements (the first ten, then about ten
+    per doubling) to estimate their mean size for the runner's metrics; with the generic coder
+    that meant pickling a sampled batch's pixels (9.6 MB at 64 images of 224 px) only to measure
+    them, even where decoding and inference run fused in one stage and nothing is encoded."""
+
+    def encode(self, batch: ImageBatch) -> bytes:
+        return pickle.dumps(batch, protocol=5)
+
+    def decode(self, encoded: bytes) -> ImageBatch:
+        return pickle.loads(encoded)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def estimate_size(self, batch: ImageBatch) -> int:
+        return batch.pixels.nbytes + sum(len(path) + 100 for path in batch.paths)
+
+    def to_type_hint(self):
+        return ImageBatch
+
+
+beam.coders.registry.register_coder(ImageBatch, ImageBatchCoder)
+
+
+class ReadAndDecodeFn(beam.DoFn):
+    """A ``PathBatch`` -> one ``ImageBatch`` of its images decoded; on ``errors``, one
+    error table of those that failed; on ``skipped``, the list of paths whose exact bytes this
+    model version already scored under that path (``ListedImage.scored_sha256``, --skip-scored).
+
+    The files of a batch are read and decoded on a thread pool (its size: ``threads``, see
+    ``pipeline.options.ThreadBudget``): storage reads wait
+    on the network and the decoders release the GIL, so one process keeps its cores and many
+    requests busy. Each image is decoded straight into its row of the batch's array, a few
+    images per task (two tasks per thread and batch). Batches
+    decode ahead: the next ``DECODE_AHEAD_BATCHES`` are on the pool while the bundle's thread
+    runs inference on the current one (on a GPU worker, the device never waits for the CPUs to
+    start the next batch). A transient error re-raises and fails the bundle, which the runner
+    retries.
     """
 
     DECODE_AHEAD_BATCHES = 2
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
-                 max_bytes: int, run_id: str, preprocessing: str = PREPROCESSING_VERSION):
+                 max_bytes: int, run_id: str, threads: ThreadBudget,
+                 preprocessing: str = PREPROCESSING_VERSION):
         self._size = tuple(size)
         self._resize_method = resize_method
         self._preprocessing = preprocessing
         self._max_pixels = max_pixels
         self._max_bytes = max_bytes
         self._run_id = run_id
+        self._threads = threads
         self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
@@ -68,21 +128,29 @@ class ReadAndDecodeFn(beam.DoFn):
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped_already_scored")
 
     def setup(self):
-        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1))
+        self._pool = None  # sized on the first batch, which says whether storage is local
 
     def teardown(self):
-        self._pool.shutdown(wait=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def start_bundle(self):
         self._in_flight = collections.deque()
 
-    def process(self, images: list[ListedImage], window=beam.DoFn.WindowParam,
+    def process(self, batch: PathBatch, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam):
-        # Decode ahead: this batch goes to the pool now, and only batches older than the last
-        # DECODE_AHEAD_BATCHES are handed on, so the pool decodes while the bundle thread runs
-        # inference on what it was handed. Memory stays bounded by the batches in flight.
-        self._in_flight.append(([self._pool.submit(self._handle, image) for image in images],
-                                window, timestamp))
+        images = batch.images
+        if self._pool is None:
+            remote = FileSystems.get_scheme(images[0].path) not in (None, "file")
+            self._threads_in_pool = self._threads.resolve(remote=remote)[0]
+            self._pool = ThreadPoolExecutor(max_workers=self._threads_in_pool)
+        pixels = np.empty((len(images), *self._size, 3), np.uint8)
+        # A few images per task: a task's overhead (submit, wake-up, result) is paid per chunk.
+        chunk = max(1, math.ceil(len(images) / (2 * self._threads_in_pool)))
+        futures = [self._pool.submit(self._handle_chunk, images[start:start + chunk],
+                                     pixels[start:start + chunk])
+                   for start in range(0, len(images), chunk)]
+        self._in_flight.append((images, pixels, futures, window, timestamp))
         while len(self._in_flight) > self.DECODE_AHEAD_BATCHES:
             yield from self._hand_on(*self._in_flight.popleft())
 
@@ -90,39 +158,59 @@ class ReadAndDecodeFn(beam.DoFn):
         while self._in_flight:
             yield from self._hand_on(*self._in_flight.popleft())
 
-    def _hand_on(self, futures, window, timestamp):
+    def _hand_on(self, images, pixels, futures, window, timestamp):
         # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
-        for future in futures:
-            size, output = future.result()
+        decoded, errors, skipped, read = [], [], [], 0
+        outcomes = [outcome for future in futures for outcome in future.result()]
+        for row, (size, outcome, value) in enumerate(outcomes):
             if size is not None:
-                self._read.inc()
+                read += 1
                 self._bytes.update(size)
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                (self._failed if output.tag == ERRORS else self._skipped).inc()
-                yield beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
+            if outcome == DECODED:
+                decoded.append((row, size, value))
+            elif outcome == SKIPPED:
+                skipped.append(images[row].path)
             else:
-                self._decoded.inc()
-                yield WindowedValue(output, timestamp, [window])
+                errors.append(value)
+        self._read.inc(read)
+        self._decoded.inc(len(decoded))
+        self._failed.inc(len(errors))
+        self._skipped.inc(len(skipped))
+        if decoded:
+            rows = [row for row, _, _ in decoded]
+            yield WindowedValue(ImageBatch(
+                paths=[images[row].path for row in rows],
+                content_sha256=[sha for _, _, sha in decoded],
+                file_bytes=np.array([size for _, size, _ in decoded], np.int64),
+                file_updated_seconds=[images[row].updated_seconds for row in rows],
+                pixels=pixels if len(rows) == len(images) else pixels[rows]), timestamp, [window])
+        if errors:
+            yield beam.pvalue.TaggedOutput(ERRORS, WindowedValue(error_table(errors), timestamp, [window]))
+        if skipped:
+            yield beam.pvalue.TaggedOutput(SKIPPED, WindowedValue(skipped, timestamp, [window]))
 
-    def _handle(self, image: ListedImage):
-        """``(bytes read or None, output)`` for one image."""
+    def _handle_chunk(self, images: list[ListedImage], targets: np.ndarray) -> list[tuple]:
+        return [self._handle(image, target) for image, target in zip(images, targets, strict=True)]
+
+    def _handle(self, image: ListedImage, target: np.ndarray) -> tuple:
+        """``(bytes read or None, outcome, value)`` for one image, decoded into ``target``:
+        ``(DECODED, its content's SHA-256)``, ``(SKIPPED, None)`` or ``(ERRORS, an error row)``."""
         path = image.path
         try:
             data = self._read_bytes(path)
         except Exception as error:  # noqa: BLE001 - classified just below
             if not is_permanent_read_error(error) and not isinstance(error, FileTooLargeError):
                 raise
-            return None, beam.pvalue.TaggedOutput(ERRORS, error_row(path, "read", error, self._run_id))
+            return None, ERRORS, error_row(path, "read", error, self._run_id)
         content_sha256 = hashlib.sha256(data).hexdigest()
         if content_sha256 in image.scored_sha256:
-            return len(data), beam.pvalue.TaggedOutput(SKIPPED, path)
+            return len(data), SKIPPED, None
         try:
-            pixels = decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
-                                       self._preprocessing)
+            target[...] = decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
+                                            self._preprocessing)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
-            return len(data), beam.pvalue.TaggedOutput(
-                ERRORS, error_row(path, "decode", error, self._run_id))
-        return len(data), (ImageSource(path, content_sha256, len(data), image.updated_seconds), pixels)
+            return len(data), ERRORS, error_row(path, "decode", error, self._run_id)
+        return len(data), DECODED, content_sha256
 
     def _read_bytes(self, path: str) -> bytes:
         # In chunks: one read(max_bytes + 1) would allocate and free the whole cap (64 MiB) for
@@ -137,20 +225,20 @@ class ReadAndDecodeFn(beam.DoFn):
 
 
 class DecodeImages(beam.PTransform):
-    """``ListedImage`` in; ``{'images': (ImageSource, pixels), 'errors': rows, 'skipped': paths}``
-    out. ``preprocessing``: the model's loader version (its metadata says which)."""
+    """``PathBatch`` es in; ``{'images': ImageBatch, 'errors': error tables, 'skipped':
+    lists of paths}`` out. ``preprocessing``: the model's loader version (its metadata says
+    which); ``threads``: sizes the decoder pool."""
 
     def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,
-                 preprocessing: str = PREPROCESSING_VERSION):
+                 threads: ThreadBudget, preprocessing: str = PREPROCESSING_VERSION):
         super().__init__()
-        self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id, preprocessing)
+        self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id, threads,
+                                   preprocessing)
 
-    def expand(self, images):
-        # Reshuffle so that decoding fans out across workers even when one task matched the glob;
-        # small batches feed the decoder's thread pool.
-        results = (images
+    def expand(self, batches):
+        # Reshuffle so that the batches spread across workers even though one worker listed them.
+        results = (batches
                    | "Reshuffle" >> beam.Reshuffle()
-                   | "BatchForThreads" >> beam.BatchElements(min_batch_size=4, max_batch_size=32)
-                   | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(
-                       ERRORS, SKIPPED, main="images"))
-        return {"images": results.images, ERRORS: results[ERRORS], SKIPPED: results[SKIPPED]}
+                   | "ReadAndDecode" >> beam.ParDo(self._fn).with_output_types(ImageBatch).with_outputs(
+                       ERRORS, SKIPPED, main=DECODED))
+        return {DECODED: results[DECODED], ERRORS: results[ERRORS], SKIPPED: results[SKIPPED]}

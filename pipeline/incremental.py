@@ -35,7 +35,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.decode import SKIPPED
 from pipeline.records import committed_runs
-from pipeline.rows import METRICS_NAMESPACE
+from pipeline.rows import METRICS_NAMESPACE, PathBatch
 from pipeline.write import PREDICTIONS_DIR
 
 _LOG = logging.getLogger("petscore")
@@ -156,19 +156,25 @@ class _DecideFn(beam.DoFn):
 
 
 class SkipScored(beam.PTransform):
-    """``ListedImage`` in; ``{'images': ListedImage to read, 'skipped': paths}`` out."""
+    """``PathBatch`` es in; ``{'images': PathBatch es to read, 'skipped': lists of paths}`` out.
 
-    def __init__(self, scored_files: list[str], paths_prefix: str,
+    The join by path is the one step that handles images one at a time, and only on nights whose
+    history may hold tonight's paths (``scored_files``); the images it keeps are batched again,
+    ``batch_size`` at a time."""
+
+    def __init__(self, scored_files: list[str], paths_prefix: str, batch_size: int,
                  known_paths_limit: int = 500_000):
         super().__init__()
         self._scored_files = scored_files
         self._paths_prefix = paths_prefix
+        self._batch_size = batch_size
         self._known_paths_limit = known_paths_limit
 
-    def expand(self, listed):
-        pipeline = listed.pipeline
+    def expand(self, listed_batches):
+        pipeline = listed_batches.pipeline
         if not self._scored_files:
-            return {"images": listed, SKIPPED: pipeline | "NothingScored" >> beam.Create([])}
+            return {"images": listed_batches, SKIPPED: pipeline | "NothingScored" >> beam.Create([])}
+        listed = listed_batches | "OneByOne" >> beam.FlatMap(lambda batch: batch.images)
         tonight = (listed
                    | "Path" >> beam.Map(lambda image: image.path)
                    | "TonightsPathsIfFew" >> beam.CombineGlobally(PathsIfFew(self._known_paths_limit)))
@@ -181,4 +187,10 @@ class SkipScored(beam.PTransform):
                     "scored": scored}
                    | "JoinByPath" >> beam.CoGroupByKey()
                    | "Decide" >> beam.ParDo(_DecideFn()).with_outputs(SKIPPED, main="images"))
-        return {"images": decided.images, SKIPPED: decided[SKIPPED]}
+        return {
+            "images": (decided.images
+                       | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
+                                                       max_batch_size=self._batch_size)
+                       | "AsPathBatch" >> beam.Map(PathBatch)),
+            SKIPPED: decided[SKIPPED] | "AsLists" >> beam.Map(lambda path: [path]),
+        }

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
+import os
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (
+    DebugOptions,
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+)
 from apache_beam.transforms import resources
 
 from pipeline.write import CSV_FORMATS
@@ -13,6 +20,7 @@ from serving.preprocessing import DEFAULT_MAX_PIXELS
 from serving.runtimes import LITERT_INVOKE_BATCH, RUNTIMES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
+DEFAULT_BATCH_SIZE = 64
 
 
 def parse_bool(text: str) -> bool:
@@ -58,14 +66,24 @@ class ScoreOptions(PipelineOptions):
         flag("output", help="Output prefix (a directory, local or gs://) for submission.csv, "
                             "predictions/, errors/ and summary.json.")
         flag("skip-scored",
-             help="Incremental runs: glob of earlier runs' predictions Parquet files (e.g. "
-                  "'gs://bkt/scores/dt=*/predictions/*.parquet'). Files whose path and bytes "
-                  "(SHA-256) were already scored by the same model version are skipped and "
-                  "counted as skipped; a new model version re-scores everything.")
+             help="Incremental runs: glob of earlier runs' output prefixes (e.g. "
+                  "'gs://bkt/scores/dt=*'), read through their summary.json. Files whose path and "
+                  "bytes (listed size and update time, else SHA-256) were already scored by the "
+                  "same model version in a committed run are skipped and counted as skipped; a "
+                  "new model version re-scores everything.")
         flag("overwrite", nargs="?", const=True, default=False, type=parse_bool,
              help="Replace outputs already under --output (default: refuse to run).")
-        flag("min-batch-size", type=int, default=8, help="Smallest inference batch (default 8).")
-        flag("max-batch-size", type=int, default=64, help="Largest inference batch (default 64).")
+        parser.add_argument(
+            "--batch-size", "--batch_size", "--max-batch-size", "--max_batch_size",
+            dest="batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+            help="Images per batch, the unit of work from the listing to the outputs: paths are "
+                 "grouped when they are listed, then read, decoded, scored and written a batch at "
+                 f"a time; one inference call per batch (default {DEFAULT_BATCH_SIZE}; GPU workers "
+                 "gain from larger ones, e.g. 256). A batch shrinks only by the files that fail "
+                 "or are skipped. --max-batch-size is the same flag, by its earlier name.")
+        flag("min-batch-size", type=int, default=None,
+             help="No effect since batches are made when the paths are listed (see --batch-size); "
+                  "accepted, with a warning, so that existing schedules keep running.")
         flag("min-confidence", type=float, default=0.0,
              help="Rows whose top probability is below this get decision 'uncertain' "
                   "(default 0: never).")
@@ -99,17 +117,18 @@ class ScoreOptions(PipelineOptions):
                   "model_int8.tflite: 2-3x faster on CPU, probabilities a little different, see "
                   "its metadata) or 'auto': SavedModel on a GPU, model.tflite on a CPU when the "
                   "export has one (default; never the integer model).")
+        flag("decode-threads", type=int, default=0,
+             help="Threads that read and decode images in each worker process; 0 = sized "
+                  "together with --tflite-threads from the cores each process has (default; "
+                  "see pipeline.options.thread_budget).")
         flag("tflite-threads", type=int, default=0,
-             help="Threads of each LiteRT model (one model per worker process); 0 = one per "
-                  "core (default). With one worker process per core (multi_processing, "
-                  "Dataflow) each model otherwise starts a thread per core: 1 caps the total "
-                  "at one per core.")
+             help="Threads of each LiteRT model (one model per worker process); 0 = sized "
+                  "together with --decode-threads from the cores each process has (default).")
         flag("tflite-invoke-batch", type=int, default=LITERT_INVOKE_BATCH,
-             help=f"Images per LiteRT invoke (default {LITERT_INVOKE_BATCH}). Each inference batch "
-                  "(--min/--max-batch-size, which spread the pipeline's per-element cost) runs "
-                  "through LiteRT this many images at a time: small invokes keep a layer's "
-                  "activations in the CPU's caches. The best size depends on the model and the "
-                  "CPU: bench/inference.py --invoke-batches measures it.")
+             help=f"Images per LiteRT invoke (default {LITERT_INVOKE_BATCH}). Each batch "
+                  "(--batch-size) runs through LiteRT this many images at a time: small invokes "
+                  "keep a layer's activations in the CPU's caches. The best size depends on the "
+                  "model and the CPU: bench/inference.py --invoke-batches measures it.")
         flag("share-model-across-processes", nargs="?", const=True, default=False, type=parse_bool,
              help="Load one model per machine instead of one per SDK process (use on GPU "
                   "workers so several processes do not each claim GPU memory).")
@@ -136,6 +155,49 @@ class ScoreOptions(PipelineOptions):
                   f"--output gs://bkt/scores/dt={RUN_DATE_PLACEHOLDER} (default: today).")
         flag("run-id", default=None,
              help="Identifier stored in every row (default: UTC timestamp of the launch).")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadBudget:
+    """How many threads a worker process gives to decoding and to LiteRT, sized together.
+
+    ``processes``: SDK processes that share one machine's cores (1 in-process, N with
+    ``--direct_num_workers N`` multi-processing; None = one per core, as Dataflow runs Python).
+    An explicit ``decode_threads`` / ``tflite_threads`` (> 0) wins; 0 means sized here, on the
+    worker, from the cores it really has (``resolve``).
+    """
+
+    decode_threads: int = 0
+    tflite_threads: int = 0
+    processes: int | None = 1
+
+    def resolve(self, cores: int | None = None, remote: bool = False) -> tuple[int, int]:
+        """``(decode threads, LiteRT threads)`` for a process on a machine of ``cores`` cores.
+
+        Each process gets its share of the cores, for its decoders and its LiteRT threads alike:
+        the two take turns on a batch more than they run at once (see docs/performance.md).
+        ``remote``: the images are on an object store, where a read mostly waits on the
+        network, so the pool keeps a thread per core of the machine whatever the share (as the
+        decoder did before the budget)."""
+        cores = cores or os.cpu_count() or 1
+        share = max(1, cores // (cores if self.processes is None else max(1, self.processes)))
+        decoders = max(2, cores if remote else share)
+        return (self.decode_threads or decoders, self.tflite_threads or share)
+
+
+def thread_budget(pipeline_options: PipelineOptions, options) -> ThreadBudget:
+    """The ``ThreadBudget`` of this run's worker processes, from the runner's options."""
+    standard = pipeline_options.view_as(StandardOptions)
+    runner = standard.runner if isinstance(standard.runner, str) else "DirectRunner"
+    direct = pipeline_options.view_as(DirectOptions)
+    if (runner or "DirectRunner").lower() in ("directrunner", "direct"):
+        multi = direct.direct_running_mode == "multi_processing"
+        processes = (direct.direct_num_workers or os.cpu_count()) if multi else 1  # 0: one per core
+    elif "no_use_multiple_sdk_containers" in (pipeline_options.view_as(DebugOptions).experiments or []):
+        processes = 1
+    else:
+        processes = None  # Dataflow's Python workers: one SDK process per vCPU
+    return ThreadBudget(options.decode_threads, options.tflite_threads, processes)
 
 
 class UnknownFlagError(ValueError):

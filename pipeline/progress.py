@@ -1,7 +1,8 @@
 """Progress of a local run: done / total, images/s and time left, logged every few seconds.
 
-The total is counted before the run (the glob's matches or the manifest's lines), and every input
-that leaves as a prediction, error or skipped row moves the count on. Local runners execute
+The total is what the listing found (``expect``, called by the listing step: the files are
+listed once), and every batch of inputs that leaves as prediction, error or skipped rows moves
+the count on by its length. Local runners execute
 DoFns in the launching process, where the one ``ProgressLog`` lives; on Dataflow the job's
 metrics (``images_scored`` and friends) show progress instead, and this step is not added.
 """
@@ -19,10 +20,10 @@ _CURRENT: ProgressLog | None = None
 
 
 class ProgressLog:
-    """Counts finished inputs against ``total`` and logs a line at most every ``every`` seconds,
-    and once more when the last input is done."""
+    """Counts finished inputs against ``total`` (None until the listing says) and logs a line at
+    most every ``every`` seconds, and once more when the last input is done."""
 
-    def __init__(self, total: int, every: float = 5.0):
+    def __init__(self, total: int | None = None, every: float = 5.0):
         self.total = total
         self.done = 0
         self._every = every
@@ -33,7 +34,7 @@ class ProgressLog:
         with self._lock:
             self.done += count
             now = time.monotonic()
-            if self.done < self.total and now - self._last_line < self._every:
+            if (self.total is None or self.done < self.total) and now - self._last_line < self._every:
                 return
             self._last_line = now
             _LOG.info("progress: %s", self.line(now))
@@ -41,28 +42,40 @@ class ProgressLog:
     def line(self, now: float) -> str:
         elapsed = max(now - self._started, 1e-9)
         rate = self.done / elapsed
+        if self.total is None:
+            return f"{self.done:,} images, {rate:.1f} images/s"
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         share = self.done / self.total if self.total else 1.0
         return (f"{self.done:,}/{self.total:,} images ({share:.0%}), {rate:.1f} images/s, "
                 f"about {left:.0f} s left")
 
 
-def start(total: int) -> ProgressLog:
+def start() -> ProgressLog:
     """Make the progress log the DoFns of this process report to."""
     global _CURRENT
-    _CURRENT = ProgressLog(total)
+    _CURRENT = ProgressLog()
     return _CURRENT
 
 
+def expect(total: int) -> None:
+    """The listing's count of inputs: the total the progress log counts against, if there is one
+    in this process (a local run)."""
+    if _CURRENT is not None:
+        _CURRENT.total = (_CURRENT.total or 0) + total
+
+
 class _AdvanceProgress(beam.DoFn):
-    def process(self, _):
+    """A batch of finished inputs (a table of rows, a list of paths) moves the count by its length."""
+
+    def process(self, batch):
         if _CURRENT is not None:
-            _CURRENT.advance()
+            _CURRENT.advance(len(batch))
         return ()
 
 
 class ReportProgress(beam.PTransform):
-    """The PCollections of finished inputs (predictions, errors, skipped) in; nothing out.
+    """The PCollections of finished inputs in batches (prediction and error tables, lists of
+    skipped paths) in; nothing out.
 
     Each is counted where it is made, not after a Flatten: the FnApiRunner materialises a Flatten
     whose inputs come from different stages, so progress would move only once scoring had ended,

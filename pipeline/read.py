@@ -1,43 +1,84 @@
-"""Stage 1: image paths from a glob or a manifest, through Beam's filesystems."""
+"""Stage 1: image paths from a glob or a manifest, through Beam's filesystems, in batches.
+
+The whole listing is one element: a glob is matched by one ``FileSystems.match`` call (what
+Beam's ``MatchFiles`` does), a manifest is read by one worker (the launcher reads it whole too,
+to check and count it). So the stage sees every path at once, groups them into batches of
+``batch_size`` paths (the unit of work from here to the sinks) and finds, without a shuffle,
+what no single image can show: manifest lines listed twice, and files whose Kaggle ids collide.
+"""
 
 from __future__ import annotations
 
+import codecs
+import collections
+from collections.abc import Iterable, Iterator
+
 import apache_beam as beam
-from apache_beam.io import fileio
+import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.rows import ListedImage, error_row
+from pipeline import progress
+from pipeline.rows import ERROR_SCHEMA, ListedImage, PathBatch, error_row, file_stem, image_id
+from pipeline.write import BINARY
 
 DUPLICATES = "duplicates"
+INPUT_COUNT = "input_count"
+# UTF-32's byte-order marks start with UTF-16's: both are refused by the same check.
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 class EmptyInputError(ValueError):
     """The glob or manifest names no image: a mistake, not an empty success."""
 
 
+class ManifestEncodingError(ValueError):
+    """The manifest is not UTF-8 text: refused before any work, saying how to save it."""
+
+
 def check_input_exists(pattern: str | None, manifest: str | None) -> None:
-    """Fail fast, before a job is built, when there is nothing to score."""
+    """Fail fast, before a job is built, when there is nothing to score (or, for a manifest,
+    when it is not UTF-8 text: ``read_manifest``)."""
     if bool(pattern) == bool(manifest):
         raise ValueError("give exactly one of --input (a glob) and --manifest (a file of paths)")
     if manifest:
         if not FileSystems.exists(manifest):
             raise EmptyInputError(f"manifest {manifest} does not exist")
-        with FileSystems.open(manifest) as handle:
-            if not any(is_manifest_entry(line.decode("utf-8").strip()) for line in handle):
-                raise EmptyInputError(f"manifest {manifest} lists no path")
+        if not read_manifest(manifest):
+            raise EmptyInputError(f"manifest {manifest} lists no path")
         return
     matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     if not matched:
         raise EmptyInputError(f"--input {pattern!r} matches no file")
 
 
-def count_inputs(pattern: str | None, manifest: str | None) -> int:
-    """How many inputs the run will account for: the glob's matches, or the manifest's entries
-    (duplicates included: each becomes a row)."""
-    if pattern:
-        return len(FileSystems.match([pattern])[0].metadata_list)
+def read_manifest(manifest: str) -> list[str]:
+    """Every path ``manifest`` lists, in order, duplicates included (``manifest_entry`` of each
+    line; lines end at LF, the CR of a CRLF is stripped with the spaces).
+
+    Raises ``ManifestEncodingError`` for UTF-16 (Notepad's "Unicode", Excel's "Unicode Text")
+    and for bytes that are not UTF-8 (a legacy code page such as Windows-1252), naming the line:
+    guessing an encoding could turn a path into another path, so the user re-saves it as UTF-8."""
     with FileSystems.open(manifest) as handle:
-        return sum(is_manifest_entry(line.decode("utf-8").strip()) for line in handle)
+        data = handle.read()
+    if data.startswith(UTF16_BOMS):
+        raise ManifestEncodingError(f"manifest {manifest} is UTF-16 text (Notepad's \"Unicode\"): "
+                                    "save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ManifestEncodingError(
+            f"manifest {manifest} line {line} is not UTF-8 (byte 0x{data[error.start]:02x}, a "
+            "legacy code page such as Windows-1252?): save it as UTF-8") from None
+    return [path for path in map(manifest_entry, text.split("\n")) if path]
+
+
+def manifest_entry(line: str) -> str | None:
+    """The path one manifest line lists, or None for a blank or ``#`` comment line. Manifests
+    are text files people write: a UTF-8 byte-order mark (Notepad, Excel's "CSV UTF-8"), the CR
+    of a CRLF line end and spaces or tabs around the path are not part of it."""
+    path = line.lstrip("\ufeff").strip()
+    return path if path and not path.startswith("#") else None
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -55,44 +96,92 @@ def directory_glob(pattern: str) -> str | None:
     return recursive if FileSystems.match([recursive], limits=[1])[0].metadata_list else None
 
 
-def is_manifest_entry(line: str) -> bool:
-    return bool(line) and not line.startswith("#")
+def csv_key(path: str, csv_format: str) -> int | str | None:
+    """The id ``submission.csv`` gives ``path``: the integer file stem for ``binary`` (None when
+    the stem is not an integer: no CSV row), the stem as it is for ``multiclass``."""
+    return image_id(path) if csv_format == BINARY else file_stem(path)
+
+
+def colliding_csv_ids(paths: Iterable[str], csv_format: str) -> dict[str, str]:
+    """``{path: message}`` for every path whose CSV id another path has too (``7.png`` and
+    ``007.jpg`` are both Kaggle id 7; ``a/x.jpg`` and ``b/x.jpg`` both stem ``x``)."""
+    by_key = collections.defaultdict(list)
+    for path in paths:
+        key = csv_key(path, csv_format)
+        if key is not None:
+            by_key[key].append(path)
+    messages = {}
+    for key, group in by_key.items():
+        if len(group) > 1:
+            for path in group:
+                others = [other for other in group if other != path]
+                messages[path] = (f"submission.csv id {key!r} is also the id of {others[0]}"
+                                  + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                                  + ": a submission holds each id once and cannot say which file "
+                                    "it means, so none of them is scored; rename or remove all "
+                                    "but one")
+    return messages
+
+
+def error_table(rows: list[dict]) -> pa.Table:
+    """Error rows (``rows.error_row``) as one Arrow table of the errors schema."""
+    return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+
+
+class ListImagesFn(beam.DoFn):
+    """A glob or a manifest path -> ``PathBatch`` es of ``ListedImage``; on ``duplicates``, one
+    error table of the inputs that are not scored (extra manifest listings, colliding CSV ids);
+    on ``input_count``, how many inputs the listing holds."""
+
+    def __init__(self, is_manifest: bool, batch_size: int, csv_format: str, run_id: str):
+        self._is_manifest = is_manifest
+        self._batch_size = batch_size
+        self._csv_format = csv_format
+        self._run_id = run_id
+
+    def process(self, source: str) -> Iterator:
+        if self._is_manifest:
+            listings = collections.Counter(read_manifest(source))
+            images = [ListedImage(path) for path in listings]
+            extra = [error_row(path, "read", f"listed {count} times in the manifest; scored once",
+                               self._run_id, error_type="DuplicatePath")
+                     for path, count in listings.items() for _ in range(count - 1)]
+        else:
+            images = [ListedImage(metadata.path, metadata.size_in_bytes,
+                                  metadata.last_updated_in_seconds)
+                      for metadata in FileSystems.match([source])[0].metadata_list]
+            extra = []
+        collisions = colliding_csv_ids((image.path for image in images), self._csv_format)
+        if collisions:
+            images = [image for image in images if image.path not in collisions]
+            extra += [error_row(path, "read", message, self._run_id, error_type="DuplicateCsvId")
+                      for path, message in sorted(collisions.items())]
+        progress.expect(len(images) + len(extra))
+        yield beam.pvalue.TaggedOutput(INPUT_COUNT, len(images) + len(extra))
+        if extra:
+            yield beam.pvalue.TaggedOutput(DUPLICATES, error_table(extra))
+        for start in range(0, len(images), self._batch_size):
+            yield PathBatch(images[start:start + self._batch_size])
 
 
 class ReadImagePaths(beam.PTransform):
-    """Emit each distinct image path once, as a ``ListedImage`` (with the listing's size and
-    update time for a glob).
+    """``{'paths': PathBatch es, 'duplicates': error tables, 'input_count': ints}``.
 
     A path listed more than once in a manifest is scored once; each extra listing leaves as an
-    error row on the ``duplicates`` output, so that every input line is accounted for.
+    error row (``DuplicatePath``). Paths whose ``submission.csv`` id collides (``csv_format``,
+    see ``csv_key``) all leave as error rows (``DuplicateCsvId``) naming each other, so that the
+    CSV never holds an id twice. Every input line is accounted for.
     """
 
-    def __init__(self, pattern: str | None, manifest: str | None, run_id: str):
+    def __init__(self, pattern: str | None, manifest: str | None, run_id: str, *,
+                 batch_size: int = 64, csv_format: str = BINARY):
         super().__init__()
-        self._pattern = pattern
-        self._manifest = manifest
-        self._run_id = run_id
+        self._source = pattern or manifest
+        self._fn = ListImagesFn(not pattern, batch_size, csv_format, run_id)
 
     def expand(self, pbegin):
-        if self._pattern:
-            return {
-                "paths": (pbegin
-                          | "MatchFiles" >> fileio.MatchFiles(self._pattern)
-                          | "ToListedImage" >> beam.Map(lambda metadata: ListedImage(
-                              metadata.path, metadata.size_in_bytes,
-                              metadata.last_updated_in_seconds))),
-                DUPLICATES: pbegin | "NoDuplicates" >> beam.Create([]),
-            }
         listed = (pbegin
-                  | "ReadManifest" >> beam.io.ReadFromText(self._manifest)
-                  | "StripLines" >> beam.Map(str.strip)
-                  | "SkipBlankAndComments" >> beam.Filter(is_manifest_entry)
-                  | "CountListings" >> beam.combiners.Count.PerElement())
-        run_id = self._run_id
-        return {
-            "paths": listed | "DistinctPath" >> beam.Keys() | "ToListedImage" >> beam.Map(ListedImage),
-            DUPLICATES: listed | "ExtraListings" >> beam.FlatMap(
-                lambda item: [error_row(item[0], "read",
-                                        f"listed {item[1]} times in the manifest; scored once",
-                                        run_id, error_type="DuplicatePath")] * (item[1] - 1)),
-        }
+                  | "Source" >> beam.Create([self._source])
+                  | "ListImages" >> beam.ParDo(self._fn).with_outputs(
+                      DUPLICATES, INPUT_COUNT, main="paths"))
+        return {"paths": listed.paths, DUPLICATES: listed[DUPLICATES], INPUT_COUNT: listed[INPUT_COUNT]}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
 UNCERTAIN = "uncertain"
@@ -22,13 +24,15 @@ class ListedImage(NamedTuple):
     scored_sha256: tuple[str, ...] = ()
 
 
-class ImageSource(NamedTuple):
-    """What a prediction row records of the file it scored."""
+@dataclasses.dataclass
+class PathBatch:
+    """Images listed together, the unit of work until they are decoded. A dataclass rather than
+    a list so that Beam's coder pickles the whole batch in one call, not each image on its own."""
 
-    path: str
-    content_sha256: str
-    file_bytes: int
-    file_updated_seconds: float | None
+    images: list[ListedImage]
+
+    def __len__(self) -> int:
+        return len(self.images)
 
 
 ERROR_SCHEMA = pa.schema([
@@ -51,11 +55,16 @@ def default_top_k(class_names: list[str]) -> int:
     return 5 if len(class_names) > 5 else 0
 
 
-def top_classes(probabilities: list[float], class_names: list[str], k: int) -> dict[str, list]:
-    """``top_classes`` / ``top_probabilities``: the k most probable classes, most probable first."""
-    order = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])[:k]
-    return {"top_classes": [class_names[i] for i in order],
-            "top_probabilities": [probabilities[i] for i in order]}
+def top_k_columns(probabilities: np.ndarray, class_names: list[str], k: int) -> tuple[pa.Array, pa.Array]:
+    """``top_classes`` / ``top_probabilities`` of a batch: for each row of ``probabilities``
+    (float [n, classes]), its k most probable classes and their probabilities (float64), most
+    probable first, ties in class order (a stable sort)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    offsets = pa.array(np.arange(0, len(order) * k + 1, k, dtype=np.int32))
+    names = pa.array(class_names, pa.string()).take(pa.array(order.ravel()))
+    chosen = np.take_along_axis(probabilities, order, axis=1).astype(np.float64).ravel()
+    return (pa.ListArray.from_arrays(offsets, names),
+            pa.ListArray.from_arrays(offsets, pa.array(chosen, pa.float64())))
 
 
 def prediction_schema(class_names: list[str], top_k: int = 0) -> pa.Schema:

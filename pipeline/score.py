@@ -35,22 +35,24 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
 from pipeline import progress
-from pipeline.decode import ERRORS, SKIPPED, DecodeImages
+from pipeline.decode import DECODED, ERRORS, SKIPPED, DecodeImages
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ScoreImages
 from pipeline.options import (
     RUN_DATE_PLACEHOLDER,
     ScoreOptions,
+    ThreadBudget,
     parse_resource_hints,
     refuse_unknown_flags,
     resolve_run_date,
+    thread_budget,
 )
 from pipeline.progress import ReportProgress
 from pipeline.read import (
     DUPLICATES,
+    INPUT_COUNT,
     ReadImagePaths,
     check_input_exists,
-    count_inputs,
     directory_glob,
     fixed_prefix,
 )
@@ -64,7 +66,7 @@ from pipeline.write import (
     PREDICTIONS_DIR,
     REPORT_NAME,
     WriteKaggleCsv,
-    WriteParquetRows,
+    WriteParquetTables,
     delete_with_directories,
     find_run_files,
     output_paths,
@@ -167,37 +169,40 @@ def input_prefix(options: ScoreOptions) -> str:
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
                    run_id: str, started: float, inference_hints: dict[str, str],
                    scored_files: list[str] = (), earlier: list[dict] = (),
-                   report_progress: bool = False) -> None:
-    """Wire read -> decode -> score -> write, as in the architecture diagram. ``scored_files``:
-    earlier predictions files --skip-scored found (``incremental.earlier_scored_files``);
-    ``earlier``: records of the runs --compare-to found (``report.earlier_records``)."""
+                   report_progress: bool = False, threads: ThreadBudget | None = None) -> None:
+    """Wire read -> decode -> score -> write, as in the architecture diagram; every element from
+    the listing to the sinks is a batch (a list of paths, an ``ImageBatch``, an Arrow table).
+    ``scored_files``: earlier predictions files --skip-scored found
+    (``incremental.earlier_scored_files``); ``earlier``: records of the runs --compare-to found
+    (``report.earlier_records``); ``threads``: the worker processes' thread budget."""
     paths = output_paths(options.output)
-    listed = pipeline | "ReadImagePaths" >> ReadImagePaths(options.input, options.manifest, run_id)
+    listed = pipeline | "ReadImagePaths" >> ReadImagePaths(
+        options.input, options.manifest, run_id, batch_size=options.batch_size,
+        csv_format=options.csv_format)
     tonight_prefix = input_prefix(options)
-    unscored = listed["paths"] | "SkipScored" >> SkipScored(list(scored_files), tonight_prefix)
+    unscored = listed["paths"] | "SkipScored" >> SkipScored(list(scored_files), tonight_prefix,
+                                                           options.batch_size)
     decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
-        options.max_image_bytes, run_id, preprocessing=metadata.preprocessing)
+        options.max_image_bytes, run_id, threads or ThreadBudget(), preprocessing=metadata.preprocessing)
     skipped_parts = (unscored[SKIPPED], decoded[SKIPPED])
     skipped = skipped_parts | "AllSkipped" >> beam.Flatten()
-    predictions = decoded["images"] | "ScoreImages" >> ScoreImages(
-        options.model_dir, metadata, min_batch_size=options.min_batch_size,
-        max_batch_size=options.max_batch_size, min_confidence=options.min_confidence,
-        run_id=run_id, share_model_across_processes=options.share_model_across_processes,
-        runtime=options.runtime, tflite_threads=options.tflite_threads,
-        tflite_invoke_batch=options.tflite_invoke_batch, top_k=options.top_k,
+    predictions = decoded[DECODED] | "ScoreImages" >> ScoreImages(
+        options.model_dir, metadata, min_confidence=options.min_confidence, run_id=run_id,
+        share_model_across_processes=options.share_model_across_processes,
+        runtime=options.runtime, threads=threads, tflite_invoke_batch=options.tflite_invoke_batch,
+        top_k=options.top_k,
     ).with_resource_hints(**inference_hints)
     error_parts = (decoded[ERRORS], listed[DUPLICATES])
     errors = error_parts | "AllErrors" >> beam.Flatten()
-    inputs = (listed["paths"], listed[DUPLICATES]) | "AllInputs" >> beam.Flatten()
 
     csv = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
         paths["csv"], FileSystems.join(options.output, CSV_PARTS_DIR), metadata.class_names,
         options.csv_format, options.positive_class, options.clip)
-    prediction_files = predictions | "WritePredictions" >> WriteParquetRows(
+    prediction_files = predictions | "WritePredictions" >> WriteParquetTables(
         FileSystems.join(options.output, PREDICTIONS_DIR), "predictions",
         prediction_schema(metadata.class_names, options.top_k))
-    error_files = errors | "WriteErrors" >> WriteParquetRows(
+    error_files = errors | "WriteErrors" >> WriteParquetTables(
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
     written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
     if report_progress:
@@ -207,8 +212,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
                "input": options.input or options.manifest,
                "paths_prefix": tonight_prefix, "output": options.output,
                "class_names": list(metadata.class_names)}
-    ({"written": written, "inputs": inputs, "predictions": predictions, "errors": errors,
-      "csv_rows": csv["rows"], "skipped": skipped}
+    ({"written": written, "inputs": listed[INPUT_COUNT], "predictions": predictions,
+      "errors": errors, "csv_rows": csv["rows"], "skipped": skipped}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context,
                                             report_settings(options, metadata, earlier)))
 
@@ -281,9 +286,15 @@ def check_run(argv: list[str] | None) -> CheckedRun:
         raise ValueError(f"--review-size {options.review_size} must be 0 or more")
     if options.tflite_invoke_batch < 1:
         raise ValueError(f"--tflite-invoke-batch {options.tflite_invoke_batch} must be 1 or more")
-    if not 1 <= options.min_batch_size <= options.max_batch_size:
-        raise ValueError(f"--min-batch-size {options.min_batch_size} and --max-batch-size "
-                         f"{options.max_batch_size} must satisfy 1 <= min <= max")
+    if options.batch_size < 1:
+        raise ValueError(f"--batch-size {options.batch_size} must be 1 or more")
+    if options.min_batch_size is not None:
+        _LOG.warning("--min-batch-size has no effect since batches are made when the paths are "
+                     "listed: each holds --batch-size (%d) images", options.batch_size)
+    for name in ("decode_threads", "tflite_threads"):
+        if getattr(options, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(options, name)} must be 0 "
+                             "(sized from the cores) or more")
     if options.input and (every_file := directory_glob(options.input)):
         _LOG.info("--input %s is a directory: scoring every file under it (%s)", options.input,
                   every_file)
@@ -324,11 +335,12 @@ def execute(checked: CheckedRun) -> dict:
     report_progress = runner is not None and (
         pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing")
     if report_progress:
-        progress.start(count_inputs(options.input, options.manifest))
+        progress.start()
     with frozen_heap(), beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
         build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
                        checked.inference_hints, checked.scored_files, checked.earlier,
-                       report_progress=report_progress)
+                       report_progress=report_progress,
+                       threads=thread_budget(pipeline_options, options))
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())

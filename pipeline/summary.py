@@ -14,16 +14,17 @@ those files (path relative to the output prefix, and size), so a reader trusts a
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
-import heapq
 import json
 import logging
 import time
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
@@ -48,11 +49,11 @@ ERROR_EXAMPLES = 3
 
 
 class PredictionProfileFn(beam.CombineFn):
-    """Prediction rows -> ``{'count', 'uncertain', 'class_counts', 'histogram', 'review'}`` in one
-    pass and bounded memory: counts per class, a ``HISTOGRAM_BINS``-bin histogram of
-    ``score_column`` (bins [a, b) at the edges i / 10, as NumPy's histogram with those edges; 1.0
-    falls in the last) and the ``review_size`` least
-    confident rows, least confident first (ties by path)."""
+    """Prediction tables -> ``{'count', 'uncertain', 'class_counts', 'histogram', 'review'}`` in
+    one pass and bounded memory, a whole table at a time: counts per class, a
+    ``HISTOGRAM_BINS``-bin histogram of ``score_column`` (bins [a, b) at the edges i / 10, as
+    ``bisect.bisect_right`` on those edges; 1.0 falls in the last) and the ``review_size`` least
+    confident rows (``review_columns``), least confident first (ties by path)."""
 
     def __init__(self, score_column: str, review_columns: list[str], review_size: int):
         self._score_column = score_column
@@ -61,19 +62,20 @@ class PredictionProfileFn(beam.CombineFn):
 
     def create_accumulator(self):
         return {"count": 0, "uncertain": 0, "class_counts": collections.Counter(),
-                "histogram": [0] * HISTOGRAM_BINS, "review": []}
+                "histogram": np.zeros(HISTOGRAM_BINS, np.int64), "review": []}
 
-    def add_input(self, profile, row):
-        profile["count"] += 1
-        profile["uncertain"] += row["decision"] == UNCERTAIN
-        profile["class_counts"][row["predicted_class"]] += 1
-        bin_index = bisect.bisect_right(HISTOGRAM_EDGES, row[self._score_column]) - 1
-        profile["histogram"][min(max(bin_index, 0), HISTOGRAM_BINS - 1)] += 1
+    def add_input(self, profile, table):
+        profile["count"] += table.num_rows
+        profile["uncertain"] += pc.sum(pc.equal(table["decision"], UNCERTAIN)).as_py() or 0
+        counts = pc.value_counts(table["predicted_class"])
+        profile["class_counts"].update(dict(zip(counts.field("values").to_pylist(),
+                                                counts.field("counts").to_pylist(), strict=True)))
+        bins = np.searchsorted(HISTOGRAM_EDGES, table[self._score_column].to_numpy(), side="right") - 1
+        profile["histogram"] += np.bincount(np.clip(bins, 0, HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
         if self._review_size:
-            profile["review"].append((row["confidence"], row["path"],
-                                      {name: row[name] for name in self._review_columns}))
-            if len(profile["review"]) > 2 * self._review_size:  # trimmed now and then: O(log n)
-                profile["review"] = self._least_confident(profile["review"])
+            profile["review"].append(self._least_confident([table.select(self._review_columns)]))
+            if len(profile["review"]) > 16:  # merged now and then: bounded, and few merges
+                profile["review"] = [self._least_confident(profile["review"])]
         return profile
 
     def merge_accumulators(self, profiles):
@@ -82,30 +84,35 @@ class PredictionProfileFn(beam.CombineFn):
             merged["count"] += profile["count"]
             merged["uncertain"] += profile["uncertain"]
             merged["class_counts"].update(profile["class_counts"])
-            merged["histogram"] = [a + b for a, b in zip(merged["histogram"], profile["histogram"],
-                                                          strict=True)]
-            merged["review"] = self._least_confident(merged["review"] + profile["review"])
+            merged["histogram"] += profile["histogram"]
+            merged["review"] += profile["review"]
+        if merged["review"]:
+            merged["review"] = [self._least_confident(merged["review"])]
         return merged
 
     def extract_output(self, profile):
+        review = self._least_confident(profile["review"]).to_pylist() if profile["review"] else []
         return {**profile, "class_counts": dict(profile["class_counts"]),
-                "review": [row for _, _, row in self._least_confident(profile["review"])]}
+                "histogram": profile["histogram"].tolist(), "review": review}
 
-    def _least_confident(self, entries):
-        return heapq.nsmallest(self._review_size, entries, key=lambda entry: entry[:2])
+    def _least_confident(self, tables: list[pa.Table]) -> pa.Table:
+        table = pa.concat_tables(tables)
+        order = pc.sort_indices(table, sort_keys=[("confidence", "ascending"), ("path", "ascending")])
+        return table.take(order[:self._review_size])
 
 
 class ErrorProfileFn(beam.CombineFn):
-    """Error rows -> ``{error_type: [count, first ERROR_EXAMPLES (path, message)]}``."""
+    """Error tables -> ``{error_type: [count, first ERROR_EXAMPLES (path, message)]}``."""
 
     def create_accumulator(self):
         return {}
 
-    def add_input(self, profile, row):
-        count, examples = profile.setdefault(row["error_type"], [0, []])
-        profile[row["error_type"]][0] = count + 1
-        if len(examples) < ERROR_EXAMPLES:
-            examples.append((row["path"], row["message"]))
+    def add_input(self, profile, table):
+        for row in table.select(["error_type", "path", "message"]).to_pylist():
+            count, examples = profile.setdefault(row["error_type"], [0, []])
+            profile[row["error_type"]][0] = count + 1
+            if len(examples) < ERROR_EXAMPLES:
+                examples.append((row["path"], row["message"]))
         return profile
 
     def merge_accumulators(self, profiles):
@@ -118,6 +125,22 @@ class ErrorProfileFn(beam.CombineFn):
 
     def extract_output(self, profile):
         return profile
+
+
+class TotalLength(beam.CombineFn):
+    """Elements in, the sum of their lengths out: rows of tables, paths of lists."""
+
+    def create_accumulator(self):
+        return 0
+
+    def add_input(self, total, element):
+        return total + len(element)
+
+    def merge_accumulators(self, totals):
+        return sum(totals)
+
+    def extract_output(self, total):
+        return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +222,11 @@ def combined_globally(pcoll, label: str, combine_fn: beam.CombineFn):
 
 
 class WriteRunSummary(beam.PTransform):
-    """``{'written': final paths of every other output, 'inputs', 'predictions', 'errors',
-    'skipped', 'csv_rows'}`` in; the review queue, ``report.html`` and, last, ``summary.json``
-    out. ``context`` goes in as it is; its ``paths_prefix`` (what every input path starts with)
-    tells later --skip-scored runs whether this run can hold their paths at all.
+    """``{'written': final paths of every other output, 'inputs': input counts, 'predictions':
+    prediction tables, 'errors': error tables, 'skipped': lists of paths, 'csv_rows'}`` in; the
+    review queue, ``report.html`` and, last, ``summary.json`` out. ``context`` goes in as it is;
+    its ``paths_prefix`` (what every input path starts with) tells later --skip-scored runs
+    whether this run can hold their paths at all.
 
     ``elapsed_seconds`` runs from the launch (``started``, a wall-clock timestamp) to the moment
     every other output is final. Inputs = predictions + errors + skipped (already scored by this
@@ -233,12 +257,11 @@ class WriteRunSummary(beam.PTransform):
                 | "WriteSummary" >> beam.Map(
                     commit_run,
                     inputs=combined_globally(outputs["inputs"], "CountInputs",
-                                             beam.combiners.CountCombineFn()),
+                                             beam.CombineFn.from_callable(sum)),
                     predictions=predictions,
                     errors=errors,
                     csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
-                    skipped=combined_globally(outputs["skipped"], "CountSkipped",
-                                              beam.combiners.CountCombineFn()),
+                    skipped=combined_globally(outputs["skipped"], "CountSkipped", TotalLength()),
                     settings=settings,
                     started=self._started,
                     context=self._context,

@@ -14,13 +14,16 @@ import io
 import math
 import shutil
 import uuid
-from collections.abc import Iterable
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.rows import METRICS_NAMESPACE, file_stem, probability_column
 
@@ -94,20 +97,23 @@ def csv_header(csv_format: str, class_names: list[str]) -> bytes:
     return _csv_text([["id", *(["label"] if csv_format == BINARY else class_names)]])
 
 
-def csv_lines(rows: Iterable[tuple[int | str, list[float]]], csv_format: str, clip: float) -> bytes:
-    """CSV lines sorted by id, values clipped to [clip, 1 - clip] when clip > 0.
+def csv_lines(keys: list, values: np.ndarray, csv_format: str, clip: float) -> bytes:
+    """CSV lines sorted by id (``keys``, unique), ``values`` (float [n, columns]) clipped to
+    [clip, 1 - clip] when clip > 0.
 
     binary (Kaggle dogs-vs-cats): integer ids, one label with 6 decimals. multiclass (Kaggle Dog
     Breed Identification): ids are file stems as they are, every class with 6 significant digits,
     written by the csv module, which quotes what needs quoting.
     """
-    def clipped(values):
-        return [min(max(value, clip), 1.0 - clip) for value in values] if clip > 0 else values
-
+    if clip > 0:
+        values = np.clip(values, clip, 1.0 - clip)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    values = values[order].tolist()
+    keys = [keys[index] for index in order]
     if csv_format == BINARY:  # integers and numbers: nothing to quote, and a million rows a night
-        return "".join(f"{key},{clipped(values)[0]:.6f}\n" for key, values in sorted(rows)).encode()
-    return _csv_text([[key, *(f"{value:.6g}" for value in clipped(values))]
-                      for key, values in sorted(rows)])
+        return "".join(f"{key},{row[0]:.6f}\n" for key, row in zip(keys, values, strict=True)).encode()
+    return _csv_text([[key, *(f"{value:.6g}" for value in row)]
+                      for key, row in zip(keys, values, strict=True)])
 
 
 def _csv_text(rows: list[list]) -> bytes:
@@ -126,17 +132,29 @@ def resolve_csv_format(csv_format: str, class_names: list[str]) -> str:
     return csv_format
 
 
-def csv_part_of(key, quantiles: list, rows: int, rows_per_part: int) -> int:
-    """Index of the CSV part holding ``key``: ranges of ids cut at approximate quantiles, so
-    that parts hold about ``rows_per_part`` rows each (one part for a Kaggle-sized run)."""
+def csv_part_boundaries(quantiles: list, rows: int, rows_per_part: int) -> list:
+    """The ids where CSV parts start, cut at approximate quantiles so that parts hold about
+    ``rows_per_part`` rows each (none, so one part, for a Kaggle-sized run)."""
     parts = min(len(quantiles) - 1, math.ceil(rows / rows_per_part)) if quantiles else 1
     step = (len(quantiles) - 1) / max(parts, 1)
-    boundaries = [quantiles[round(i * step)] for i in range(1, parts)]
-    return bisect.bisect_right(boundaries, key)
+    return [quantiles[round(i * step)] for i in range(1, parts)]
+
+
+def csv_rows(table: pa.Table, csv_format: str, columns: list[str]) -> tuple[list, np.ndarray]:
+    """A predictions table's ``submission.csv`` rows: ``(ids, values float64 [n, columns])``.
+    binary: the rows with an integer Kaggle id (``image_id``), ``columns`` = the label column;
+    multiclass: every row, id = the file stem."""
+    if csv_format == BINARY:
+        table = table.filter(pc.is_valid(table["image_id"]))
+        keys = table["image_id"].to_pylist()
+    else:
+        keys = [file_stem(path) for path in table["path"].to_pylist()]
+    values = np.column_stack([table[column].to_numpy() for column in columns])
+    return keys, values
 
 
 class WriteKaggleCsv(beam.PTransform):
-    """Prediction rows in; one ``submission.csv`` sorted by id out, without any worker holding
+    """Prediction tables in; one ``submission.csv`` sorted by id out, without any worker holding
     the whole run: ``{'csv': the CSV's path, 'rows': its row count}``.
 
     ``binary`` (dogs-vs-cats): ``id,label`` with label = P(``positive_class``), only rows whose
@@ -163,31 +181,44 @@ class WriteKaggleCsv(beam.PTransform):
 
     def expand(self, predictions):
         csv_format, clip, rows_per_part = self._format, self._clip, self._rows_per_part
-        if csv_format == BINARY:
-            label_column = probability_column(self._positive_class)
-            keyed = (predictions
-                     | "WithKaggleId" >> beam.Filter(lambda row: row["image_id"] is not None)
-                     | "IdAndLabel" >> beam.Map(lambda row: (row["image_id"], [row[label_column]])))
-        else:
-            columns = [probability_column(name) for name in self._class_names]
-            keyed = predictions | "IdAndProbabilities" >> beam.Map(
-                lambda row: (file_stem(row["path"]), [row[column] for column in columns]))
-        # One pass over the ids gives their count and approximate quantiles (a bounded sketch).
+        columns = ([probability_column(self._positive_class)] if csv_format == BINARY
+                   else [probability_column(name) for name in self._class_names])
+        def rows_of(table):
+            keys, values = csv_rows(table, csv_format, columns)
+            if keys:
+                yield keys, values
+
+        keyed = predictions | "CsvRows" >> beam.FlatMap(rows_of)
+        # One pass over the ids gives their count and approximate quantiles (a bounded sketch);
+        # (0, []) for a run without a row: the combine adds no default of its own to the graph.
         count_and_quantiles = (keyed
-                               | "Ids" >> beam.Keys()
+                               | "CountAndIds" >> beam.Map(lambda rows: (len(rows[0]), rows[0]))
                                | "CountAndQuantiles" >> beam.CombineGlobally(
-                                   beam.combiners.SingleInputTupleCombineFn(
-                                       beam.combiners.CountCombineFn(),
-                                       ApproximateQuantilesCombineFn.create(self.MAX_PARTS + 1))))
+                                   beam.combiners.TupleCombineFn(
+                                       sum, ApproximateQuantilesCombineFn.create(
+                                           self.MAX_PARTS + 1, input_batched=True))).without_defaults())
+        stats = beam.pvalue.AsSingleton(count_and_quantiles, default_value=(0, []))
         part_rows = Metrics.distribution(METRICS_NAMESPACE, "csv_part_rows")
         parts_dir = self._parts_dir
 
-        def write_part(index, part):
-            part = list(part)
-            part_rows.update(len(part))
+        def split_into_parts(rows, stats):
+            keys, values = rows
+            boundaries = csv_part_boundaries(stats[1], stats[0], rows_per_part)
+            if not boundaries:  # one part: a Kaggle-sized run
+                yield 0, rows
+                return
+            parts = np.array([bisect.bisect_right(boundaries, key) for key in keys])
+            for part in np.unique(parts):
+                chosen = np.flatnonzero(parts == part)
+                yield int(part), ([keys[index] for index in chosen], values[chosen])
+
+        def write_part(index, pieces):
+            keys = [key for piece_keys, _ in pieces for key in piece_keys]
+            values = np.concatenate([piece_values for _, piece_values in pieces])
+            part_rows.update(len(keys))
             path = FileSystems.join(parts_dir, f"part-{index:05d}.csv")
             with FileSystems.create(path) as handle:  # a retried bundle rewrites the same name
-                handle.write(csv_lines(part, csv_format, clip))
+                handle.write(csv_lines(keys, values, csv_format, clip))
             return index, path
 
         header = csv_header(csv_format, self._class_names)
@@ -202,27 +233,61 @@ class WriteKaggleCsv(beam.PTransform):
             delete_with_directories([part for _, part in parts], [parts_dir])
             return path
 
-        csv = (keyed
-               | "AssignPart" >> beam.Map(
-                   lambda row, stats: (csv_part_of(row[0], stats[1], stats[0], rows_per_part), row),
-                   stats=beam.pvalue.AsSingleton(count_and_quantiles))
-               | "GroupPart" >> beam.GroupByKey()
-               | "WriteSortedPart" >> beam.MapTuple(write_part)
-               | "AllParts" >> beam.combiners.ToList()
-               | "ConcatenateParts" >> beam.Map(concatenate))
-        rows = count_and_quantiles | "RowCount" >> beam.Map(lambda stats: stats[0])
+        parts = (keyed
+                 | "SplitIntoParts" >> beam.FlatMap(split_into_parts, stats=stats)
+                 | "GroupPart" >> beam.GroupByKey()
+                 | "WriteSortedPart" >> beam.MapTuple(write_part))
+        # Once, when every part is written (none: a CSV of its header alone).
+        csv = (predictions.pipeline
+               | "OnceAllPartsAreWritten" >> beam.Impulse()
+               | "ConcatenateParts" >> beam.Map(lambda _, parts: concatenate(parts),
+                                                parts=beam.pvalue.AsList(parts)))
+        rows = (predictions.pipeline
+                | "OnceCounted" >> beam.Impulse()
+                | "RowCount" >> beam.Map(lambda _, stats: stats[0], stats=stats))
         return {"csv": csv, "rows": rows}
 
 
-class WriteParquetRows(beam.PTransform):
-    """Rows in; Parquet shards ``<directory>/<name>-SSSSS-of-NNNNN.parquet`` out. Emits the
-    final names of the shards once Beam has renamed them into place (what the record lists)."""
+class CoalesceTables(beam.DoFn):
+    """Arrow tables in; the tables of a bundle concatenated, about ``row_group_bytes`` at a
+    time, out: each table a Parquet sink writes becomes at least one row group, and a batch's
+    table (tens of rows) is far too small for one. Beam's ``WriteToParquet`` buffers its rows
+    the same way (64 MiB row groups by default)."""
+
+    def __init__(self, row_group_bytes: int = 64 * 1024 * 1024):
+        self._row_group_bytes = row_group_bytes
+
+    def start_bundle(self):
+        self._tables, self._bytes = [], 0
+
+    def process(self, table: pa.Table):
+        self._tables.append(table)
+        self._bytes += table.nbytes
+        if self._bytes >= self._row_group_bytes:
+            yield self._concatenated()
+
+    def finish_bundle(self):
+        if self._tables:
+            yield WindowedValue(self._concatenated(), GlobalWindow().max_timestamp(), [GlobalWindow()])
+
+    def _concatenated(self) -> pa.Table:
+        table = pa.concat_tables(self._tables)
+        self._tables, self._bytes = [], 0
+        return table
+
+
+class WriteParquetTables(beam.PTransform):
+    """Arrow tables of ``schema`` in; Parquet shards ``<directory>/<name>-SSSSS-of-NNNNN.parquet``
+    out (``WriteToParquetBatched``). Emits the final names of the shards once Beam has renamed
+    them into place (what the record lists)."""
 
     def __init__(self, directory: str, name: str, schema: pa.Schema):
         super().__init__()
         self._prefix = FileSystems.join(directory, name)
         self._schema = schema
 
-    def expand(self, rows):
-        return rows | "WriteToParquet" >> beam.io.WriteToParquet(
-            self._prefix, self._schema, file_name_suffix=".parquet")
+    def expand(self, tables):
+        return (tables
+                | "CoalesceTables" >> beam.ParDo(CoalesceTables())
+                | "WriteToParquet" >> beam.io.WriteToParquetBatched(
+                    self._prefix, self._schema, file_name_suffix=".parquet"))

@@ -15,7 +15,9 @@ import io
 import json
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
+
+from serving.preprocessing import open_image
 
 esc = html.escape
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
@@ -124,7 +126,7 @@ def series_plot(labels: list[str], values: list[float], title: str, alert: bool)
 
 def thumbnail(data: bytes, side: int = 128) -> str:
     """A small upright JPEG of the image's bytes, base64: enough for a person to label it."""
-    with Image.open(io.BytesIO(data)) as opened:
+    with open_image(data) as opened:  # the loaders' formats: HEIC and AVIF too
         opened.draft("RGB", (side, side))  # a JPEG decodes at 1/2 to 1/8 scale, still >= side
         picture = ImageOps.exif_transpose(opened).convert("RGB")
         picture.thumbnail((side, side))

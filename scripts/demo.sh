@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The embedded default, offline: generated images, a small model trained on them by the project's
 # own code (random MobileNet base, NOT ImageNet: it has never seen a real cat or dog), and the
-# scoring job on the DirectRunner. Outputs land in demo_output/run/.
+# scoring job on the DirectRunner. Outputs land in demo_output/run/ (DEMO_OUTPUT=DIR: in DIR/run/;
+# a model already in DIR/model/ is scored with instead of training one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=2
 py=.venv/bin/python
-out=demo_output
+out="${DEMO_OUTPUT:-demo_output}"
 if [ ! -d "$out/images" ]; then
   $py -m model.synthetic --folders "$out/train" --per-class 60 --test "$out/images" --test-count 200
   : > "$out/images/201.jpg"                              # a 0-byte file

@@ -20,7 +20,17 @@ Four loaders, each a versioned preprocessing recorded in a model's metadata:
   ``ImageDataGenerator.flow_from_directory`` do (full decode, Pillow ``convert("RGB")``, no EXIF
   rotation, resize with Keras's interpolation, ``nearest`` by default), for models trained in
   notebooks and brought in with ``python -m model.package``. Scoring a model through the loader
-  it was trained with is what makes its scores equal to the notebook's.
+  it was trained with is what makes its scores equal to the notebook's;
+- ``pillow-fit-v1``: what Teachable Machine's exported Python sample does before
+  ``model.predict`` (``Image.open(path).convert("RGB")``, then ``ImageOps.fit`` to the input
+  size: the largest centred crop of the input's aspect ratio, resized with LANCZOS by default),
+  for its ``keras_model.h5``.
+
+Every loader opens the bytes with ``open_image``: Pillow's own formats, AVIF (Pillow 12's wheels
+carry libavif) and HEIF/HEIC, what phones save by default, through pillow-heif's plugin (libheif
+applies the file's rotation, so a phone's HEIC photo comes out upright in every loader, as its
+JPEG does in petscore's). Bytes that are no image Pillow reads are refused saying what they are
+(``describe_bytes``).
 
 Pillow does the decoding rather than ``tf.io.decode_image`` because TF cannot honour EXIF
 orientation, convert CMYK or palette-with-transparency images faithfully, decode at reduced
@@ -35,13 +45,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+import pillow_heif
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 PREPROCESSING_VERSION = "pillow-rgb-draft-v1"
 PILLOW_DRAFT_V1 = PREPROCESSING_VERSION
 PILLOW_DRAFT_CV2 = "pillow-draft-cv2-v2"
 CV2_JPEG = "cv2-jpeg-v3"
 KERAS_LOAD_IMG = "keras-load-img-v1"
+PILLOW_FIT = "pillow-fit-v1"
 RESIZE_METHODS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # keras.utils.image_utils.PIL_INTERPOLATION_METHODS
 KERAS_INTERPOLATIONS = {
@@ -52,7 +64,8 @@ KERAS_INTERPOLATIONS = {
 # preprocessing version -> the resize methods it knows
 CV2_RESIZE_METHODS = {"bilinear": "INTER_LINEAR"}  # OpenCV flag names (cv2 is imported lazily)
 PREPROCESSING_VERSIONS = {PILLOW_DRAFT_V1: RESIZE_METHODS, PILLOW_DRAFT_CV2: CV2_RESIZE_METHODS,
-                          CV2_JPEG: CV2_RESIZE_METHODS, KERAS_LOAD_IMG: KERAS_INTERPOLATIONS}
+                          CV2_JPEG: CV2_RESIZE_METHODS, KERAS_LOAD_IMG: KERAS_INTERPOLATIONS,
+                          PILLOW_FIT: KERAS_INTERPOLATIONS}
 # JPEG DCT scale -> OpenCV's flag that decodes at it (EXIF orientation applied, 3-channel BGR)
 CV2_REDUCED_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
                      8: "IMREAD_REDUCED_COLOR_8"}
@@ -60,6 +73,32 @@ DEFAULT_MAX_PIXELS = 64_000_000
 EXIF_ORIENTATION = 0x0112
 # Pillow warns above its own bomb limit; we enforce ours from the header instead.
 Image.MAX_IMAGE_PIXELS = None
+pillow_heif.register_heif_opener()  # HEIF/HEIC for Image.open; AVIF stays with Pillow's own plugin
+# ISO base media file brands (bytes 8-12 of an "ftyp" box) -> what the file holds
+FTYP_BRANDS = {
+    **dict.fromkeys((b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"),
+                    "a HEIF/HEIC image"),
+    **dict.fromkeys((b"avif", b"avis"), "an AVIF image"),
+    b"qt  ": "a QuickTime (MOV) video",
+    **dict.fromkeys((b"isom", b"iso2", b"mp41", b"mp42", b"avc1", b"dash", b"M4V ", b"3gp4", b"3gp5",
+                     b"3g2a"), "an MP4 video"),
+    b"M4A ": "an MPEG-4 audio file",
+}
+# Leading bytes -> what the file is (the first that matches); images Pillow reads when intact
+# are named too, so a truncated header reads as such.
+MAGIC_NUMBERS = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"GIF8", "a GIF image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+    (b"BM", "a BMP image"), (b"\x00\x00\x00\x0cJXL ", "a JPEG XL image"),
+    (b"\xff\x0a", "a JPEG XL image"), (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (or a file in one: .docx, .xlsx, .epub)"),
+    (b"PK\x05\x06", "an empty ZIP archive"), (b"\x1f\x8b", "GZIP-compressed data"),
+    (b"BZh", "BZIP2-compressed data"), (b"\xfd7zXZ\x00", "XZ-compressed data"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"), (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"\x1aE\xdf\xa3", "a Matroska/WebM video"), (b"\x7fELF", "an ELF executable"),
+    (b"MZ", "a Windows executable"),
+)
+RIFF_KINDS = {b"WEBP": "a WebP image", b"AVI ": "an AVI video", b"WAVE": "a WAV audio file"}
 
 
 class EmptyImageError(ValueError):
@@ -68,6 +107,55 @@ class EmptyImageError(ValueError):
 
 class ImageTooLargeError(ValueError):
     """The header declares more pixels than the configured cap (a likely decompression bomb)."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``Image.open`` of ``data`` (lazy: the header only), with HEIF/HEIC and AVIF registered.
+    Raises ``PIL.UnidentifiedImageError`` naming what the bytes are (``describe_bytes``) instead
+    of Pillow's ``cannot identify image file <_io.BytesIO object at 0x…>``."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        kind = describe_bytes(data)
+        if kind.endswith(" image"):
+            raise UnidentifiedImageError(f"{kind} that cannot be read: truncated or corrupt, or an "
+                                         "encoding no installed codec decodes") from None
+        raise UnidentifiedImageError(f"not an image: {kind}") from None
+
+
+def describe_bytes(data: bytes) -> str:
+    """What ``data`` is, from its first bytes, in a few words: an image format (then it is
+    truncated or corrupt, or a variant no installed codec decodes), HEIF/AVIF/MP4/MOV by their
+    ISO ``ftyp`` brand, RIFF kinds (WebP, AVI, WAV), PDF, HTML, SVG, XML, archives and compressed
+    data, executables, UTF-8 text (with its first line), or unrecognised binary data with its
+    first bytes in hex. For error messages: never the address of a Python object."""
+    if not data:
+        return "an empty file (0 bytes)"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        return FTYP_BRANDS.get(brand, f"an ISO media file (brand {brand.decode('latin-1')!r})")
+    if data[:4] == b"RIFF":
+        return RIFF_KINDS.get(data[8:12], "a RIFF file")
+    for magic, kind in MAGIC_NUMBERS:
+        if data.startswith(magic):
+            return kind
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head[:256]:
+        return "an HTML page (a web page saved as an image, or an error page downloaded instead)"
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "an SVG drawing (vector graphics: rasterise it first)"
+    if head.startswith(b"<?xml"):
+        return "an XML document"
+    window = data[:512]
+    try:
+        text = window.decode("utf-8")
+    except UnicodeDecodeError as error:  # forgiven only for a character the window cuts in two
+        cut = len(data) > len(window) and error.start > len(window) - 4
+        text = window[:error.start].decode("utf-8") if cut else None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text.lstrip("\ufeff")):
+        first = next((line.strip() for line in text.lstrip("\ufeff").splitlines() if line.strip()), "")
+        return f"text (first line {first[:60]!r})"
+    return f"unrecognised binary data (first bytes {data[:8].hex(' ')})"
 
 
 def decode_and_resize(
@@ -85,7 +173,8 @@ def decode_and_resize(
     either loader); callers turn that into an error row. ``pillow-rgb-draft-v1``: EXIF
     orientation is applied, the first frame of an animation is used, grayscale/CMYK/palette/
     16-bit images become RGB and transparent pixels are composited over white.
-    ``keras-load-img-v1``: whatever ``keras.utils.load_img`` + ``img_to_array`` give, to the bit.
+    ``keras-load-img-v1``: whatever ``keras.utils.load_img`` + ``img_to_array`` give, to the bit;
+    ``pillow-fit-v1``: whatever ``ImageOps.fit(image.convert("RGB"), size, method)`` gives.
     """
     if not data:
         raise EmptyImageError("empty file (0 bytes)")
@@ -96,7 +185,7 @@ def decode_and_resize(
         raise ValueError(f"unknown resize method {resize_method!r} for {preprocessing}; "
                          f"known: {sorted(methods)}")
     height, width = size
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         pixels = image.width * image.height
         if pixels > max_pixels:
             raise ImageTooLargeError(
@@ -104,6 +193,9 @@ def decode_and_resize(
             )
         if preprocessing == KERAS_LOAD_IMG:
             return _keras_load_img(image, width, height, methods[resize_method])
+        if preprocessing == PILLOW_FIT:
+            fitted = ImageOps.fit(image.convert("RGB"), (width, height), methods[resize_method])
+            return np.asarray(fitted, dtype=np.uint8)
         # JPEG only: decode at the smallest DCT scale that still covers the target size (v1, v3)
         # or half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
         longest = max(height, width)

@@ -3,7 +3,7 @@
 Two runtimes execute the same exported model:
 - ``saved_model``: the SavedModel's ``serving_default`` signature through ``tf.saved_model.load``
   (GPU when one is visible). It executes no deserialised Python, but a SavedModel is still a
-  TensorFlow graph: load only models from a location you trust (see README).
+  TensorFlow graph: load only models from a location you trust (docs/model-contract.md).
 - ``tflite``: ``model.tflite``, converted from that SavedModel at export and checked against it,
   run by LiteRT's XNNPACK kernels: about 4x faster than TF on CPU for MobileNets.
 - ``tflite-int8``: ``model_int8.tflite``, the opt-in full-integer model (``model.quantize``),

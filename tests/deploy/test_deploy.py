@@ -63,7 +63,7 @@ def test_every_flex_template_parameter_is_a_pipeline_option_with_valid_regexes()
     ("run_date", "2026-11-21", "21/11/2026"),
     ("min_confidence", "0.75", "1.5"),
     ("overwrite", "true", "yes please"),
-    ("max_batch_size", "128", "0"),
+    ("batch_size", "128", "0"),
     ("inference_resource_hint", "accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver",
      "gpus=1"),
 ])
@@ -77,12 +77,12 @@ def test_values_as_the_flex_template_passes_them_parse_into_options():
     """Flex Templates pass every parameter as --name=value, booleans included."""
     argv = ["--input=gs://b/in/dt={run_date}/*.jpg", "--model_dir=gs://b/m", "--output=gs://b/o/dt={run_date}",
             "--run_date=2026-11-21", "--overwrite=true", "--share_model_across_processes=false",
-            "--min_confidence=0.75", "--max_batch_size=128"]
+            "--min_confidence=0.75", "--batch_size=128"]
     options = PipelineOptions(argv).view_as(ScoreOptions)
     resolve_date_placeholders(options)
     assert options.overwrite is True and options.share_model_across_processes is False
     assert options.output == "gs://b/o/dt=2026-11-21" and options.input == "gs://b/in/dt=2026-11-21/*.jpg"
-    assert (options.min_confidence, options.max_batch_size) == (0.75, 128)
+    assert (options.min_confidence, options.batch_size) == (0.75, 128)
 
 
 def test_scheduler_launch_body_uses_only_template_parameters():
@@ -99,6 +99,12 @@ def test_scheduler_launch_body_uses_only_template_parameters():
         assert launch["environment"]["sdkContainerImage"] == IMAGE
         assert (GPU in launch["environment"]["additionalExperiments"]) == (profile == "gpu")
         assert launch["parameters"]["share_model_across_processes"] == str(profile == "gpu").lower()
+        assert launch["parameters"]["overwrite"] == "false"  # a scheduled night never replaces one
+    rerun = subprocess.run(["bash", os.path.join(DEPLOY, "nightly.sh"), "launch-body"],
+                           env={**env, "RUN_DATE": "2026-11-20", "OVERWRITE": "true"}, capture_output=True,
+                           text=True, check=True)
+    parameters = json.loads(rerun.stdout)["launchParameter"]["parameters"]
+    assert (parameters["run_date"], parameters["overwrite"]) == ("2026-11-20", "true")
 
 
 def test_dockerfile_pins_equal_the_project_pins():

@@ -137,6 +137,7 @@ def test_a_many_class_report_ranks_the_top_predicted_classes():
 
 def test_the_night_profile_is_exact_when_merged_from_parts():
     import numpy as np
+    import pyarrow as pa
 
     from pipeline.summary import HISTOGRAM_EDGES, ErrorProfileFn, PredictionProfileFn
 
@@ -147,8 +148,8 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
             for i, p in enumerate(np.round(rng.random(500), 2))]  # rounded: many ties
     fn = PredictionProfileFn("prob_dog", ["path", "confidence"], review_size=7)
     parts = [fn.create_accumulator() for _ in range(3)]
-    for i, row in enumerate(rows):
-        fn.add_input(parts[i % 3], row)
+    for i, start in enumerate(range(0, len(rows), 20)):  # tables of 20 rows, spread over 3 parts
+        fn.add_input(parts[i % 3], pa.Table.from_pylist(rows[start:start + 20]))
     profile = fn.extract_output(fn.merge_accumulators(parts))
     assert profile["count"] == 500
     assert profile["uncertain"] == sum(row["decision"] == "uncertain" for row in rows)
@@ -161,12 +162,14 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
     errors = ErrorProfileFn()
     halves = [errors.create_accumulator(), errors.create_accumulator()]
     for i in range(5):
-        errors.add_input(halves[i % 2], {"error_type": "OSError", "path": f"/n/bad{i}", "message": "m"})
+        errors.add_input(halves[i % 2], pa.Table.from_pylist(
+            [{"error_type": "OSError", "path": f"/n/bad{i}", "message": "m"}]))
     merged = errors.extract_output(errors.merge_accumulators(halves))
     assert merged["OSError"][0] == 5 and len(merged["OSError"][1]) == 3
 
 
-def test_a_thumbnail_is_upright_and_small_for_any_photo_size():
+@pytest.mark.parametrize("fmt", ["JPEG", "HEIF"])  # HEIF: a phone's default, rotated as it stores it
+def test_a_thumbnail_is_upright_and_small_for_any_photo_size(fmt):
     import base64
     import io
 
@@ -179,7 +182,7 @@ def test_a_thumbnail_is_upright_and_small_for_any_photo_size():
     exif = Image.Exif()
     exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the red half on top
     buffer = io.BytesIO()
-    photo.save(buffer, format="JPEG", quality=95, exif=exif)
+    photo.save(buffer, format=fmt, quality=95, exif=exif.tobytes())
     small = Image.open(io.BytesIO(base64.b64decode(thumbnail(buffer.getvalue(), side=128))))
     assert small.size == (64, 128)
     top, bottom = small.getpixel((32, 10)), small.getpixel((32, 117))

@@ -89,7 +89,7 @@ def test_error_rows_name_the_file_the_stage_and_the_reason(scored):
         name: outcome for name, outcome in scored["expected"].items() if outcome != GOOD}
     assert got["0.jpg"][2] == "empty file (0 bytes)"
     assert "truncated" in got["truncated.jpg"][2]
-    assert "cannot identify image file" in got["not_an_image.jpg"][2]
+    assert got["not_an_image.jpg"][2] == "not an image: text (first line 'this is a text file, not a JPEG')"
     assert "10000000000 pixels exceeds the cap" in got["bomb.png"][2]
 
 
@@ -207,6 +207,22 @@ def test_manifest_with_missing_and_duplicate_paths_and_uncertain_rows(corpus, tr
         ("1.jpg", "read", "DuplicatePath"), ("gone.jpg", "read", "FileNotFoundError")]
 
 
+def test_a_manifest_saved_by_excel_scores_every_path(corpus, trained, tmp_path):
+    """Excel's "CSV UTF-8" (and Notepad's UTF-8): a byte-order mark and CRLF line ends. Its
+    first path was reported missing and the run exited 3."""
+    root, expected = corpus
+    good = sorted(name for name, outcome in expected.items() if outcome == GOOD)[:3]
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "".join(f"{os.path.join(root, name)}\r\n"
+                                                     for name in good).encode())
+    output = str(tmp_path / "out")
+    assert score.main(["--manifest", str(manifest), "--model-dir", trained["model_dir"],
+                       "--output", output]) == 0
+    run = read_run(output)
+    assert (run["summary"]["inputs"], run["summary"]["predictions"], run["summary"]["errors"]) == (3, 3, 0)
+    assert sorted(run["predictions"].column("path").to_pylist()) == [os.path.join(root, n) for n in good]
+
+
 def test_incremental_run_scores_only_new_and_changed_images_and_all_after_a_model_change(
         corpus, trained, tmp_path):
     root, _ = corpus
@@ -314,10 +330,13 @@ def test_the_heap_is_frozen_while_a_run_lasts_and_collectable_again_after():
 
 @pytest.mark.parametrize("flags, message", [
     (["--tflite-invoke-batch", "0"], "--tflite-invoke-batch 0 must be 1 or more"),
-    (["--max-batch-size", "2"], "--min-batch-size 8 and --max-batch-size 2 must satisfy"),
-    (["--min-batch-size", "0"], "--min-batch-size 0 and --max-batch-size 64 must satisfy"),
+    (["--batch-size", "0"], "--batch-size 0 must be 1 or more"),
+    (["--max-batch-size", "0"], "--batch-size 0 must be 1 or more"),  # its earlier name
+    (["--decode-threads", "-1"], "--decode-threads -1 must be 0"),
+    (["--tflite-threads", "-2"], "--tflite-threads -2 must be 0"),
 ])
-def test_impossible_batch_sizes_are_refused_before_any_work(corpus, trained, tmp_path, flags, message):
+def test_impossible_batch_sizes_and_thread_counts_are_refused_before_any_work(
+        corpus, trained, tmp_path, flags, message):
     root, _ = corpus
     with pytest.raises(ValueError, match=message):
         score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), *flags))
@@ -376,6 +395,41 @@ def test_a_clean_local_run_reports_progress_and_no_unrelated_warnings(scored):
     assert [line for line in stderr.splitlines() if "warning" in line.lower()] == []
 
 
+def test_the_next_batches_decode_while_the_model_runs_the_current_one(corpus, trained, tmp_path,
+                                                                    monkeypatch):
+    """A GPU worker's device never waits for the CPUs to start on the next batch: while one
+    inference call runs, the decoder pool works on the batches after it."""
+    import threading
+    import time
+
+    from pipeline import decode
+    from pipeline.inference import ExportedModelHandler
+
+    root, _ = corpus
+    decoded, seen = [], []
+    real_decode, run_inference = decode.decode_and_resize, ExportedModelHandler.run_inference
+
+    def counting_decode(*args, **kwargs):
+        pixels = real_decode(*args, **kwargs)
+        decoded.append(threading.get_ident())
+        return pixels
+
+    def slow_first_batch(self, batch, model, inference_args=None):
+        if not seen:
+            before = len(decoded)
+            time.sleep(1.0)  # a device busy on this batch
+            seen.append((before, len(decoded), threading.get_ident()))
+        return run_inference(self, batch, model, inference_args)
+
+    monkeypatch.setattr(decode, "decode_and_resize", counting_decode)
+    monkeypatch.setattr(ExportedModelHandler, "run_inference", slow_first_batch)
+    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--batch-size", "2",
+                         "--max-error-rate", "1"))
+    (before, after, bundle_thread), = seen
+    assert after > before  # images decoded while the first batch was being scored
+    assert bundle_thread not in decoded  # on the pool, not on the thread that runs the model
+
+
 def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus, trained, tmp_path,
                                                                          monkeypatch):
     root, expected = corpus
@@ -384,12 +438,13 @@ def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus
     monkeypatch.setattr(ServingModel, "predict",
                         lambda self, images: events.append("batch") or predict(self, images))
     monkeypatch.setattr(progress.ProgressLog, "advance",
-                        lambda self, count=1: events.append("advance") or advance(self, count))
-    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--min-batch-size", "2",
-                         "--max-batch-size", "2", "--max-error-rate", "1"))
-    assert events.count("advance") == len(expected)
+                        lambda self, count=1: events.append(count) or advance(self, count))
+    score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--batch-size", "2",
+                         "--max-error-rate", "1"))
+    advanced = [event for event in events if event != "batch"]
+    assert sum(advanced) == len(expected) and max(advanced) <= 2  # a batch at a time
     last_batch = len(events) - 1 - events[::-1].index("batch")
-    assert events.index("advance") < last_batch
+    assert events.index(advanced[0]) < last_batch
 
 
 def test_help_documents_every_flag():
@@ -397,7 +452,7 @@ def test_help_documents_every_flag():
                              capture_output=True, text=True, timeout=120)
     assert process.returncode == 0
     for flag in ("--input", "--manifest", "--model-dir", "--output", "--min-confidence", "--clip",
-                 "--min-batch-size", "--max-batch-size", "--max-error-rate", "--overwrite",
+                 "--batch-size", "--decode-threads", "--max-error-rate", "--overwrite",
                  "--share-model-across-processes", "--runner"):
         assert flag in process.stdout, flag
 

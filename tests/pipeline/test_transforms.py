@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import apache_beam as beam
 import numpy as np
@@ -12,28 +13,80 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.decode import ERRORS, SKIPPED, DecodeImages
+from pipeline import read
+from pipeline.decode import ERRORS, SKIPPED, DecodeImages, ImageBatch
 from pipeline.incremental import SkipScored, earlier_scored_files
-from pipeline.inference import ExportedModelHandler, ScoreImages, ToPredictionRowFn
-from pipeline.read import DUPLICATES, EmptyInputError, ReadImagePaths, check_input_exists
-from pipeline.rows import ImageSource, ListedImage, image_id, top_classes
-from pipeline.write import BINARY, MULTICLASS, WriteKaggleCsv, csv_header, csv_lines, csv_part_of
+from pipeline.inference import ExportedModelHandler, ScoredBatch, ScoreImages, ToPredictionTableFn
+from pipeline.options import ThreadBudget
+from pipeline.read import (
+    DUPLICATES,
+    INPUT_COUNT,
+    EmptyInputError,
+    ManifestEncodingError,
+    ReadImagePaths,
+    check_input_exists,
+    read_manifest,
+)
+from pipeline.rows import ListedImage, PathBatch, image_id, prediction_schema, top_k_columns
+from pipeline.write import (
+    BINARY,
+    MULTICLASS,
+    WriteKaggleCsv,
+    csv_header,
+    csv_lines,
+    csv_part_boundaries,
+)
 from serving.metadata import ModelContractError, read_metadata
 from tests.corpus import GOOD
 
 
-def test_glob_lists_every_file_once(corpus):
+def rows_of(tables):
+    """Error or prediction tables -> their rows, as dicts."""
+    return tables | beam.FlatMap(lambda table: table.to_pylist())
+
+
+def test_glob_lists_every_file_once_in_batches(corpus):
     root, expected = corpus
     with TestPipeline() as p:
-        out = p | ReadImagePaths(os.path.join(root, "*"), None, "run")
-        assert_that(out["paths"], equal_to([
+        out = p | ReadImagePaths(os.path.join(root, "*"), None, "run", batch_size=3)
+        assert_that(out["paths"] | beam.FlatMap(lambda batch: batch.images), equal_to([
             ListedImage(os.path.join(root, n), os.path.getsize(os.path.join(root, n)),
                         os.path.getmtime(os.path.join(root, n))) for n in expected]))
+        assert_that(out["paths"] | beam.Map(len), equal_to(
+            [3] * (len(expected) // 3) + ([len(expected) % 3] if len(expected) % 3 else [])),
+            label="BatchSizes")
         assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
+        assert_that(out[INPUT_COUNT], equal_to([len(expected)]), label="InputCount")
+
+
+@pytest.mark.parametrize("csv_format, names, colliding", [
+    (BINARY, ["7.png", "007.jpg", "8.jpg", "cat.7.jpg", "sub/9.jpg", "9.gif"],
+     ["7.png", "007.jpg", "sub/9.jpg", "9.gif"]),
+    (MULTICLASS, ["a.jpg", "a.png", "b.jpg", "sub/b.jpg", "007.jpg", "7.jpg"],
+     ["a.jpg", "a.png", "b.jpg", "sub/b.jpg"]),
+], ids=["kaggle-ids", "file-stems"])
+def test_files_that_would_share_a_csv_id_become_error_rows_naming_each_other(
+        tmp_path, csv_format, names, colliding):
+    """Kaggle rejects a submission that holds an id twice, and no one can say which file it meant."""
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with TestPipeline() as p:
+        out = p | ReadImagePaths(str(tmp_path / "**"), None, "run", csv_format=csv_format)
+        assert_that(out["paths"] | beam.FlatMap(lambda batch: [image.path for image in batch.images]),
+                    equal_to([str(tmp_path / n) for n in names if n not in colliding]))
+        errors = rows_of(out[DUPLICATES]) | beam.Map(lambda r: (r["path"], r["error_type"],
+                                                                r["message"].split(" is also")[0]))
+        assert_that(errors, equal_to([(str(tmp_path / n), "DuplicateCsvId",
+                                       f"submission.csv id {read.csv_key(n, csv_format)!r}")
+                                      for n in colliding]), label="Errors")
+        assert_that(out[INPUT_COUNT], equal_to([len(names)]), label="InputCount")
+    messages = read.colliding_csv_ids([str(tmp_path / n) for n in names], csv_format)
+    message = messages[str(tmp_path / colliding[0])]
+    assert f"is also the id of {tmp_path / colliding[1]}" in message and "rename or remove" in message
 
 
 def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp_path):
@@ -41,12 +94,51 @@ def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp
     manifest.write_text("# nightly list\n/a/1.jpg\n\n/a/2.jpg\n/a/1.jpg\n  /a/1.jpg  \n")
     with TestPipeline() as p:
         out = p | ReadImagePaths(None, str(manifest), "run-7")
-        assert_that(out["paths"], equal_to([ListedImage("/a/1.jpg"), ListedImage("/a/2.jpg")]))
-        assert_that(out[DUPLICATES] | beam.Map(lambda r: (r["path"], r["error_type"], r["run_id"],
-                                                          r["message"])),
+        assert_that(out["paths"], equal_to([PathBatch([ListedImage("/a/1.jpg"), ListedImage("/a/2.jpg")])]))
+        assert_that(rows_of(out[DUPLICATES]) | beam.Map(lambda r: (r["path"], r["error_type"],
+                                                                   r["run_id"], r["message"])),
                     equal_to([("/a/1.jpg", "DuplicatePath", "run-7",
                                "listed 3 times in the manifest; scored once")] * 2),
                     label="Duplicates")
+        assert_that(out[INPUT_COUNT], equal_to([4]), label="InputCount")
+
+
+# What editors and spreadsheets write for the same three lines: a UTF-8 byte-order mark (Notepad,
+# Excel's "CSV UTF-8"), CRLF line ends, spaces and tabs around a path, a trailing blank line.
+EDITOR_MANIFESTS = {
+    "bom": "\ufeff/a/é 1.jpg\n/a/2.jpg\n/a/1.jpg\n",
+    "bom-crlf": "\ufeff/a/é 1.jpg\r\n/a/2.jpg\r\n/a/1.jpg\r\n\r\n",
+    "spaces-tabs-crlf": "  /a/é 1.jpg\t\r\n# comment\r\n\t/a/2.jpg \r\n/a/1.jpg",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EDITOR_MANIFESTS))
+def test_a_manifest_saved_by_an_editor_lists_its_paths_and_nothing_else(tmp_path, kind):
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_bytes(EDITOR_MANIFESTS[kind].encode("utf-8"))
+    listed = ["/a/é 1.jpg", "/a/2.jpg", "/a/1.jpg"]
+    assert read_manifest(str(manifest)) == listed
+    check_input_exists(None, str(manifest))
+    with TestPipeline() as p:
+        out = p | ReadImagePaths(None, str(manifest), "run")
+        assert_that(out["paths"], equal_to([PathBatch([ListedImage(path) for path in listed])]))
+        assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
+        assert_that(out[INPUT_COUNT], equal_to([3]), label="InputCount")
+
+
+@pytest.mark.parametrize("encoding, message", [
+    ("utf-16", "is UTF-16 text (Notepad's \"Unicode\"): save it as UTF-8"),  # BOM FF FE
+    ("utf-16-be", "is UTF-16 text"),  # a BOM written by hand: FE FF
+    ("cp1252", "line 2 is not UTF-8 (byte 0xe9, a legacy code page such as Windows-1252?): "
+               "save it as UTF-8"),
+])
+def test_a_manifest_that_is_not_utf8_is_refused_with_how_to_save_it(tmp_path, encoding, message):
+    manifest = tmp_path / "manifest.txt"
+    text = "/a/1.jpg\r\n/a/caf\u00e9.jpg\r\n"
+    manifest.write_bytes(("\ufeff" if encoding == "utf-16-be" else "").encode(encoding)
+                         + text.encode(encoding))
+    with pytest.raises(ManifestEncodingError, match=re.escape(f"manifest {manifest} {message}")):
+        check_input_exists(None, str(manifest))
 
 
 def test_empty_inputs_are_refused_before_any_work(tmp_path):
@@ -59,17 +151,31 @@ def test_empty_inputs_are_refused_before_any_work(tmp_path):
         check_input_exists(str(tmp_path / "*"), str(tmp_path / "empty.txt"))
 
 
-def test_decode_sends_good_files_on_and_bad_files_to_error_rows(corpus):
+def image_rows(batch):
+    """An ``ImageBatch`` -> one tuple per image: what its row records, its pixels' shape and dtype."""
+    return [(path, sha, int(size), updated, pixels.shape, str(pixels.dtype))
+            for path, sha, size, updated, pixels in zip(
+                batch.paths, batch.content_sha256, batch.file_bytes, batch.file_updated_seconds,
+                batch.pixels, strict=True)]
+
+
+def decode(size=(8, 8), max_pixels=10**6, max_bytes=10**6):
+    return DecodeImages(size, "bilinear", max_pixels, max_bytes, "run", ThreadBudget())
+
+
+def test_a_batch_with_bad_files_among_good_ones_keeps_every_good_image_and_one_error_row_each(corpus):
     root, expected = corpus
     paths = [os.path.join(root, name) for name in expected] + [os.path.join(root, "missing.jpg")]
+    good = [os.path.join(root, n) for n, outcome in expected.items() if outcome == GOOD]
     with TestPipeline() as p:
-        out = (p | beam.Create([ListedImage(path, None, 1.5) for path in paths])
-               | DecodeImages((16, 24), "bilinear", 1_000_000, 1 << 20, "run"))
-        assert_that(out["images"] | beam.Map(lambda kv: (*kv[0], kv[1].shape, str(kv[1].dtype))),
-                    equal_to([(os.path.join(root, n), sha256_of(os.path.join(root, n)),
-                               os.path.getsize(os.path.join(root, n)), 1.5, (16, 24, 3), "uint8")
-                              for n, outcome in expected.items() if outcome == GOOD]))
-        assert_that(out[ERRORS] | beam.Map(lambda r: (r["path"], r["stage"], r["error_type"])),
+        out = (p | beam.Create([PathBatch([ListedImage(path, None, 1.5) for path in paths])])
+               | decode((16, 24), 1_000_000, 1 << 20))
+        assert_that(out["images"] | beam.FlatMap(image_rows),
+                    equal_to([(path, sha256_of(path), os.path.getsize(path), 1.5, (16, 24, 3), "uint8")
+                              for path in good]))
+        assert_that(out["images"] | beam.Map(lambda batch: batch.pixels.shape[0]), equal_to([len(good)]),
+                    label="OneBatch")
+        assert_that(rows_of(out[ERRORS]) | beam.Map(lambda r: (r["path"], r["stage"], r["error_type"])),
                     equal_to([(os.path.join(root, n), *outcome)
                               for n, outcome in expected.items() if outcome != GOOD]
                              + [(os.path.join(root, "missing.jpg"), "read", "FileNotFoundError")]),
@@ -87,9 +193,9 @@ def test_files_already_scored_with_the_same_bytes_are_skipped_not_decoded(corpus
     images = [ListedImage(same, scored_sha256=("0" * 64, sha256_of(same))),
               ListedImage(changed, scored_sha256=("0" * 64,)), ListedImage(new)]
     with TestPipeline() as p:
-        out = p | beam.Create(images) | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run")
-        assert_that(out[SKIPPED], equal_to([same]), label="Skipped")
-        assert_that(out["images"] | beam.Map(lambda kv: kv[0].path), equal_to([changed, new]))
+        out = p | beam.Create([PathBatch(images)]) | decode()
+        assert_that(out[SKIPPED], equal_to([[same]]), label="Skipped")
+        assert_that(out["images"] | beam.Map(lambda batch: batch.paths), equal_to([[changed, new]]))
 
 
 def write_scored(path: str, rows: list[tuple[str, str, int | None, float | None]], legacy=False):
@@ -120,10 +226,12 @@ def test_skip_scored_trusts_an_unchanged_listing_and_otherwise_reads_the_bytes(t
               ListedImage("/night/manifest-entry.jpg"),
               ListedImage("/night/new.jpg", 5, 1.0)]
     with TestPipeline() as p:
-        out = p | beam.Create(listed) | SkipScored([history, legacy], "/night/", known_paths_limit)
+        out = (p | beam.Create([PathBatch(listed)])
+               | SkipScored([history, legacy], "/night/", 2, known_paths_limit))
         # skipped on the listing alone: the file does not even exist, so it was never read
-        assert_that(out[SKIPPED], equal_to(["/night/listed-same.jpg"]), label="Skipped")
-        assert_that(out["images"], equal_to([
+        assert_that(out[SKIPPED], equal_to([["/night/listed-same.jpg"]]), label="Skipped")
+        assert_that(out["images"] | beam.Map(len), equal_to([2, 1]), label="BatchedAgain")
+        assert_that(out["images"] | beam.FlatMap(lambda batch: batch.images), equal_to([
             ListedImage("/night/touched.jpg", 100, 1700000000.0, ("b" * 64, "c" * 64)),
             ListedImage("/night/manifest-entry.jpg", None, None, ("f" * 64,)),
             ListedImage("/night/new.jpg", 5, 1.0)]))
@@ -161,8 +269,8 @@ def test_files_over_the_byte_cap_are_error_rows(corpus):
     root, _ = corpus
     path = os.path.join(root, "1.jpg")
     with TestPipeline() as p:
-        out = p | beam.Create([ListedImage(path)]) | DecodeImages((8, 8), "bilinear", 1_000_000, 100, "run")
-        assert_that(out[ERRORS] | beam.Map(lambda r: (r["error_type"], r["message"])),
+        out = p | beam.Create([PathBatch([ListedImage(path)])]) | decode(max_bytes=100)
+        assert_that(rows_of(out[ERRORS]) | beam.Map(lambda r: (r["error_type"], r["message"])),
                     equal_to([("FileTooLargeError", "file is larger than the 100-byte cap")]))
 
 
@@ -175,19 +283,27 @@ def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows
     monkeypatch.setattr(FileSystems, "open", unavailable)
     with pytest.raises(Exception, match="storage briefly unavailable"):
         with TestPipeline() as p:
-            (p | beam.Create([ListedImage(os.path.join(root, "1.jpg"))])
-             | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run"))
+            (p | beam.Create([PathBatch([ListedImage(os.path.join(root, "1.jpg"))])]) | decode())
 
 
-def test_prediction_rows_carry_probabilities_and_the_uncertain_decision(trained):
+def image_batch(paths, sha256=None, sizes=None, updated=None):
+    """An ``ImageBatch`` of ``paths`` without pixels (the table step never reads them)."""
+    return ImageBatch(list(paths), sha256 or ["0" * 64] * len(paths),
+                      np.array(sizes or [1] * len(paths), np.int64), updated or [None] * len(paths), None)
+
+
+def test_prediction_tables_carry_probabilities_and_the_uncertain_decision(trained):
     metadata = read_metadata(trained["model_dir"])
-    fn = ToPredictionRowFn(metadata, min_confidence=0.7, run_id="run-1")
-    sure, = fn.process((ImageSource("/x/12.jpg", "ab" * 32, 2048, 1.5),
-                        PredictionResult(None, np.array([0.2, 0.8]))))
-    unsure, = fn.process((ImageSource("/x/cat.jpg", "cd" * 32, 10, None),
-                          PredictionResult(None, np.array([0.65, 0.35]))))
+    fn = ToPredictionTableFn(metadata, min_confidence=0.7, run_id="run-1")
+    fn.setup()
+    table, = fn.process(ScoredBatch(
+        image_batch(["/x/12.jpg", "/x/cat.jpg"], ["ab" * 32, "cd" * 32], [2048, 10], [1.5, None]),
+        np.array([[0.2, 0.8], [0.65, 0.35]], np.float32)))
+    assert table.schema == prediction_schema(["cat", "dog"])
+    sure, unsure = table.to_pylist()
     assert (sure["image_id"], sure["predicted_class"], sure["decision"]) == (12, "dog", "dog")
-    assert (sure["prob_cat"], sure["prob_dog"], sure["confidence"]) == (0.2, 0.8, 0.8)
+    assert (sure["prob_cat"], sure["prob_dog"], sure["confidence"]) == (
+        float(np.float32(0.2)), float(np.float32(0.8)), float(np.float32(0.8)))
     assert (unsure["image_id"], unsure["predicted_class"], unsure["decision"]) == (None, "cat", "uncertain")
     assert sure["model_version"] == "tiny-test-1" and sure["model_sha256"] == metadata.sha256
     assert (sure["content_sha256"], sure["file_bytes"], sure["file_updated_seconds"]) == (
@@ -201,13 +317,14 @@ def test_score_images_batches_through_run_inference_and_matches_direct_predictio
     metadata = read_metadata(trained["model_dir"])
     images = reference_batch(metadata.height, metadata.width, seeds=range(10))
     want = ServingModel(trained["model_dir"], metadata).predict(images)[:, 1]
+    batches = [dataclasses.replace(image_batch([f"/img/{i}.jpg" for i in range(start, start + 4)]),
+                                   pixels=images[start:start + 4]) for start in (0, 4)]
     with TestPipeline() as p:
-        rows = (p | beam.Create([(ImageSource(f"/img/{i}.jpg", str(i), 1, None), images[i])
-                                 for i in range(10)])
-                | ScoreImages(trained["model_dir"], metadata, min_batch_size=3, max_batch_size=4,
-                              min_confidence=0.0, run_id="r"))
-        assert_that(rows | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
-                    equal_to([(i, round(float(want[i]), 5)) for i in range(10)]))
+        tables = (p | beam.Create(batches)
+                  | ScoreImages(trained["model_dir"], metadata, min_confidence=0.0, run_id="r"))
+        assert_that(rows_of(tables) | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
+                    equal_to([(i, round(float(want[i]), 5)) for i in range(8)]))
+        assert_that(tables | beam.Map(len), equal_to([4, 4]), label="OneTablePerBatch")
 
 
 @pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
@@ -216,11 +333,10 @@ def test_a_worker_refuses_a_model_its_libraries_do_not_reproduce(trained, runtim
     metadata = read_metadata(trained["model_dir"])
     refs = [dict(ref, probabilities=[0.99, 0.01]) for ref in metadata.reference_predictions]
     handler = ExportedModelHandler(trained["model_dir"], dataclasses.replace(
-        metadata, reference_predictions=refs), min_batch_size=1, max_batch_size=2, runtime=runtime)
+        metadata, reference_predictions=refs), runtime=runtime)
     with pytest.raises(ModelContractError, match=f"{runtime}: reference predictions differ"):
         handler.load_model()
-    good = ExportedModelHandler(trained["model_dir"], metadata, min_batch_size=1, max_batch_size=2,
-                                runtime=runtime)
+    good = ExportedModelHandler(trained["model_dir"], metadata, runtime=runtime)
     assert good.load_model().runtime == runtime
 
 
@@ -249,8 +365,8 @@ def test_litert_runs_each_batch_in_invokes_of_a_fixed_size_planned_once(trained,
     monkeypatch.setattr(litert.Interpreter, "resize_tensor_input", resize)
     monkeypatch.setattr(litert.Interpreter, "invoke", invoke)
     metadata = read_metadata(trained["model_dir"])
-    model = ExportedModelHandler(trained["model_dir"], metadata, min_batch_size=1, max_batch_size=16,
-                                 runtime="tflite", tflite_threads=1, tflite_invoke_batch=2).load_model()
+    model = ExportedModelHandler(trained["model_dir"], metadata, runtime="tflite",
+                                 threads=ThreadBudget(tflite_threads=1), tflite_invoke_batch=2).load_model()
     assert seen["threads"] == [1]
     images = reference_batch(metadata.height, metadata.width, seeds=range(5))
     one_by_one = np.concatenate([model.predict(images[i:i + 1]) for i in range(5)])
@@ -262,10 +378,10 @@ def test_litert_runs_each_batch_in_invokes_of_a_fixed_size_planned_once(trained,
 
 
 def test_kaggle_csv_is_sorted_by_id_and_optionally_clipped():
-    rows = [(10, [0.5]), (2, [0.9999]), (1, [0.00001])]
+    keys, values = [10, 2, 1], np.array([[0.5], [0.9999], [0.00001]])
     assert csv_header(BINARY, ["cat", "dog"]) == b"id,label\n"
-    assert csv_lines(rows, BINARY, 0.0).decode() == "1,0.000010\n2,0.999900\n10,0.500000\n"
-    assert csv_lines(rows, BINARY, 0.005).decode() == "1,0.005000\n2,0.995000\n10,0.500000\n"
+    assert csv_lines(keys, values, BINARY, 0.0).decode() == "1,0.000010\n2,0.999900\n10,0.500000\n"
+    assert csv_lines(keys, values, BINARY, 0.005).decode() == "1,0.005000\n2,0.995000\n10,0.500000\n"
 
 
 def test_image_id_is_the_integer_stem():
@@ -275,16 +391,17 @@ def test_image_id_is_the_integer_stem():
 
 
 def test_multiclass_csv_has_every_class_ids_as_they_are_sorted_and_clipped():
-    rows = [("ff01", [0.5, 0.25, 0.25]), ("0a9c", [1.0, 0.0, 0.0])]
+    keys, values = ["ff01", "0a9c"], np.array([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
     text = (csv_header(MULTICLASS, ["affenpinscher", "beagle", "collie, rough"])
-            + csv_lines(rows, MULTICLASS, 0.0)).decode()
+            + csv_lines(keys, values, MULTICLASS, 0.0)).decode()
     assert text == ('id,affenpinscher,beagle,"collie, rough"\n0a9c,1,0,0\nff01,0.5,0.25,0.25\n')
-    assert csv_lines(rows[1:], MULTICLASS, 0.01).decode() == "0a9c,0.99,0.01,0.01\n"
+    assert csv_lines(keys[1:], values[1:], MULTICLASS, 0.01).decode() == "0a9c,0.99,0.01,0.01\n"
 
 
-def test_top_classes_are_the_most_probable_first():
-    assert top_classes([0.1, 0.6, 0.3], ["a", "b", "c"], 2) == {
-        "top_classes": ["b", "c"], "top_probabilities": [0.6, 0.3]}
+def test_top_classes_are_the_most_probable_first_ties_in_class_order():
+    names, probabilities = top_k_columns(np.array([[0.1, 0.6, 0.3], [0.4, 0.2, 0.4]]), ["a", "b", "c"], 2)
+    assert names.to_pylist() == [["b", "c"], ["a", "c"]]
+    assert probabilities.to_pylist() == [[0.6, 0.3], [0.4, 0.4]]
 
 
 @pytest.mark.parametrize("csv_format", [BINARY, MULTICLASS])
@@ -293,18 +410,20 @@ def test_the_csv_is_sorted_in_parts_no_worker_holding_the_run(tmp_path, csv_form
     ids = rng.permutation(5000)[:1200]
     rows = [{"path": f"/n/{i}.jpg", "image_id": int(i), "prob_cat": 1 - p, "prob_dog": p}
             for i, p in zip(ids, rng.random(len(ids)), strict=True)]
+    tables = [pa.Table.from_pylist(rows[start:start + 64]) for start in range(0, len(rows), 64)]
     path, parts = str(tmp_path / "submission.csv"), str(tmp_path / "csv-parts")
     pipeline = TestPipeline()
-    out = pipeline | beam.Create(rows) | WriteKaggleCsv(path, parts, ["cat", "dog"], csv_format,
-                                                         "dog", 0.0, rows_per_part=100)
+    out = pipeline | beam.Create(tables) | WriteKaggleCsv(path, parts, ["cat", "dog"], csv_format,
+                                                           "dog", 0.0, rows_per_part=100)
     assert_that(out["rows"], equal_to([1200]), label="Rows")
     result = pipeline.run()
     result.wait_until_finish()
-    keyed = ([(int(i), [r["prob_dog"]]) for i, r in zip(ids, rows, strict=True)]
-             if csv_format == BINARY else
-             [(str(i), [r["prob_cat"], r["prob_dog"]]) for i, r in zip(ids, rows, strict=True)])
+    keys = [int(i) for i in ids] if csv_format == BINARY else [str(i) for i in ids]
+    values = np.array([[r["prob_dog"]] if csv_format == BINARY else [r["prob_cat"], r["prob_dog"]]
+                       for r in rows])
     with open(path, "rb") as handle:
-        assert handle.read() == csv_header(csv_format, ["cat", "dog"]) + csv_lines(keyed, csv_format, 0.0)
+        assert handle.read() == (csv_header(csv_format, ["cat", "dog"])
+                                 + csv_lines(keys, values, csv_format, 0.0))
     assert not os.path.exists(parts)
     part_rows = result.metrics().query(MetricsFilter().with_name("csv_part_rows"))["distributions"]
     sizes = part_rows[0].committed
@@ -312,6 +431,5 @@ def test_the_csv_is_sorted_in_parts_no_worker_holding_the_run(tmp_path, csv_form
 
 
 def test_a_kaggle_sized_csv_is_one_part():
-    assert csv_part_of(7, list(range(0, 12500, 48)), 12_500, 1_000_000) == 0
-    quantiles = list(range(0, 257))
-    assert [csv_part_of(k, quantiles, 2_000_000, 1_000_000) for k in (0, 127, 128, 256)] == [0, 0, 1, 1]
+    assert csv_part_boundaries(list(range(0, 12500, 48)), 12_500, 1_000_000) == []
+    assert csv_part_boundaries(list(range(0, 257)), 2_000_000, 1_000_000) == [128]

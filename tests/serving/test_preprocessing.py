@@ -1,17 +1,22 @@
+import gzip
 import io
+import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from serving.preprocessing import (
     CV2_JPEG,
+    EXIF_ORIENTATION,
     KERAS_LOAD_IMG,
     PILLOW_DRAFT_CV2,
     PILLOW_DRAFT_V1,
+    PILLOW_FIT,
     EmptyImageError,
     ImageTooLargeError,
     decode_and_resize,
+    describe_bytes,
 )
 from tests.corpus import GOOD, write_corpus
 
@@ -193,6 +198,20 @@ def test_keras_loader_gives_keras_load_img_pixels_to_the_bit(tmp_path, interpola
         assert got.dtype == np.uint8 and np.array_equal(got.astype(np.float32), want), name
 
 
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"])
+def test_the_teachable_machine_loader_gives_its_samples_pixels_to_the_bit(interpolation):
+    """Teachable Machine's Python sample: Image.open(path).convert("RGB"), then ImageOps.fit
+    (the largest centred crop of the target's aspect ratio, resized), EXIF not applied."""
+    method = getattr(Image.Resampling, interpolation.upper())
+    for photo in (smooth((90, 40)), smooth((30, 70)).convert("P"), quadrants()):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = 6
+        data = encode(photo.convert("RGB"), "JPEG", quality=90, exif=exif.tobytes())
+        want = np.asarray(ImageOps.fit(Image.open(io.BytesIO(data)).convert("RGB"), (32, 24), method))
+        got = decode_and_resize(data, (24, 32), resize_method=interpolation, preprocessing=PILLOW_FIT)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_keras_loader_ignores_exif_orientation_as_keras_does():
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -209,3 +228,79 @@ def test_keras_loader_keeps_the_pixel_cap_and_refuses_unknown_versions():
         decode_and_resize(data, (8, 8), "nearest")
     with pytest.raises(ValueError, match="unknown preprocessing 'tf-v9'"):
         decode_and_resize(data, (8, 8), preprocessing="tf-v9")
+
+
+def smooth(size=(64, 48)) -> Image.Image:
+    """Gradients in three channels: every loader's resize has colours to get right."""
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    return Image.fromarray(np.stack([x * 3, y * 5, (x + y) * 2], -1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("version", [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG, KERAS_LOAD_IMG, PILLOW_FIT])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_phones_heic_decodes_as_the_same_photo_in_png_in_every_loader(version, orientation):
+    """A HEIC written by pillow-heif, lossless, with the EXIF orientation a phone held sideways
+    writes (pillow-heif stores it as the file's rotation, as phones do): every loader gives the
+    pixels it gives for the upright photo as a PNG, to the bit."""
+    photo = smooth()
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    heic = encode(photo, "HEIF", quality=-1, chroma=444, matrix_coefficients=0, exif=exif.tobytes())
+    assert describe_bytes(heic) == "a HEIF/HEIC image"
+    upright = encode(photo.transpose(Image.Transpose.ROTATE_270) if orientation == 6 else photo, "PNG")
+    for size in ((24, 32), (64, 48)):
+        got = decode_and_resize(heic, size, preprocessing=version, resize_method="bilinear")
+        want = decode_and_resize(upright, size, preprocessing=version, resize_method="bilinear")
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="this Pillow has no AVIF codec")
+def test_an_avif_decodes_close_to_the_same_photo_in_png(version):
+    photo = smooth()
+    avif = encode(photo, "AVIF", quality=100, subsampling="4:4:4")
+    assert describe_bytes(avif) == "an AVIF image"
+    got = decode_and_resize(avif, (24, 32), preprocessing=version).astype(int)
+    want = decode_and_resize(encode(photo, "PNG"), (24, 32), preprocessing=version).astype(int)
+    assert np.abs(got - want).max() <= 4  # AVIF at quality 100 is near-lossless, not lossless
+
+
+def zipped() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("photos/1.jpg", b"x")
+    return buffer.getvalue()
+
+
+HEIC_HEADER = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"
+NOT_IMAGES = {  # bytes people feed an image scorer, and what the error must say they are
+    "pdf": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "not an image: a PDF document"),
+    "html": (b"\n  <!DOCTYPE html>\n<html><head><title>404 Not Found",
+             "not an image: an HTML page (a web page saved as an image, or an error page downloaded "
+             "instead)"),
+    "svg": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8"/>',
+            "not an image: an SVG drawing (vector graphics: rasterise it first)"),
+    "xml": (b'<?xml version="1.0"?><annotation><object>cat</object></annotation>',
+            "not an image: an XML document"),
+    "zip": (zipped(), "not an image: a ZIP archive (or a file in one: .docx, .xlsx, .epub)"),
+    "gzip": (gzip.compress(b"a photo, compressed"), "not an image: GZIP-compressed data"),
+    "text": ("\ufeffid,label\n1,0.5\n".encode(), "not an image: text (first line 'id,label')"),
+    "mp4": (b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + bytes(32),
+            "not an image: an MP4 video"),
+    "mov": (b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(32),
+            "not an image: a QuickTime (MOV) video"),
+    "webm": (b"\x1aE\xdf\xa3\x9fB\x86\x81\x01" + bytes(32), "not an image: a Matroska/WebM video"),
+    "binary": (bytes([0, 1, 2, 3, 250, 251, 252, 253]) * 8,
+               "not an image: unrecognised binary data (first bytes 00 01 02 03 fa fb fc fd)"),
+    "broken heic": (HEIC_HEADER + bytes(40), "a HEIF/HEIC image that cannot be read: truncated or "
+                                             "corrupt, or an encoding no installed codec decodes"),
+    "broken png": (b"\x89PNG\r\n\x1a\n" + bytes(8), "a PNG image that cannot be read: truncated"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_IMAGES))
+def test_bytes_that_are_not_an_image_are_named_in_the_error(version, kind):
+    data, message = NOT_IMAGES[kind]
+    with pytest.raises(UnidentifiedImageError) as raised:
+        decode_and_resize(data, (8, 8), preprocessing=version)
+    assert str(raised.value).startswith(message)
+    assert "0x" not in str(raised.value) and "BytesIO" not in str(raised.value)
