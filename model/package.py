@@ -140,7 +140,7 @@ def scope_request(args: argparse.Namespace) -> out_of_scope.ScopeRequest | None:
         return out_of_scope.ScopeRequest(
             fit_paths=fit, held_out_paths=held_out, fit_source=f"{args.scope_images} (seeded 80%)",
             held_out_source=f"{args.scope_images} (the other 20%)", share=args.out_of_scope_share,
-            k=args.out_of_scope_k)
+            k=args.out_of_scope_k, max_bank=args.out_of_scope_bank)
     except (OSError, ValueError) as error:
         raise PackagingError(f"--scope-images: {error}") from error
 

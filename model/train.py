@@ -146,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
         scope = out_of_scope.ScopeRequest(
             fit_paths=train_split.paths, held_out_paths=val_split.paths, fit_source="training split",
             held_out_source="validation split", share=args.out_of_scope_share, k=args.out_of_scope_k,
-            seed=args.seed)
+            max_bank=args.out_of_scope_bank, seed=args.seed)
     train_ds = image_dataset(train_split, size, args.resize_method, args.preprocessing,
                              args.batch_size, True, args.seed)
     val_ds = image_dataset(val_split, size, args.resize_method, args.preprocessing,
