@@ -214,6 +214,7 @@ def test_evaluate_refuses_out_of_scope_images_for_a_model_without_a_detector(pla
 @pytest.mark.parametrize("overrides, message", [
     ({"out_of_scope_share": 1.5}, r"--out-of-scope-share must be in \[0, 1\)"),
     ({"out_of_scope_k": 39}, r"--out-of-scope-k must be in \[1, 38\]"),
+    ({"out_of_scope_bank": 0}, "--out-of-scope-bank must be at least 1"),
 ])
 def test_train_refuses_an_impossible_detector_before_training(labelled_images, tmp_path, overrides,
                                                               message):

@@ -410,10 +410,12 @@ def test_scope_images_fit_a_detector_on_the_notebook_heads_features(kind1, noteb
     path = str(notebook_data["root"] / "best_model.h5")  # written by the kind1 fixture
     model_dir = str(tmp_path / "scoped")
     assert package_cli("--keras", path, "--output", model_dir, "--classes", "cat,dog", "--scaling", "1/255",
-                       "--scope-images", notebook_data["train"], "--out-of-scope-k", "5") == 0
+                       "--scope-images", notebook_data["train"], "--out-of-scope-k", "5",
+                       "--out-of-scope-bank", "12") == 0
     metadata = read_metadata(model_dir)
     scope = metadata.out_of_scope
-    assert (scope["k"], scope["fit"]["images"], scope["held_out"]["images"]) == (5, 19, 5)  # 24 images
+    # 24 images: 19 to fit on, of which a seeded 12 make the bank, and 5 held out.
+    assert (scope["k"], scope["bank_images"], scope["held_out"]["images"]) == (5, 12, 5)
     assert scope["held_out"]["source"] == f"{notebook_data['train']} (the other 20%)"
     assert scope["features"].startswith("input of the final Dense layer")
     assert "out-of-scope detector: knn-cosine k=5" in capsys.readouterr().out
