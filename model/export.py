@@ -51,7 +51,7 @@ def export_tflite(export_dir: str, metadata: ModelMetadata,
                      "on the SavedModel runtime", type(error).__name__, str(error).splitlines()[0])
         return None
     with open(path, "wb") as handle:
-        handle.write(flatbuffer)
+        handle.write(probabilities_first(flatbuffer))
     entry = {"sha256": file_sha256(path)}
     candidate = dataclasses.replace(metadata, tflite=entry)
     images = reference_batch(metadata.height, metadata.width, TFLITE_CHECK_SEEDS)
@@ -65,6 +65,23 @@ def export_tflite(export_dir: str, metadata: ModelMetadata,
         os.remove(path)
         return None
     return {**entry, "max_abs_diff_vs_saved_model": worst}
+
+
+def probabilities_first(flatbuffer: bytes) -> bytes:
+    """The flatbuffer with ``probabilities`` as its first output. The converter lists a detector's
+    ``scope_score`` first; every petscore scorer before the detector reads output 0, so with the
+    probabilities there an older worker scores a newer model as before (without its score).
+    Outputs are named in the ``serving_default`` signature, which this leaves as it is."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    signature = next((s for s in model.signatureDefs or [] if s.signatureKey == b"serving_default"), None)
+    if signature is None or len(signature.outputs) < 2:
+        return flatbuffer
+    subgraph = model.subgraphs[signature.subgraphIndex]
+    first = next(t.tensorIndex for t in signature.outputs if t.name == b"probabilities")
+    subgraph.outputs = [first, *(index for index in subgraph.outputs if index != first)]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def export_model(

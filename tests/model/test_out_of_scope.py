@@ -125,6 +125,23 @@ def test_the_scope_score_is_equal_on_the_saved_model_litert_and_keras(trained):
     assert metadata.tflite["max_abs_diff_vs_saved_model"] <= 1e-4  # the export checked both outputs
 
 
+
+def test_litert_lists_the_probabilities_first_as_every_earlier_scorer_reads_them(trained):
+    """Scorers before the detector take model.tflite's output 0: with the probabilities there,
+    an older worker scores a model with a detector as before."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from serving.runtimes import litert_predict
+
+    interpreter = Interpreter(model_path=os.path.join(trained["model_dir"], "model.tflite"))
+    assert interpreter.get_signature_list()["serving_default"]["outputs"] == ["probabilities", "scope_score"]
+    images = reference_batch(TINY_SIZE, TINY_SIZE)
+    first = litert_predict(interpreter)(images)[0]  # output 0, as scorers before the detector read it
+    references = read_metadata(trained["model_dir"]).reference_predictions
+    want = np.array([ref["probabilities"] for ref in references])
+    np.testing.assert_allclose(first, want, atol=FLOAT_RUNTIMES_AGREE)
+
+
 @pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
 def test_reference_predictions_cover_the_scope_score(trained, runtime):
     metadata = read_metadata(trained["model_dir"])
