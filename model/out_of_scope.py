@@ -86,8 +86,8 @@ def add_arguments(parser) -> None:
                         help=f"Most in-scope images the model keeps features of (default "
                              f"{MAX_BANK_IMAGES}; a seeded sample when there are more). Smaller "
                              "costs less per image: on the real alpha 0.25 model 500 instead of "
-                             "1,280 took its cost from 4%% of the network's CPU time to none "
-                             "measurable, at AUROC 0.991 instead of 0.993 (docs/out-of-scope.md).")
+                             "1,280 took its cost from 4%% of the network's CPU time to 0-2%%, "
+                             "at AUROC 0.991 instead of 0.993 (docs/out-of-scope.md).")
 
 
 def split_for_detector(paths: Sequence[str], seed: int,
