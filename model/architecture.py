@@ -79,6 +79,41 @@ class SigmoidToTwoClasses(layers.Layer):
         return keras.ops.concatenate([1.0 - inputs, inputs], axis=-1)
 
 
+@keras.saving.register_keras_serializable(package="petscore")
+class KnnCosineDistance(layers.Layer):
+    """The out-of-scope score: for features float32 [batch, dim], the cosine distance (1 - cosine
+    similarity, in [0, 2]) to the ``k``-th nearest of ``bank_size`` in-scope training images'
+    features, float32 [batch]. Higher is further from anything the model was trained on.
+
+    ``bank`` ([dim, bank_size], frozen) holds those images' features divided by their L2 norms,
+    set at export (``model.out_of_scope``), so a score is one matrix product and a top-k: the
+    k-NN out-of-distribution score of Sun et al., "Out-of-distribution detection with deep
+    nearest neighbors" (ICML 2022). ``keras.ops`` only, so ``model.keras`` scores on every
+    Keras backend, and the SavedModel and ``.tflite`` compute the same inside the model.
+    """
+
+    def __init__(self, bank_size: int, k: int, **kwargs):
+        super().__init__(**kwargs)
+        if not 1 <= k <= bank_size:
+            raise ValueError(f"k must be in [1, bank_size={bank_size}], got {k}")
+        self.bank_size, self.k = int(bank_size), int(k)
+
+    def build(self, input_shape):
+        self.bank = self.add_weight(shape=(int(input_shape[-1]), self.bank_size), initializer="zeros",
+                                    trainable=False, name="bank")
+
+    def call(self, features):
+        similarity = keras.ops.matmul(keras.ops.normalize(features, axis=-1), self.bank)
+        nearest, _ = keras.ops.top_k(similarity, self.k)
+        return 1.0 - nearest[:, self.k - 1]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],)
+
+    def get_config(self):
+        return {**super().get_config(), "bank_size": self.bank_size, "k": self.k}
+
+
 # How a notebook scaled its pixels (float [0, 255] in), as a layer that goes inside the exported
 # model. Names follow ``keras.applications.imagenet_utils.preprocess_input``'s modes.
 SCALINGS: dict[str, Callable[[], layers.Layer | None]] = {
@@ -186,6 +221,26 @@ def build_classifier(
     x = layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"petscore_{base}"), feature_extractor
+
+
+def probabilities_only(model: keras.Model) -> keras.Model:
+    """``model`` itself, or for an exported model with an out-of-scope detector (outputs
+    ``{"probabilities", "scope_score"}``) the same layers with the probabilities as the only
+    output: what re-exporting, re-fitting a head or timing the classifier alone takes."""
+    if isinstance(model.output, dict):
+        return keras.Model(model.inputs, model.output["probabilities"], name=model.name)
+    return model
+
+
+def final_dense_layer(classifier: keras.Model | None) -> layers.Dense | None:
+    """The classifier's head: its last top-level layer with weights, when that is a ``Dense``
+    (every model ``model.train`` makes, and a packaged notebook model whose output is a ``Dense``
+    layer's), not counting an out-of-scope scorer beside it; else None. Its input is the
+    features the head reads (the integer export re-fits the head on them, the out-of-scope
+    detector measures distances in them)."""
+    weighted = [layer for layer in classifier.layers
+                if layer.weights and not isinstance(layer, KnnCosineDistance)] if classifier else []
+    return weighted[-1] if weighted and isinstance(weighted[-1], layers.Dense) else None
 
 
 def unfreeze_top_layers(feature_extractor: keras.Model, count: int) -> int:

@@ -4,6 +4,7 @@ batches for evaluation and the integer export."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ import tensorflow as tf
 from serving.metadata import ModelMetadata, file_chunks
 from serving.preprocessing import decode_and_resize
 
+_LOG = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 _KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z]+$")
 
@@ -128,3 +130,18 @@ def decoded_batches(paths: Sequence[str], metadata: ModelMetadata, batch_size: i
                     indices.append(start + offset)
                     pixels.append(result)
             yield indices, np.stack(pixels) if pixels else None, failures
+
+
+def readable_batches(paths: Sequence[str], metadata: ModelMetadata, batch_size: int,
+                     purpose: str) -> Iterator[tuple[list[int], np.ndarray]]:
+    """``decoded_batches`` for export-time work on labelled images (the integer model's
+    calibration, the out-of-scope detector's fit): (indices, pixels) of the readable images; an
+    unreadable one (``OSError``/``ValueError``) is skipped with a warning naming ``purpose``, as
+    training skips it; any other error is raised."""
+    for indices, pixels, failures in decoded_batches(paths, metadata, batch_size):
+        for path, error in failures.items():
+            if not isinstance(error, (OSError, ValueError)):
+                raise error
+            _LOG.warning("%s: skipping %s (%s)", purpose, path, error)
+        if pixels is not None:
+            yield indices, pixels

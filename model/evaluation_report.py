@@ -1,5 +1,6 @@
 """``model.evaluate``'s HTML report: metrics, confusion matrix, calibration, accuracy versus
-coverage and thumbnails of each error group, on the shared page of ``reports.html``."""
+coverage and thumbnails of each error group, and with ``--out-of-scope`` the detector's score
+distributions, ROC curve and the images it gets wrong, on the shared page of ``reports.html``."""
 
 from __future__ import annotations
 
@@ -45,11 +46,74 @@ def coverage_plot(coverage: list[dict]) -> str:
     return png(figure)
 
 
+def scope_histogram(in_scope: np.ndarray, out_of_scope: np.ndarray, threshold: float) -> str:
+    """The out-of-scope score of in-scope and out-of-scope images (each as a share of its own
+    images), and the model's threshold: what lies right of it is flagged."""
+    figure, axis = pyplot().subplots(figsize=(4.5, 3.2))
+    edges = np.histogram_bin_edges(np.concatenate([in_scope, out_of_scope, [threshold]]), bins=40)
+    groups = ((in_scope, "in scope", "tab:blue"), (out_of_scope, "out of scope", "tab:red"))
+    for scores, label, colour in groups:
+        axis.hist(scores, bins=edges, weights=np.full(len(scores), 1 / max(len(scores), 1)), alpha=0.6,
+                  label=f"{label} ({len(scores)})", color=colour)
+    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
+    axis.set_xlabel("scope_score")
+    axis.set_ylabel("share of images")
+    axis.legend(fontsize=8)
+    return png(figure)
+
+
+def scope_roc(in_scope: np.ndarray, out_of_scope: np.ndarray, figures: dict) -> str:
+    """Share of out-of-scope images flagged against the share of in-scope images flagged, as the
+    threshold falls; the model's threshold marked."""
+    figure, axis = pyplot().subplots(figsize=(3.5, 3.2))
+    thresholds = np.unique(np.concatenate([in_scope, out_of_scope]))[::-1]
+    flagged_in = [0.0, *(np.mean(in_scope > t) for t in thresholds), 1.0]
+    flagged_out = [0.0, *(np.mean(out_of_scope > t) for t in thresholds), 1.0]
+    axis.plot(flagged_in, flagged_out, "-", label=f"AUROC {figures['auroc']:.3f}")
+    axis.plot([0, 1], [0, 1], ":", color="grey")
+    axis.plot([figures["in_scope_flagged"]], [figures["out_of_scope_flagged"]], "o", color="black",
+              label="the model's threshold")
+    axis.set_xlabel("in-scope images flagged")
+    axis.set_ylabel("out-of-scope images flagged")
+    axis.legend(loc="lower right", fontsize=8)
+    return png(figure)
+
+
+def _scope_section(scope: dict, paths: list[str], per_group: int = 8) -> str:
+    figures, inside, outside = scope["figures"], scope["in_scope"], scope["out_of_scope"]
+    threshold = figures["threshold"]
+
+    def group(heading: str, scores: np.ndarray, group_paths: list[str], order: np.ndarray) -> str:
+        items = []
+        for i in order[:per_group]:
+            with open(group_paths[i], "rb") as handle:
+                items.append((thumbnail(handle.read()), [group_paths[i].rsplit("/", 1)[-1],
+                                                          f"scope_score {scores[i]:.3f}"]))
+        return f"<h3>{esc(heading)}</h3>{cards(items) if items else '<p>none</p>'}"
+
+    missed = np.argsort(outside)
+    missed = missed[outside[missed] <= threshold]
+    flagged = np.argsort(-inside)
+    flagged = flagged[inside[flagged] > threshold]
+    return section(
+        "Out of scope",
+        key_values({key: value for key, value in figures.items() if key != "held_out_at_export"}),
+        plots(image(scope_histogram(inside, outside, threshold), "scope_score distributions"),
+              image(scope_roc(inside, outside, figures), "out-of-scope ROC curve")),
+        group("out-of-scope images not flagged (lowest scores)", outside, scope["out_of_scope_paths"],
+              missed),
+        group("in-scope images flagged (highest scores)", inside, paths, flagged))
+
+
 def render_evaluation_report(*, title: str, metrics: dict, class_names: list[str],
                              matrix: np.ndarray, curve: dict, coverage: list[dict], examples: dict,
-                             paths: list[str], labels: np.ndarray, probabilities: np.ndarray) -> str:
+                             paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                             scope: dict | None = None) -> str:
     """``model.evaluate``'s report: metrics, confusion matrix, calibration, accuracy versus
-    coverage, and thumbnails of the examples of each error group."""
+    coverage, and thumbnails of the examples of each error group; with ``scope`` ({"in_scope",
+    "out_of_scope": scores float [n], "out_of_scope_paths", "figures"}), an out-of-scope section:
+    score distributions and ROC curve with the threshold, and thumbnails of the images the
+    threshold gets wrong."""
     groups = []
     for name, by_group in examples.items():
         for group, indices in by_group.items():
@@ -69,4 +133,5 @@ def render_evaluation_report(*, title: str, metrics: dict, class_names: list[str
             image(reliability_plot(curve), "reliability curve"),
             image(coverage_plot(coverage), "accuracy versus coverage"))),
         section("Error analysis", *groups),
+        *([_scope_section(scope, paths)] if scope else []),
     ], {"metrics": metrics})

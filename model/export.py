@@ -14,6 +14,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from model.architecture import probabilities_only
+from model.data import readable_batches
+from model.out_of_scope import FEATURE_BATCH, ScopeRequest, attach_detector, set_threshold
 from model.quantize import Int8Request, export_int8
 from model.signature import write_saved_model
 from serving.metadata import (
@@ -37,7 +40,8 @@ TFLITE_CHECK_SEEDS = tuple(range(100, 116))
 def export_tflite(export_dir: str, metadata: ModelMetadata,
                   saved_model: ServingModel) -> dict[str, Any] | None:
     """Convert the SavedModel to ``model.tflite`` and keep it only if it agrees with the loaded
-    ``saved_model`` within ``TFLITE_TOLERANCE`` on 16 generated images; return its metadata entry."""
+    ``saved_model`` within ``TFLITE_TOLERANCE`` on 16 generated images, in probabilities and in
+    the out-of-scope score when the model has one; return its metadata entry."""
     path = os.path.join(export_dir, TFLITE_FILE)
     converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(export_dir, SAVED_MODEL_DIR))
     try:
@@ -47,19 +51,37 @@ def export_tflite(export_dir: str, metadata: ModelMetadata,
                      "on the SavedModel runtime", type(error).__name__, str(error).splitlines()[0])
         return None
     with open(path, "wb") as handle:
-        handle.write(flatbuffer)
+        handle.write(probabilities_first(flatbuffer))
     entry = {"sha256": file_sha256(path)}
     candidate = dataclasses.replace(metadata, tflite=entry)
     images = reference_batch(metadata.height, metadata.width, TFLITE_CHECK_SEEDS)
-    want = saved_model.predict(images)
-    got = ServingModel(export_dir, candidate, runtime="tflite").predict(images)
-    worst = float(np.max(np.abs(got - want)))
+    want = saved_model.predict_outputs(images)
+    got = ServingModel(export_dir, candidate, runtime="tflite").predict_outputs(images)
+    worst = max(float(np.max(np.abs(mine - theirs)))
+                for mine, theirs in zip(got, want, strict=True) if theirs is not None)
     if worst > TFLITE_TOLERANCE:
         _LOG.warning("model.tflite differs from the SavedModel by %.2e (> %g): not exported",
                      worst, TFLITE_TOLERANCE)
         os.remove(path)
         return None
     return {**entry, "max_abs_diff_vs_saved_model": worst}
+
+
+def probabilities_first(flatbuffer: bytes) -> bytes:
+    """The flatbuffer with ``probabilities`` as its first output. The converter lists a detector's
+    ``scope_score`` first; every petscore scorer before the detector reads output 0, so with the
+    probabilities there an older worker scores a newer model as before (without its score).
+    Outputs are named in the ``serving_default`` signature, which this leaves as it is."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    signature = next((s for s in model.signatureDefs or [] if s.signatureKey == b"serving_default"), None)
+    if signature is None or len(signature.outputs) < 2:
+        return flatbuffer
+    subgraph = model.subgraphs[signature.subgraphIndex]
+    first = next(t.tensorIndex for t in signature.outputs if t.name == b"probabilities")
+    subgraph.outputs = [first, *(index for index in subgraph.outputs if index != first)]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def export_model(
@@ -76,26 +98,29 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     save_keras: bool = True,
     int8: Int8Request | None = None,
+    scope: ScopeRequest | None = None,
 ) -> ModelMetadata:
     """Write ``saved_model/``, ``model.keras`` (unless ``save_keras`` is false: a model wrapping
     another SavedModel), ``model.tflite``, with ``int8`` ``model_int8.tflite`` if it passes its
-    validation (``model.quantize``), and ``metadata.json``.
+    validation (``model.quantize``), and ``metadata.json``. ``classifier`` maps float pixels
+    [batch, height, width, 3] in [0, 255] to probabilities; one exported with a detector and
+    loaded back counts as its probabilities alone.
 
     The SavedModel's ``serving_default`` takes ``images``: uint8 [batch, height, width, 3]
-    and returns ``probabilities``: float32 [batch, classes]. Everything is written to a
-    sibling temporary directory first and moved into place, so a reader never sees half a model.
+    and returns ``probabilities``: float32 [batch, classes]. With ``scope``, an out-of-scope
+    detector is fitted on the classifier's own features (``model.out_of_scope``; none, with a
+    log line, when the classifier does not end in a ``Dense`` layer): every float artefact also
+    returns ``scope_score`` float32 [batch], its threshold is set on ``scope.held_out_paths`` as
+    the exported SavedModel scores them, and ``metadata.json`` records it (``out_of_scope``). The
+    integer model does not carry it. Everything is written to a sibling temporary directory
+    first and moved into place, so a reader never sees half a model.
     """
+    classifier = probabilities_only(classifier)  # a re-export fits its own detector, or none
     height, width = classifier.input_shape[1:3]
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        keras_entry = None
-        if save_keras:
-            classifier.save(os.path.join(staging, KERAS_FILE))
-            keras_entry = {"sha256": file_sha256(os.path.join(staging, KERAS_FILE))}
-        write_saved_model(classifier, os.path.join(staging, SAVED_MODEL_DIR))
-
         draft = ModelMetadata(
             model_version=model_version,
             class_names=list(class_names),
@@ -104,18 +129,29 @@ def export_model(
             preprocessing=preprocessing,
             base=base,
             base_weights=base_weights,
-            sha256=saved_model_sha256(staging),
-            keras=keras_entry,
+            sha256="",
             training=training or {},
             metrics=metrics or {},
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
-        # Reference predictions come from the exported artefact itself, as a scorer will load it.
+        served, detector = attach_detector(classifier, scope, draft) if scope else (classifier, None)
+        keras_entry = None
+        if save_keras:
+            served.save(os.path.join(staging, KERAS_FILE))
+            keras_entry = {"sha256": file_sha256(os.path.join(staging, KERAS_FILE))}
+        write_saved_model(served, os.path.join(staging, SAVED_MODEL_DIR))
+        draft = dataclasses.replace(draft, sha256=saved_model_sha256(staging), keras=keras_entry,
+                                    out_of_scope=detector)
+        # Reference predictions and the threshold come from the exported artefact itself, as a
+        # scorer will load it.
         saved_model = ServingModel(staging, draft, runtime="saved_model")
-        probabilities = saved_model.predict(reference_batch(height, width))
+        if detector is not None:
+            draft = dataclasses.replace(draft, out_of_scope=set_threshold(
+                detector, _scope_scores(saved_model, scope.held_out_paths), scope))
+        references = saved_model.predict_outputs(reference_batch(height, width))
         tflite = export_tflite(staging, draft, saved_model)
         metadata = dataclasses.replace(draft, tflite=tflite,
-                                       reference_predictions=reference_predictions(probabilities))
+                                       reference_predictions=reference_predictions(*references))
         if int8 is not None:
             metadata = dataclasses.replace(
                 metadata, tflite_int8=export_int8(staging, metadata, int8, classifier))
@@ -127,3 +163,12 @@ def export_model(
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)
+
+
+def _scope_scores(model: ServingModel, paths) -> np.ndarray:
+    """The exported model's own ``scope_score`` for every readable image of ``paths``."""
+    batches = readable_batches(paths, model.metadata, FEATURE_BATCH, "out-of-scope threshold")
+    scores = [model.predict_outputs(pixels).scope_score for _, pixels in batches]
+    if not scores:
+        raise ValueError("out-of-scope threshold: none of the held-out images could be read")
+    return np.concatenate(scores)

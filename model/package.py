@@ -29,6 +29,7 @@ import warnings
 import keras
 import numpy as np
 
+from model import out_of_scope
 from model.architecture import (
     FEATURE_EXTRACTORS,
     SCALINGS,
@@ -117,7 +118,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{CALIBRATION_IMAGES} images), the other half judges it: it is kept "
                              "only if its accuracy drops by at most 0.5 points and its log loss "
                              "rises by at most 0.01 against the float model.")
+    parser.add_argument("--scope-images", metavar="DIR",
+                        help="In-scope images under DIR (any depth, e.g. the notebook's training "
+                             "folder) to fit the out-of-scope detector on: a seeded 80%% are the "
+                             "images distances are measured to, the other 20%% set its threshold "
+                             "(--out-of-scope-share). Without it the model has no detector.")
+    out_of_scope.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def scope_request(args: argparse.Namespace) -> out_of_scope.ScopeRequest | None:
+    """The detector ``--scope-images`` asks for, checked before anything is loaded; None (and a
+    log line) without them."""
+    if args.out_of_scope == "none":
+        return None
+    if not args.scope_images:
+        _LOG.info("no --scope-images: the packaged model has no out-of-scope detector (no scope_score)")
+        return None
+    try:
+        fit, held_out = out_of_scope.split_for_detector(out_of_scope.image_paths(args.scope_images), seed=0)
+        return out_of_scope.ScopeRequest(
+            fit_paths=fit, held_out_paths=held_out, fit_source=f"{args.scope_images} (seeded 80%)",
+            held_out_source=f"{args.scope_images} (the other 20%)", share=args.out_of_scope_share,
+            k=args.out_of_scope_k, max_bank=args.out_of_scope_bank)
+    except (OSError, ValueError) as error:
+        raise PackagingError(f"--scope-images: {error}") from error
 
 
 def resolve_class_names(args: argparse.Namespace) -> list[str]:
@@ -292,7 +317,7 @@ def split_off_head(model: keras.Model) -> tuple[keras.Model | None, keras.layers
     """``(the notebook model up to its head, a copy of the head)`` when its output is a ``Dense``
     layer's, else ``(None, None)``. The packaged model calls the copy (same configuration and
     weights: the notebook's arithmetic) at its top level, where the integer export can re-fit it
-    to the integer base's features (``model.quantize.refittable_head``); a nested head could not
+    to the integer base's features (``model.architecture.final_dense_layer``); a nested head could not
     be. A copy, because a layer's ``input`` is that of its first call, inside the notebook."""
     last = model.layers[-1] if model.layers else None
     if (not isinstance(last, keras.layers.Dense) or len(model.outputs) != 1
@@ -371,6 +396,7 @@ def package(args: argparse.Namespace):
     """Check everything, then export; returns the written ``ModelMetadata``."""
     class_names = resolve_class_names(args)
     int8 = int8_request(args.int8_images, class_names) if args.int8_images else None
+    scope = scope_request(args)
     interpolation = args.interpolation or DEFAULT_INTERPOLATION[args.loader]
     preprocessing = LOADERS[args.loader]
     if interpolation not in PREPROCESSING_VERSIONS[preprocessing]:
@@ -410,7 +436,7 @@ def package(args: argparse.Namespace):
         base=args.feature_extractor or "notebook", base_weights=feature_weights if base else "notebook",
         model_version=version, resize_method=interpolation, preprocessing=preprocessing,
         training={"packaged_from": packaged_from}, save_keras=source_format != "saved_model",
-        int8=int8)
+        int8=int8, scope=scope)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' ...' if len(metadata.class_names) > 5 else ''}, {metadata.height}x{metadata.width}, "
           f"loader {origin['loader']} ({metadata.resize_method}), scaling {origin['scaling']}, "
           f"model.tflite {'kept' if metadata.tflite else 'not exported'}")
+    if metadata.out_of_scope:
+        print(out_of_scope.describe(metadata.out_of_scope))
     if metadata.tflite_int8:
         print(describe_int8(metadata.tflite_int8))
     return 0

@@ -25,13 +25,14 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
-from model.data import decoded_batches
+from model.architecture import final_dense_layer
+from model.data import readable_batches
 from model.metrics import accuracy, log_loss
 from model.signature import write_saved_model
 from serving.metadata import INT8_TFLITE_FILE, SAVED_MODEL_DIR, ModelMetadata, file_sha256
@@ -70,17 +71,8 @@ def calibration_sample(paths: Sequence[str], seed: int, count: int = CALIBRATION
     return [paths[i] for i in sorted(rng.permutation(len(paths))[:count])]
 
 
-def _batches(paths: Sequence[str], metadata: ModelMetadata,
-             size: int = VALIDATION_BATCH) -> Iterator[tuple[list[int], np.ndarray]]:
-    """(indices, pixels) of the readable images in batches, so memory does not grow with them;
-    an unreadable one is skipped with a warning, as training skips it."""
-    for indices, pixels, failures in decoded_batches(paths, metadata, size):
-        for path, error in failures.items():
-            if not isinstance(error, (OSError, ValueError)):
-                raise error
-            _LOG.warning("int8 export: skipping %s (%s)", path, error)
-        if pixels is not None:
-            yield indices, pixels
+def _images(paths: Sequence[str], metadata: ModelMetadata):
+    return readable_batches(paths, metadata, VALIDATION_BATCH, "int8 export")
 
 
 def _to_integer(model: keras.Model | str, pixels: list[np.ndarray]) -> bytes:
@@ -104,12 +96,6 @@ def _to_integer(model: keras.Model | str, pixels: list[np.ndarray]) -> bytes:
     return converter.convert()
 
 
-def refittable_head(classifier: keras.Model | None) -> keras.layers.Dense | None:
-    """The classifier's last layer with weights, if it is a top-level ``Dense``."""
-    weighted = [layer for layer in classifier.layers if layer.weights] if classifier else []
-    return weighted[-1] if weighted and isinstance(weighted[-1], keras.layers.Dense) else None
-
-
 def refit_head(classifier: keras.Model, head: keras.layers.Dense, calibration: list[np.ndarray],
                request: Int8Request, metadata: ModelMetadata) -> dict[str, Any]:
     """Train ``head`` again, starting from its float weights, on the features that the integer
@@ -120,8 +106,8 @@ def refit_head(classifier: keras.Model, head: keras.layers.Dense, calibration: l
     base = litert_predict(Interpreter(
         model_content=_to_integer(keras.Model(classifier.inputs, head.input), calibration)))
     features, labels = [], []
-    for indices, images in _batches(request.head_paths, metadata):
-        features.append(base(images))
+    for indices, images in _images(request.head_paths, metadata):
+        features.append(base(images)[0])
         labels.extend(request.head_labels[index] for index in indices)
     if not labels:
         raise ValueError("int8 export: none of the head's training images could be read")
@@ -139,15 +125,17 @@ def quantize(export_dir: str, metadata: ModelMetadata, request: Int8Request,
              classifier: keras.Model | None = None) -> tuple[bytes, int, dict[str, Any]]:
     """(flatbuffer, images calibrated on, head entry): the model converted to full integer, its
     head re-fitted to the integer base when it has a ``Dense`` head and labelled images for it."""
-    pixels = [image for _, batch in _batches(request.calibration_paths, metadata) for image in batch]
+    pixels = [image for _, batch in _images(request.calibration_paths, metadata) for image in batch]
     if not pixels:
         raise ValueError("int8 export: none of the calibration images could be read")
-    head = refittable_head(classifier)
+    head = final_dense_layer(classifier)
     if head is None or not request.head_paths:
         why = "no labelled training images were given" if head is not None else (
             "its last layer with weights is not a Dense head")
-        saved_model = os.path.join(export_dir, SAVED_MODEL_DIR)
-        return _to_integer(saved_model, pixels), len(pixels), {"refit": False, "reason": why}
+        # The classifier alone: the exported SavedModel of a model with an out-of-scope detector
+        # returns its score too, which the integer model does not carry.
+        source = classifier if metadata.has_scope_detector else os.path.join(export_dir, SAVED_MODEL_DIR)
+        return _to_integer(source, pixels), len(pixels), {"refit": False, "reason": why}
     trained = [weights.copy() for weights in head.get_weights()]
     try:
         entry = refit_head(classifier, head, pixels, request, metadata)
@@ -161,7 +149,7 @@ def validation_figures(float_model: ServingModel, int8_model: ServingModel, path
     """Accuracy and log loss of both models on the readable validation images, in batches so
     that memory does not grow with the validation set."""
     kept, float_rows, int8_rows = [], [], []
-    for indices, images in _batches(paths, metadata):
+    for indices, images in _images(paths, metadata):
         float_rows.append(float_model.predict(images))
         int8_rows.append(int8_model.predict(images))
         kept.extend(labels[index] for index in indices)

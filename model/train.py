@@ -17,6 +17,7 @@ import time
 
 import keras
 
+from model import out_of_scope
 from model.architecture import (
     BASES,
     build_classifier,
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(score with it: --runtime tflite-int8).")
     parser.add_argument("--int8-calibration-images", type=int, default=CALIBRATION_IMAGES,
                         help=f"Training images to calibrate on (default {CALIBRATION_IMAGES}).")
+    out_of_scope.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model-version", default=None,
                         help="Version string stored with every prediction (default: base-UTC time).")
@@ -139,6 +141,12 @@ def train(args: argparse.Namespace) -> dict:
     train_split, val_split = split_train_validation(data, args.validation_fraction, args.seed)
     if not val_split.paths:
         raise ValueError("--validation-fraction must leave at least one validation image per class")
+    scope = None  # checked before training: a refusal comes before any work
+    if args.out_of_scope != "none":
+        scope = out_of_scope.ScopeRequest(
+            fit_paths=train_split.paths, held_out_paths=val_split.paths, fit_source="training split",
+            held_out_source="validation split", share=args.out_of_scope_share, k=args.out_of_scope_k,
+            max_bank=args.out_of_scope_bank, seed=args.seed)
     train_ds = image_dataset(train_split, size, args.resize_method, args.preprocessing,
                              args.batch_size, True, args.seed)
     val_ds = image_dataset(val_split, size, args.resize_method, args.preprocessing,
@@ -182,7 +190,7 @@ def train(args: argparse.Namespace) -> dict:
                   "class_weights": weights, "alpha": args.alpha, "augment": not args.no_augment,
                   "epoch_seconds": timer.seconds, "phases": phases},
         metrics={"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_accuracy), 6)},
-        int8=int8)
+        int8=int8, scope=scope)
     return {"metadata": metadata, "epoch_seconds": timer.seconds}
 
 
@@ -203,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {metadata.model_version}: val_loss {metadata.metrics['val_loss']:.4f}, "
           f"val_accuracy {metadata.metrics['val_accuracy']:.4f}, {len(seconds)} epochs, "
           f"{sum(seconds) / len(seconds):.1f} s/epoch -> {args.output}")
+    if metadata.out_of_scope:
+        print(out_of_scope.describe(metadata.out_of_scope))
     if metadata.tflite_int8:
         print(describe_int8(metadata.tflite_int8))
     return 0

@@ -4,6 +4,7 @@ An exported model directory looks like::
 
     MODEL_DIR/
       saved_model/     TF SavedModel; signature ``serving_default``: uint8 images -> probabilities
+                       (and ``scope_score`` when the model has an out-of-scope detector)
       model.keras      the Keras model: fine-tuning, evaluation, and scoring on any Keras backend
                        (--runtime keras); absent where a model wraps another SavedModel
       model.tflite     optional: the same model for LiteRT (fast CPU scoring), checked at export
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +35,10 @@ KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 INT8_TFLITE_FILE = "model_int8.tflite"
 FORMAT_VERSION = 1
+# The out-of-scope detector's output (float32 [batch], higher = further from the training images)
+# and the methods this scorer knows (``model.out_of_scope``).
+SCOPE_SCORE = "scope_score"
+SCOPE_METHODS = ("knn-cosine",)
 
 
 class ModelContractError(ValueError):
@@ -64,6 +70,10 @@ class ModelMetadata:
     # model.quantize's verdict when an integer model was asked for: {"kept": ..., "sha256": ...,
     # "calibration", "validation", "reference_predictions", "reference_tolerance" or "reason"}
     tflite_int8: dict[str, Any] | None = None
+    # The out-of-scope detector inside the model (``model.out_of_scope``), None for models without
+    # one (every model exported before it): {"method", "k", "bank_images", "features", "output",
+    # "fit", "threshold", "share", "held_out"}; flag an image when its score is above "threshold".
+    out_of_scope: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -107,6 +117,7 @@ class ModelMetadata:
                             f"for {self.preprocessing}")
         if not self.model_version:
             problems.append("model_version is empty")
+        problems.extend(self._scope_problems())
         int8_references = (self.tflite_int8 or {}).get("reference_predictions", [])
         for ref in [*self.reference_predictions, *int8_references]:
             if len(ref.get("probabilities", [])) != len(self.class_names):
@@ -114,6 +125,30 @@ class ModelMetadata:
                 break
         if problems:
             raise ModelContractError(f"{source} is inconsistent: " + "; ".join(problems))
+
+    def _scope_problems(self) -> list[str]:
+        scope = self.out_of_scope
+        if scope is None:
+            return []
+        if not isinstance(scope, dict) or scope.get("method") not in SCOPE_METHODS:
+            return [f"out_of_scope.method {(scope or {}).get('method')!r} is none of this scorer's "
+                    f"{list(SCOPE_METHODS)}"]
+        problems = []
+        threshold = scope.get("threshold")
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                or not math.isfinite(threshold)):
+            problems.append(f"out_of_scope.threshold must be a finite number, got {threshold!r}")
+        if scope.get("output") != SCOPE_SCORE:
+            problems.append(f"out_of_scope.output must be {SCOPE_SCORE!r}, got {scope.get('output')!r}")
+        if any(not isinstance(ref.get(SCOPE_SCORE), (int, float)) for ref in self.reference_predictions):
+            problems.append(f"every reference prediction needs a {SCOPE_SCORE} when the model has an "
+                            "out-of-scope detector")
+        return problems
+
+    @property
+    def has_scope_detector(self) -> bool:
+        """Whether the model computes ``scope_score`` (a second output) with a threshold."""
+        return self.out_of_scope is not None
 
     @property
     def int8_kept(self) -> bool:

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from serving.metadata import SCOPE_SCORE
+
 REFERENCE_SEEDS = (0, 1, 2, 3)
 REFERENCE_TOLERANCE = 1e-3
+# The out-of-scope score is a cosine distance in [0, 2], on the probabilities' scale: the same
+# absolute tolerance. Float runtimes agree on it to ~1e-6.
+SCOPE_REFERENCE_TOLERANCE = REFERENCE_TOLERANCE
 # An integer model's probabilities move in steps of its output's quantum (1/256), and kernels that
 # round intermediate values differently move them by steps: XNNPACK gave identical values for any
 # thread count and batch size, TFLite's built-in kernels differed by 4 steps (alpha 0.25
@@ -36,7 +41,12 @@ def reference_batch(height: int, width: int, seeds=REFERENCE_SEEDS) -> np.ndarra
     return np.stack([reference_image(seed, height, width) for seed in seeds])
 
 
-def reference_predictions(probabilities: np.ndarray) -> list[dict]:
-    """The metadata's record of predictions on ``reference_batch(...)``: one row per seed."""
-    return [{"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
+def reference_predictions(probabilities: np.ndarray, scope_score: np.ndarray | None = None) -> list[dict]:
+    """The metadata's record of predictions on ``reference_batch(...)``: one row per seed, with
+    the out-of-scope score (``scope_score``) when the model computes one."""
+    rows = [{"seed": seed, "probabilities": [round(float(p), 7) for p in row]}
             for seed, row in zip(REFERENCE_SEEDS, probabilities, strict=True)]
+    if scope_score is not None:
+        for row, score in zip(rows, scope_score, strict=True):
+            row[SCOPE_SCORE] = round(float(score), 7)
+    return rows

@@ -15,6 +15,10 @@ Four runtimes execute the same exported model:
 ``auto`` picks ``saved_model`` where TensorFlow sees a GPU, else ``keras`` where the configured
 Keras backend (JAX or PyTorch) sees one and the export has ``model.keras``, else ``tflite`` when
 the export has one.
+
+A model with an out-of-scope detector (``metadata.out_of_scope``) has a second output,
+``scope_score``, that the float runtimes compute in the same inference call
+(``ServingModel.predict_outputs``); the integer model does not carry it.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -38,12 +42,13 @@ from serving.metadata import (
     INT8_TFLITE_FILE,
     KERAS_FILE,
     SAVED_MODEL_DIR,
+    SCOPE_SCORE,
     TFLITE_FILE,
     ModelContractError,
     ModelMetadata,
     file_chunks,
 )
-from serving.reference import REFERENCE_TOLERANCE, reference_batch
+from serving.reference import REFERENCE_TOLERANCE, SCOPE_REFERENCE_TOLERANCE, reference_batch
 
 _LOG = logging.getLogger(__name__)
 RUNTIMES = ("auto", "saved_model", "keras", "tflite", "tflite-int8")
@@ -187,8 +192,18 @@ def choose_runtime(requested: str, metadata: ModelMetadata, device: str, keras_d
     return "tflite" if metadata.tflite else "saved_model"
 
 
+class Outputs(NamedTuple):
+    """What one inference call gives for a batch of n images."""
+
+    probabilities: np.ndarray  # float32 [n, classes], in the metadata's class order
+    # float32 [n]: the out-of-scope score, flagged above ``metadata.out_of_scope["threshold"]``;
+    # None when the model has no detector, or on a runtime that does not carry it (tflite-int8).
+    scope_score: np.ndarray | None
+
+
 class ServingModel:
-    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``.
+    """An exported model ready to score: ``predict(uint8 batch) -> probabilities``, or
+    ``predict_outputs(uint8 batch) -> Outputs`` for the out-of-scope score as well.
 
     ``device``: what the chosen runtime scores on ("GPU xN" or "CPU"). Raises
     ``ModelContractError`` (one line, before any scoring) when the export or this machine cannot
@@ -216,18 +231,33 @@ class ServingModel:
                             if runtime == "auto" and self.device == "CPU" and keras_backend() != "tensorflow"
                             and FileSystems.exists(keras_file) else "CPU")
         self.runtime = choose_runtime(runtime, metadata, self.device, keras_device)
+        # The integer model's features are quantized and its export fits no detector to them.
+        self.scope_output = (metadata.out_of_scope["output"]
+                             if metadata.has_scope_detector and self.runtime != "tflite-int8" else None)
+        outputs = [metadata.signature_output, *([self.scope_output] if self.scope_output else [])]
         if self.runtime in LITERT_FILES:
-            self._predict = _load_tflite(f"{model_dir}/{LITERT_FILES[self.runtime]}",
-                                         metadata, tflite_threads or os.cpu_count(), tflite_invoke_batch)
+            self._predict = _load_tflite(f"{model_dir}/{LITERT_FILES[self.runtime]}", metadata,
+                                         tflite_threads or os.cpu_count(), tflite_invoke_batch, outputs)
         elif self.runtime == "keras":
             self.device = keras_device
-            self._predict = keras_predict(load_keras_model(keras_file, metadata), metadata.signature_output)
+            self._predict = keras_predict(load_keras_model(keras_file, metadata), outputs)
         else:
-            self._predict = _load_saved_model(model_dir, metadata)
+            self._predict = _load_saved_model(model_dir, metadata, outputs)
+
+    @property
+    def has_scope_score(self) -> bool:
+        """Whether ``predict_outputs`` gives a ``scope_score`` on this runtime."""
+        return self.scope_output is not None
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities, shape (batch, classes), for a uint8 batch (batch, height, width, 3)."""
-        return self._predict(images)
+        """Probabilities, float32 (batch, classes), for a uint8 batch (batch, height, width, 3)."""
+        return self._predict(images)[0]
+
+    def predict_outputs(self, images: np.ndarray) -> Outputs:
+        """Both outputs of one inference call for a uint8 batch (batch, height, width, 3):
+        probabilities float32 (batch, classes) and scope_score float32 (batch,) or None."""
+        results = self._predict(images)
+        return Outputs(results[0], results[1] if self.scope_output else None)
 
     def check_reference_predictions(self) -> float:
         """Re-predict the metadata's reference images (the integer model's own, within its
@@ -239,14 +269,22 @@ class ServingModel:
         if not refs:
             return 0.0
         seeds = [ref["seed"] for ref in refs]
-        got = self.predict(reference_batch(self.metadata.height, self.metadata.width, seeds))
+        got = self.predict_outputs(reference_batch(self.metadata.height, self.metadata.width, seeds))
         want = np.array([ref["probabilities"] for ref in refs], dtype=np.float64)
-        worst = float(np.max(np.abs(got - want)))
+        worst = float(np.max(np.abs(got.probabilities - want)))
         if worst > tolerance:
             raise ModelContractError(
                 f"{self.runtime}: reference predictions differ from metadata by {worst:.2e} "
                 f"(> {tolerance:.3g}): the model or its preprocessing changed since export"
             )
+        if got.scope_score is not None:
+            scope = float(np.max(np.abs(got.scope_score - np.array([ref[SCOPE_SCORE] for ref in refs]))))
+            if scope > SCOPE_REFERENCE_TOLERANCE:
+                raise ModelContractError(
+                    f"{self.runtime}: reference {SCOPE_SCORE}s differ from metadata by {scope:.2e} "
+                    f"(> {SCOPE_REFERENCE_TOLERANCE:.3g}): the model or its preprocessing changed "
+                    "since export")
+            worst = max(worst, scope)
         _LOG.info("%s reference predictions match metadata (max abs diff %.2e) on %s",
                   self.runtime, worst, self.device)
         return worst
@@ -285,7 +323,9 @@ def _expected_input(metadata: ModelMetadata) -> list:
     return [None, metadata.height, metadata.width, 3]
 
 
-def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.ndarray], np.ndarray]:
+def _load_saved_model(model_dir: str, metadata: ModelMetadata,
+                      outputs: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``predict(uint8 batch) -> [each of outputs]`` of the SavedModel's ``serving_default``."""
     try:
         import tensorflow as tf
     except ImportError as error:  # a worker image with LiteRT or JAX alone
@@ -307,14 +347,16 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata) -> Callable[[np.n
         raise ModelContractError(
             f"{path}: signature input {metadata.signature_input!r} is {spec}, but the "
             f"metadata promises uint8 {_expected_input(metadata)}")
-    outputs = signature.structured_outputs
-    if metadata.signature_output not in outputs:
-        raise ModelContractError(f"{path}: signature has no output {metadata.signature_output!r}")
-    _check_class_count(path, outputs[metadata.signature_output].shape.as_list()[-1], metadata)
+    missing = [name for name in outputs if name not in signature.structured_outputs]
+    if missing:
+        raise ModelContractError(f"{path}: signature has no output {missing[0]!r}"
+                                 f"{_MISSING_SCOPE if missing[0] == SCOPE_SCORE else ''}")
+    _check_class_count(path, signature.structured_outputs[metadata.signature_output].shape.as_list()[-1],
+                       metadata)
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> list[np.ndarray]:
         result = signature(**{metadata.signature_input: images})
-        return result[metadata.signature_output].numpy()
+        return [result[name].numpy() for name in outputs]
 
     predict.keep_alive = loaded  # the signature needs the loaded object's variables
     return predict
@@ -395,12 +437,12 @@ def _initial_values_on_host(backend: str) -> Iterator[None]:
             setattr(jax_random, name, function)
 
 
-def keras_predict(classifier, output: str = "probabilities",
-                  full_float32: bool = True) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict(uint8 batch [n, height, width, 3]) -> numpy array [n, ...]`` for a Keras model
-    taking float pixels, on whatever backend Keras runs: the model's ``output`` (its only output,
-    or the one of that name). The uint8 pixels travel to the device and are cast there (a
-    quarter of float32's bytes), as in the SavedModel's signature.
+def keras_predict(classifier, outputs: Sequence[str] = ("probabilities",),
+                  full_float32: bool = True) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``predict(uint8 batch [n, height, width, 3]) -> [numpy array [n, ...] per name in
+    outputs]`` for a Keras model taking float pixels, on whatever backend Keras runs (a model of
+    one output gives it for the first name). The uint8 pixels travel to the device and are cast
+    there (a quarter of float32's bytes), as in the SavedModel's signature.
 
     Compiled once: JAX, one XLA program (the variables passed in, not baked into it as constants)
     per padded batch size (``KERAS_MIN_PADDED``); TensorFlow, one ``tf.function`` for any batch
@@ -416,12 +458,12 @@ def keras_predict(classifier, output: str = "probabilities",
     names = list(classifier.output_names)
     dtype = classifier.inputs[0].dtype
 
-    def pick(outputs: Any):
-        if isinstance(outputs, dict):
-            return outputs[output] if len(outputs) > 1 else next(iter(outputs.values()))
-        if isinstance(outputs, (list, tuple)):
-            return outputs[names.index(output)] if len(outputs) > 1 else outputs[0]
-        return outputs
+    def pick(results: Any) -> list:
+        if isinstance(results, dict):
+            return [results[name] for name in outputs] if len(results) > 1 else list(results.values())
+        if isinstance(results, (list, tuple)):
+            return [results[names.index(name)] for name in outputs] if len(results) > 1 else [results[0]]
+        return [results]
 
     if backend == "jax":
         import jax
@@ -438,13 +480,13 @@ def keras_predict(classifier, output: str = "probabilities",
 
         program = jax.jit(forward)
 
-        def predict(images: np.ndarray) -> np.ndarray:
+        def predict(images: np.ndarray) -> list[np.ndarray]:
             images = np.asarray(images, dtype=np.uint8)
             count = len(images)
             padded = max(KERAS_MIN_PADDED, 1 << max(count - 1, 0).bit_length())
             if padded > count:
                 images = np.concatenate([images, np.zeros((padded - count, *images.shape[1:]), np.uint8)])
-            return np.asarray(program(trainable, fixed, images))[:count]
+            return [np.asarray(result)[:count] for result in program(trainable, fixed, images)]
 
         return predict
     if backend == "tensorflow":
@@ -453,20 +495,22 @@ def keras_predict(classifier, output: str = "probabilities",
         program = tf.function(
             lambda images: pick(classifier(tf.cast(images, dtype), training=False)),
             input_signature=[tf.TensorSpec([None, *classifier.inputs[0].shape[1:]], tf.uint8)])
-        return lambda images: program(np.asarray(images, dtype=np.uint8)).numpy()
+        return lambda images: [result.numpy() for result in program(np.asarray(images, dtype=np.uint8))]
     import torch
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
             pixels = keras.ops.cast(keras.ops.convert_to_tensor(np.asarray(images, dtype=np.uint8)), dtype)
-            return keras.ops.convert_to_numpy(pick(classifier(pixels, training=False)))
+            return [keras.ops.convert_to_numpy(result) for result in pick(classifier(pixels, training=False))]
 
     return predict
 
 
-def _load_tflite(path: str, metadata: ModelMetadata, threads: int,
-                 invoke_batch: int) -> Callable[[np.ndarray], np.ndarray]:
-    """LiteRT's predict function for the flatbuffer at ``path``, checked against the metadata."""
+def _load_tflite(path: str, metadata: ModelMetadata, threads: int, invoke_batch: int,
+                 outputs: Sequence[str]) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """LiteRT's ``predict(uint8 batch) -> [each of outputs]`` for the flatbuffer at ``path``,
+    checked against the metadata; outputs are found by their names in the flatbuffer's
+    ``serving_default`` signature (the converter orders them by its own rules)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=b"".join(file_chunks(path)), num_threads=threads)
@@ -474,27 +518,48 @@ def _load_tflite(path: str, metadata: ModelMetadata, threads: int,
     if source["dtype"] != np.uint8 or list(source["shape"][1:]) != _expected_input(metadata)[1:]:
         raise ModelContractError(f"{path}: input is {source['dtype'].__name__} {list(source['shape'])}, "
                                  f"the metadata promises uint8 {_expected_input(metadata)}")
-    _check_class_count(path, int(interpreter.get_output_details()[0]["shape"][-1]), metadata)
-    return litert_predict(interpreter, invoke_batch)
+    named = _litert_outputs(interpreter)
+    missing = [name for name in outputs if name not in named]
+    if missing:
+        raise ModelContractError(f"{path} has no output {missing[0]!r}"
+                                 f"{_MISSING_SCOPE if missing[0] == SCOPE_SCORE else ''}")
+    indices = [named[name]["index"] for name in outputs]
+    _check_class_count(path, int(named[metadata.signature_output]["shape"][-1]), metadata)
+    return litert_predict(interpreter, invoke_batch, indices)
 
 
-def litert_predict(interpreter,
-                   invoke_batch: int = LITERT_INVOKE_BATCH) -> Callable[[np.ndarray], np.ndarray]:
-    """``predict(uint8 batch) -> first output`` for a LiteRT interpreter, any batch size. The
-    interpreter's tensors are planned once, at load, for ``invoke_batch`` images, and each batch
-    runs that many at a time (the last part padded): faster than one invoke for the whole batch
-    (see ``LITERT_INVOKE_BATCH``), and the interpreter's memory is fixed from the start, whatever
-    the batch sizes a run brings."""
+_MISSING_SCOPE = (": the metadata describes an out-of-scope detector the model does not compute "
+                  "(metadata.json from another export?)")
+
+
+def _litert_outputs(interpreter) -> dict[str, dict]:
+    """``{output name: tensor details}`` from the ``serving_default`` signature a SavedModel's
+    conversion keeps; a flatbuffer without signatures has one output, taken as ``probabilities``."""
+    if "serving_default" in interpreter.get_signature_list():
+        details = interpreter.get_signature_runner("serving_default").get_output_details()
+        by_index = {detail["index"]: detail for detail in interpreter.get_output_details()}
+        return {name: by_index[detail["index"]] for name, detail in details.items()}
+    return {"probabilities": interpreter.get_output_details()[0]}
+
+
+def litert_predict(interpreter, invoke_batch: int = LITERT_INVOKE_BATCH,
+                   outputs: Sequence[int] | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``predict(uint8 batch) -> [each output]`` for a LiteRT interpreter, any batch size:
+    the tensors at ``outputs`` (indices; default its first output). The interpreter's tensors are
+    planned once, at load, for ``invoke_batch`` images, and each batch runs that many at a time
+    (the last part padded): faster than one invoke for the whole batch (see
+    ``LITERT_INVOKE_BATCH``), and the interpreter's memory is fixed from the start, whatever the
+    batch sizes a run brings."""
     source = interpreter.get_input_details()[0]
-    target = interpreter.get_output_details()[0]
+    targets = list(outputs) if outputs is not None else [interpreter.get_output_details()[0]["index"]]
     interpreter.resize_tensor_input(source["index"], [invoke_batch, *source["shape"][1:]])
     interpreter.allocate_tensors()
     padded = np.zeros([invoke_batch, *source["shape"][1:]], np.uint8)
     lock = threading.Lock()  # one interpreter per process; its tensors are not thread-safe
 
-    def predict(images: np.ndarray) -> np.ndarray:
+    def predict(images: np.ndarray) -> list[np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        parts = []
+        parts: list[list[np.ndarray]] = [[] for _ in targets]
         with lock:
             for start in range(0, len(images), invoke_batch):
                 part = images[start:start + invoke_batch]
@@ -503,8 +568,9 @@ def litert_predict(interpreter,
                     part = padded
                 interpreter.set_tensor(source["index"], part)
                 interpreter.invoke()
-                parts.append(interpreter.get_tensor(target["index"])[:len(images) - start].copy())
-        return np.concatenate(parts)
+                for collected, target in zip(parts, targets, strict=True):
+                    collected.append(interpreter.get_tensor(target)[:len(images) - start].copy())
+        return [np.concatenate(collected) for collected in parts]
 
     return predict
 

@@ -35,7 +35,7 @@ README = os.path.join(REPO, "README.md")
 DOCS = os.path.join(REPO, "docs")
 README_MAX_LINES = 250
 # Pages the README links to that other open branches add; absent here until they are merged.
-PAGES_OF_OPEN_BRANCHES = {"docs/inputs.md": "issue 25", "docs/out-of-scope.md": "issue 27"}
+PAGES_OF_OPEN_BRANCHES: dict[str, str] = {}
 # What the README's training command gets appended in the slow tests: no ImageNet download, a
 # tiny base at 32 px, one epoch.
 TRAIN_OFFLINE = ["--base", "mobilenet", "--alpha", "0.25", "--base-weights", "none", "--input-size", "32",

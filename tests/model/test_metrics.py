@@ -1,15 +1,19 @@
 import math
 
 import numpy as np
+import pytest
 
 from model.metrics import (
     accuracy,
     accuracy_coverage_curve,
+    auroc,
     confusion_matrix,
     error_analysis,
+    flagged_share,
     log_loss,
     min_confidence_for_accuracy,
     reliability_curve,
+    threshold_for_share,
 )
 
 LABELS = np.array([0, 0, 1, 1])
@@ -57,3 +61,37 @@ def test_accuracy_coverage_curve_and_the_threshold_for_a_target_accuracy():
     wrong_when_sure = np.array([[0.0, 1.0], [1.0, 0.0]])
     assert min_confidence_for_accuracy(accuracy_coverage_curve(np.array([0, 1]), wrong_when_sure),
                                        0.5) is None
+
+
+def test_auroc_is_the_share_of_out_of_scope_in_scope_pairs_ranked_right_ties_halved():
+    rng = np.random.default_rng(0)
+    inside = np.round(rng.normal(0.3, 0.1, 40), 2)  # rounded: ties across the two groups
+    outside = np.round(rng.normal(0.5, 0.1, 25), 2)
+    pairs = outside[:, None] - inside[None, :]
+    brute_force = (np.sum(pairs > 0) + 0.5 * np.sum(pairs == 0)) / pairs.size
+    assert np.sum(pairs == 0) > 0
+    assert auroc(inside, outside) == pytest.approx(brute_force, abs=1e-12)
+    assert auroc([0.1, 0.2], [0.3, 0.4]) == 1.0 and auroc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    with pytest.raises(ValueError, match="at least one in-scope and one out-of-scope"):
+        auroc([], [0.5])
+
+
+@pytest.mark.parametrize("count, share, flagged", [(320, 0.01, 3), (100, 0.01, 1), (10, 0.01, 0),
+                                                   (1000, 0.05, 50), (7, 0.0, 0)])
+def test_the_threshold_flags_at_most_the_share_asked(count, share, flagged):
+    scores = np.random.default_rng(count).permutation(np.linspace(0.0, 1.0, count))
+    threshold = threshold_for_share(scores, share)
+    assert np.sum(scores > threshold) == flagged
+    assert flagged_share(scores, threshold) == pytest.approx(flagged / count)
+    ranked = np.sort(scores)[::-1]
+    if flagged:  # midway between the lowest score flagged and the highest left
+        assert threshold == pytest.approx((ranked[flagged - 1] + ranked[flagged]) / 2)
+    else:
+        assert threshold == ranked[0]
+
+
+def test_a_threshold_needs_scores_and_a_share_below_one():
+    with pytest.raises(ValueError, match="share in"):
+        threshold_for_share([0.1, 0.2], 1.0)
+    with pytest.raises(ValueError, match="at least one score"):
+        threshold_for_share([], 0.01)

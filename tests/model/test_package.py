@@ -19,6 +19,8 @@ from model.export import TFLITE_TOLERANCE
 from pipeline import score
 from serving.metadata import read_metadata
 from serving.preprocessing import KERAS_LOAD_IMG
+from serving.reference import reference_batch
+from serving.runtimes import ServingModel
 from tests.backends import BACKENDS, DEEP_RANDOM_BASE, saved_model_gap, score_on_backend
 from tests.model import notebook
 from tests.pipeline.outputs import read_run
@@ -234,14 +236,14 @@ def test_int8_images_calibrate_on_one_half_and_judge_on_the_other(kind1, noteboo
 
 
 def test_the_notebook_head_is_split_off_with_its_own_weights_and_arithmetic(kind1, notebook_data):
-    from model.quantize import refittable_head
+    from model.architecture import final_dense_layer
 
     notebook_model = keras.saving.load_model(str(notebook_data["root"] / "best_model.h5"))
     features, head = package.split_off_head(notebook_model)
     images = np.random.default_rng(3).uniform(0, 1, (4, 150, 150, 3)).astype("float32")
     np.testing.assert_array_equal(head(features(images)), notebook_model(images))
     classifier, _, _ = package.wrap(notebook_model, (150, 150), "1/255", None, from_logits=False)
-    top_level_head = refittable_head(classifier)
+    top_level_head = final_dense_layer(classifier)
     assert top_level_head in classifier.layers and top_level_head is not notebook_model.layers[-1]
     for mine, notebooks in zip(top_level_head.get_weights(), notebook_model.layers[-1].get_weights(),
                                strict=True):
@@ -444,3 +446,48 @@ def nested_normalization(size: tuple[int, int]) -> keras.Model:
 def test_the_scaling_layer_at_a_models_input_is_found_and_only_there(build, scaling_layer):
     layer = package.input_scaling_layer(build((16, 16)))
     assert (layer.name if layer is not None else None) == scaling_layer
+
+
+def test_scope_images_fit_a_detector_on_the_notebook_heads_features(kind1, notebook_data, tmp_path, capsys):
+    path = str(notebook_data["root"] / "best_model.h5")  # written by the kind1 fixture
+    model_dir = str(tmp_path / "scoped")
+    assert package_cli("--keras", path, "--output", model_dir, "--classes", "cat,dog", "--scaling", "1/255",
+                       "--scope-images", notebook_data["train"], "--out-of-scope-k", "5",
+                       "--out-of-scope-bank", "12") == 0
+    metadata = read_metadata(model_dir)
+    scope = metadata.out_of_scope
+    # 24 images: 19 to fit on, of which a seeded 12 make the bank, and 5 held out.
+    assert (scope["k"], scope["bank_images"], scope["held_out"]["images"]) == (5, 12, 5)
+    assert scope["held_out"]["source"] == f"{notebook_data['train']} (the other 20%)"
+    assert scope["features"].startswith("input of the final Dense layer")
+    assert "out-of-scope detector: knn-cosine k=5" in capsys.readouterr().out
+    # The notebook's probabilities are untouched; the score agrees across the float runtimes.
+    images = reference_batch(150, 150, seeds=range(30, 35)).astype("uint8")
+    plain = ServingModel(kind1["model_dir"], read_metadata(kind1["model_dir"]), "saved_model").predict(images)
+    saved = ServingModel(model_dir, metadata, "saved_model").predict_outputs(images)
+    tflite = ServingModel(model_dir, metadata, "tflite").predict_outputs(images)
+    np.testing.assert_array_equal(saved.probabilities, plain)
+    np.testing.assert_allclose(tflite.scope_score, saved.scope_score, atol=TFLITE_TOLERANCE)
+    assert read_metadata(kind1["model_dir"]).out_of_scope is None  # no --scope-images: no detector
+
+
+def test_a_model_without_a_final_dense_layer_gets_no_detector_and_says_so(notebook_data, tmp_path, caplog):
+    path = str(tmp_path / "activation.keras")
+    keras.utils.set_random_seed(2)
+    notebook.small_cnn((32, 32), layers.Dense(2)).save(str(tmp_path / "logits.keras"))
+    logits = keras.saving.load_model(str(tmp_path / "logits.keras"))
+    keras.Sequential([logits, layers.Activation("softmax")]).save(path)
+    with caplog.at_level("WARNING"):
+        assert package_cli("--keras", path, "--output", str(tmp_path / "m"), "--classes", "cat,dog",
+                           "--scaling", "1/255", "--scope-images", notebook_data["train"]) == 0
+    assert read_metadata(str(tmp_path / "m")).out_of_scope is None
+    assert "no out-of-scope detector" in caplog.text and "does not end in a Dense layer" in caplog.text
+
+
+def test_scope_images_without_images_are_refused_before_anything_is_written(kind1, notebook_data, tmp_path,
+                                                                            capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = refused(capsys, str(tmp_path / "m"), "--keras", str(notebook_data["root"] / "best_model.h5"),
+                      "--classes", "cat,dog", "--scaling", "1/255", "--scope-images", str(empty))
+    assert f"--scope-images: {empty} holds no images" in message

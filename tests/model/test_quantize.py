@@ -13,6 +13,7 @@ import pytest
 
 from model.data import find_labelled_images, split_train_validation
 from model.export import export_model
+from model.out_of_scope import ScopeRequest
 from model.quantize import (
     MAX_ACCURACY_DROP,
     MAX_LOG_LOSS_RISE,
@@ -23,28 +24,33 @@ from model.quantize import (
 from pipeline import score
 from serving.metadata import INT8_TFLITE_FILE, ModelContractError, file_sha256, read_metadata
 from serving.preprocessing import decode_and_resize
-from serving.reference import INT8_REFERENCE_TOLERANCE
+from serving.reference import INT8_REFERENCE_TOLERANCE, reference_batch
 from serving.runtimes import ServingModel, choose_runtime
 from tests.pipeline.outputs import read_run
 
 
-def export_with_int8(trained: dict, labelled_images: str, output: str, **bars) -> tuple:
-    """The tiny trained model exported again, asking for an integer model judged with ``bars``."""
+def export_with_int8(trained: dict, labelled_images: str, output: str, scope: bool = False,
+                     **bars) -> tuple:
+    """The tiny trained model exported again, asking for an integer model judged with ``bars``
+    (and with ``scope``, an out-of-scope detector fitted on the calibration split)."""
     data = find_labelled_images(labelled_images)
     calibration, validation = split_train_validation(data, 0.25, seed=1)
     request = Int8Request(calibration_sample(calibration.paths, seed=1, count=16), validation.paths,
                           validation.labels, "test calibration", "test validation", **bars)
+    detector = ScopeRequest(calibration.paths, validation.paths, "test calibration",
+                            "test validation") if scope else None
     classifier = keras.saving.load_model(os.path.join(trained["model_dir"], "model.keras"))
     metadata = export_model(classifier, output, class_names=data.class_names, base="mobilenet",
-                            base_weights="none", model_version="tiny-int8", int8=request)
+                            base_weights="none", model_version="tiny-int8", int8=request, scope=detector)
     return metadata, validation
 
 
 @pytest.fixture(scope="module")
 def kept(trained, labelled_images, tmp_path_factory):
-    """Bars no model can miss: the integer model is kept, so its scoring can be checked."""
+    """Bars no model can miss: the integer model is kept, so its scoring can be checked. The
+    float model has an out-of-scope detector, as model.train's have by default."""
     model_dir = str(tmp_path_factory.mktemp("int8") / "kept")
-    metadata, validation = export_with_int8(trained, labelled_images, model_dir,
+    metadata, validation = export_with_int8(trained, labelled_images, model_dir, scope=True,
                                             max_accuracy_drop=1.0, max_log_loss_rise=100.0)
     return {"model_dir": model_dir, "metadata": metadata, "validation": validation}
 
@@ -211,3 +217,17 @@ def test_the_integer_models_head_is_refit_on_the_integer_bases_features(labelled
 def test_without_labelled_training_images_the_head_stays_as_trained(kept):
     assert kept["metadata"].tflite_int8["head"] == {
         "refit": False, "reason": "no labelled training images were given"}
+
+
+def test_the_integer_model_does_not_carry_the_scope_score_the_float_ones_do(kept):
+    """Its features are quantized, and its score's range would be calibrated on in-scope images
+    only (docs/out-of-scope.md): the integer runtime gives no scope_score."""
+    metadata = kept["metadata"]
+    assert metadata.int8_kept and metadata.has_scope_detector
+    images = reference_batch(metadata.height, metadata.width)
+    int8_model = ServingModel(kept["model_dir"], metadata, "tflite-int8")
+    assert not int8_model.has_scope_score and int8_model.predict_outputs(images).scope_score is None
+    assert int8_model.check_reference_predictions() <= INT8_REFERENCE_TOLERANCE
+    on_float = ServingModel(kept["model_dir"], metadata, "tflite")
+    assert on_float.has_scope_score and on_float.predict_outputs(images).scope_score.shape == (4,)
+    assert on_float.check_reference_predictions() < 1e-4
