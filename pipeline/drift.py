@@ -9,10 +9,12 @@ model version (``--compare-to``), so no earlier prediction is read again:
   sum((tonight - before) * ln(tonight / before)), shares floored at 1e-4; alert at >= 0.2 (the
   usual reading: < 0.1 stable, 0.1-0.2 moderate, >= 0.2 a shift). A chi-square test of
   homogeneity on the same counts gives the p-value beside it.
-- uncertain rate and error rate: two-proportion z-test (tonight against the pooled nights; the
-  chi-square test of the 2x2 table without continuity correction, z = sign * sqrt(chi2)); alert
-  when p < 0.001 *and* the rate moved by at least 2 points (uncertain) or 1 point (errors), so a
-  huge night does not alert on a trivial difference.
+- uncertain rate, error rate and out-of-scope rate: two-proportion z-test (tonight against the
+  pooled nights; the chi-square test of the 2x2 table without continuity correction, z = sign *
+  sqrt(chi2)); alert when p < 0.001 *and* the rate moved by at least 2 points (uncertain, out of
+  scope) or 1 point (errors), so a huge night does not alert on a trivial difference. The
+  out-of-scope rate (a camera that starts filming a wall) is checked where tonight's model had a
+  detector in use, against the earlier nights that had one.
 - input count: z-score of tonight's count against the earlier nights' (mean, sample standard
   deviation, at least one image; at least 3 nights); alert at |z| >= 3.
 """
@@ -28,6 +30,7 @@ DEFAULT_THRESHOLDS = {
     "p_value": 0.001,
     "uncertain_rate_change": 0.02,
     "error_rate_change": 0.01,
+    "out_of_scope_rate_change": 0.02,
     "input_count_z": 3.0,
     "min_nights_for_count": 3,
 }
@@ -135,6 +138,12 @@ def compute_drift(tonight: dict, earlier: list[dict], thresholds: dict | None = 
         "input_count": _count([run["inputs"] for run in earlier], tonight["inputs"],
                               limits["input_count_z"], limits["min_nights_for_count"]),
     }
+    scoped = [run for run in earlier if run.get("out_of_scope") is not None]
+    if tonight.get("out_of_scope") is not None and scoped:
+        checks["out_of_scope_rate"] = _rate(
+            sum(run["out_of_scope"] for run in scoped), sum(run["predictions"] for run in scoped),
+            tonight["out_of_scope"], tonight["predictions"], limits["out_of_scope_rate_change"],
+            limits["p_value"])
     return {"compared_to": compared, "thresholds": limits, **checks,
             "alerts": [name for name, check in checks.items() if check["alert"]],
             "alert": any(check["alert"] for check in checks.values())}

@@ -28,6 +28,7 @@ from pipeline.decode import ImageBatch
 from pipeline.options import ThreadBudget
 from pipeline.rows import (
     METRICS_NAMESPACE,
+    OUT_OF_SCOPE,
     UNCERTAIN,
     image_id,
     prediction_schema,
@@ -35,7 +36,7 @@ from pipeline.rows import (
     top_k_columns,
     utc_now,
 )
-from serving.metadata import ModelMetadata
+from serving.metadata import ModelContractError, ModelMetadata
 from serving.runtimes import LITERT_INVOKE_BATCH, ServingModel
 
 _LOG = logging.getLogger(__name__)
@@ -53,11 +54,13 @@ if inference_base.resource is None:
 
 @dataclasses.dataclass
 class ScoredBatch:
-    """An ``ImageBatch``'s inference: ``probabilities`` float32 [n, classes], row i for
+    """An ``ImageBatch``'s inference: ``probabilities`` float32 [n, classes] and, for a model
+    with an out-of-scope detector, ``scope_score`` float32 [n] (else None), row i for
     ``images.paths[i]``. The pixels are dropped: only what the rows need travels on."""
 
     images: ImageBatch
     probabilities: np.ndarray
+    scope_score: np.ndarray | None = None
 
 
 class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
@@ -85,7 +88,8 @@ class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
 
     def run_inference(self, batch: ImageBatch, model: ServingModel,
                       inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
-        return [ScoredBatch(dataclasses.replace(batch, pixels=None), model.predict(batch.pixels))]
+        outputs = model.predict_outputs(batch.pixels)  # both outputs of one inference call
+        return [ScoredBatch(dataclasses.replace(batch, pixels=None), *outputs)]
 
     def get_num_bytes(self, batch: ImageBatch) -> int:
         return batch.pixels.nbytes
@@ -97,17 +101,22 @@ class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
 class ToPredictionTableFn(beam.DoFn):
     """A ``ScoredBatch`` -> one ``pyarrow.Table`` of the predictions schema (``rows``), built
     column by column: the class with the highest probability (the first on a tie, as
-    ``np.argmax``), ``uncertain`` below ``min_confidence``, the ``top_k`` classes when asked."""
+    ``np.argmax``), ``uncertain`` below ``min_confidence``, the ``top_k`` classes when asked.
+    With a ``scope_threshold`` (the model's detector in use), each row's ``scope_score`` too, and
+    the decision ``out_of_scope`` where it is above the threshold, whatever the confidence."""
 
-    def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0):
+    def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0,
+                 scope_threshold: float | None = None):
         self._class_names = list(metadata.class_names)
         self._top_k = top_k
-        self._schema = prediction_schema(self._class_names, top_k)
+        self._scope_threshold = scope_threshold
+        self._schema = prediction_schema(self._class_names, top_k, scope=scope_threshold is not None)
         self._constants = {"model_version": metadata.model_version, "model_sha256": metadata.sha256,
                            "run_id": run_id}
         self._min_confidence = min_confidence
         self._scored = Metrics.counter(METRICS_NAMESPACE, "images_scored")
         self._uncertain = Metrics.counter(METRICS_NAMESPACE, "images_uncertain")
+        self._out_of_scope = Metrics.counter(METRICS_NAMESPACE, "images_out_of_scope")
 
     def setup(self):
         self._names = pa.array(self._class_names, pa.string())
@@ -119,6 +128,7 @@ class ToPredictionTableFn(beam.DoFn):
         confidence = probabilities[np.arange(count), best]
         predicted = self._names.take(pa.array(best))
         uncertain = confidence < self._min_confidence
+        decision = pc.if_else(pa.array(uncertain), UNCERTAIN, predicted)
         columns = {
             "path": pa.array(images.paths, pa.string()),
             "image_id": pa.array([image_id(path) for path in images.paths], pa.int64()),
@@ -129,13 +139,22 @@ class ToPredictionTableFn(beam.DoFn):
             **{probability_column(name): probabilities[:, index]
                for index, name in enumerate(self._class_names)},
             "confidence": confidence,
-            "decision": pc.if_else(pa.array(uncertain), UNCERTAIN, predicted),
+            "decision": decision,
             **{name: pa.array([value] * count, pa.string()) for name, value in self._constants.items()},
             "scored_at": pa.array([utc_now()] * count, pa.timestamp("ms", tz="UTC")),
         }
         if self._top_k:
             columns["top_classes"], columns["top_probabilities"] = top_k_columns(
                 probabilities, self._class_names, self._top_k)
+        if self._scope_threshold is not None:
+            if scored.scope_score is None:
+                raise ModelContractError("the model gave no scope_score, though its metadata "
+                                         "describes an out-of-scope detector")
+            columns["scope_score"] = scored.scope_score.astype(np.float64)
+            flagged = columns["scope_score"] > self._scope_threshold
+            columns["decision"] = pc.if_else(pa.array(flagged), OUT_OF_SCOPE, decision)
+            uncertain &= ~flagged
+            self._out_of_scope.inc(int(flagged.sum()))
         self._scored.inc(count)
         self._uncertain.inc(int(uncertain.sum()))
         yield pa.Table.from_arrays([columns[name] for name in self._schema.names], schema=self._schema)
@@ -147,13 +166,14 @@ class ScoreImages(beam.PTransform):
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_confidence: float,
                  run_id: str, share_model_across_processes: bool = False, runtime: str = "auto",
                  threads: ThreadBudget | None = None,
-                 tflite_invoke_batch: int = LITERT_INVOKE_BATCH, top_k: int = 0):
+                 tflite_invoke_batch: int = LITERT_INVOKE_BATCH, top_k: int = 0,
+                 scope_threshold: float | None = None):
         super().__init__()
         self._handler = ExportedModelHandler(
             model_dir, metadata, share_across_processes=share_model_across_processes,
             runtime=runtime, threads=threads,
             tflite_invoke_batch=tflite_invoke_batch).with_no_batching()
-        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k)
+        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold)
 
     def expand(self, batches):
         return (batches

@@ -84,6 +84,11 @@ class ScoreOptions(PipelineOptions):
         flag("min-batch-size", type=int, default=None,
              help="No effect since batches are made when the paths are listed (see --batch-size); "
                   "accepted, with a warning, so that existing schedules keep running.")
+        flag("out-of-scope", default="flag", choices=("flag", "off"),
+             help="Models with an out-of-scope detector (docs/out-of-scope.md): 'flag' records each "
+                  "image's scope_score and gives images above the model's threshold the decision "
+                  "'out_of_scope' (default); 'off' scores as if the model had no detector. Models "
+                  "without one, and --runtime tflite-int8, score as they always have.")
         flag("min-confidence", type=float, default=0.0,
              help="Rows whose top probability is below this get decision 'uncertain' "
                   "(default 0: never).")

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
 from pipeline.records import committed_runs, read_record
-from pipeline.rows import probability_column
+from pipeline.rows import OUT_OF_SCOPE, probability_column
 from pipeline.write import REPORT_NAME, REVIEW_DIR, atomically_created, write_file_atomically
 from reports import html
 from serving.metadata import file_chunks
@@ -34,13 +34,15 @@ REVIEW_NAME = "review-queue"
 THUMBNAIL_MAX_BYTES = 32 * 1024 * 1024
 
 
-def review_schema(class_names: list[str]) -> pa.Schema:
+def review_schema(class_names: list[str], scope: bool = False) -> pa.Schema:
+    """The review queue's columns; ``scope_score`` where the model's detector was in use."""
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
         pa.field("predicted_class", pa.string(), nullable=False),
         pa.field("decision", pa.string(), nullable=False),
         pa.field("confidence", pa.float64(), nullable=False),
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
+        *([pa.field("scope_score", pa.float64(), nullable=False)] if scope else []),
         pa.field("label", pa.string()),  # empty: for the person who labels the image
     ])
 
@@ -50,9 +52,11 @@ def review_paths(output: str) -> dict[str, str]:
             for kind in ("parquet", "csv")}
 
 
-def write_review_queue(output: str, rows: list[dict], class_names: list[str]) -> list[str]:
-    """The least confident rows, least confident first, as Parquet and CSV; returns their paths."""
-    schema = review_schema(class_names)
+def write_review_queue(output: str, rows: list[dict], class_names: list[str],
+                       scope: bool = False) -> list[str]:
+    """The rows to look at first (out of scope, then least confident: ``PredictionProfileFn``),
+    in that order, as Parquet and CSV; returns their paths."""
+    schema = review_schema(class_names, scope)
     table = pa.Table.from_pylist([{**row, "label": None} for row in rows], schema=schema)
     paths = review_paths(output)
     with atomically_created(paths["parquet"]) as handle:
@@ -96,7 +100,10 @@ def drift_section(summary: dict, earlier: list[dict]) -> str:
     if not drift["compared_to"]:
         return html.section("Drift against earlier nights", f"<p>{html.esc(drift['note'])}</p>")
     rows = []
-    for name in ("class_mix", "score_distribution", "uncertain_rate", "error_rate", "input_count"):
+    for name in ("class_mix", "score_distribution", "uncertain_rate", "out_of_scope_rate", "error_rate",
+                 "input_count"):
+        if name not in drift:  # out_of_scope_rate: only where both sides had a detector in use
+            continue
         check = drift[name]
         value = check.get("value", check.get("z"))
         threshold = check["threshold"]
@@ -122,6 +129,10 @@ def drift_section(summary: dict, earlier: list[dict]) -> str:
         _series(earlier, summary, lambda run: run["uncertain"] / max(run["predictions"], 1),
                 "uncertain rate", drift["uncertain_rate"]["alert"]),
     ]
+    if "out_of_scope_rate" in drift:
+        series.append(_series([run for run in earlier if run.get("out_of_scope") is not None], summary,
+                              lambda run: run["out_of_scope"] / max(run["predictions"], 1),
+                              "out-of-scope rate", drift["out_of_scope_rate"]["alert"]))
     if top_class is not None:
         series.append(_series(earlier, summary, lambda run: _share(run, top_class),
                               f"share of {top_class}", drift["class_mix"]["alert"]))
@@ -145,6 +156,10 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
     headline["error_rate"] = f"{summary['error_rate']:.2%}"
     uncertain_share = summary["uncertain"] / max(summary["predictions"], 1)
     headline["uncertain"] = f"{summary['uncertain']} ({uncertain_share:.1%} of predictions)"
+    if summary.get("out_of_scope") is not None:
+        headline["out_of_scope"] = (f"{summary['out_of_scope']} "
+                                    f"({summary['out_of_scope'] / max(summary['predictions'], 1):.1%} "
+                                    "of predictions)")
     counts = profile["class_counts"]
     ranked = sorted(counts, key=lambda name: (-counts[name], name))
     class_rows = [[name, counts[name], f"{counts[name] / max(summary['predictions'], 1):.1%}"]
@@ -162,11 +177,14 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
                    "score histogram"))
     with ThreadPoolExecutor(max_workers=16) as pool:
         thumbnails = list(pool.map(thumbnail_of, [row["path"] for row in review]))
-    review_cards = html.cards([
-        (picture, [row["path"].rsplit("/", 1)[-1], f"decision: {row['decision']}",
-                   *(f"P({name}) = {row[probability_column(name)]:.3f}"
-                     for name in sorted(class_names, key=lambda n: -row[probability_column(n)])[:3])])
-        for picture, row in zip(thumbnails, review, strict=True)])
+    def card(picture, row):
+        return (picture, [row["path"].rsplit("/", 1)[-1], f"decision: {row['decision']}",
+                          *([f"scope score {row['scope_score']:.3f}"] if "scope_score" in row else []),
+                          *(f"P({name}) = {row[probability_column(name)]:.3f}" for name in
+                            sorted(class_names, key=lambda n: -row[probability_column(n)])[:3])])
+
+    cards = [card(picture, row) for picture, row in zip(thumbnails, review, strict=True)]
+    flagged = [row["decision"] == OUT_OF_SCOPE for row in review]
     error_rows = [[kind, count, " | ".join(f"{path}: {message}" for path, message in
                                            profile["error_examples"].get(kind, []))]
                   for kind, count in summary["errors_by_type"].items()]
@@ -177,9 +195,14 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
                      "table lists every class</p>" if len(ranked) > len(shown) else "",
                      html.table(["class", "images", "share"], class_rows, table_id="classes"), mix),
         drift_section(summary, earlier),
-        html.section(f"Review queue: the {len(review)} least confident images",
-                     "<p>Also in review/review-queue.csv and .parquet (with an empty label "
-                     "column) for a labelling tool.</p>", review_cards),
+        *([out_of_scope_section(summary, [c for c, f in zip(cards, flagged, strict=True) if f])]
+          if summary.get("out_of_scope") is not None else []),
+        html.section(f"Review queue: the {len(review)} images to look at first",
+                     f"<p>{sum(flagged)} out of scope (shown above), then the least confident. "
+                     if any(flagged) else "<p>The least confident. ",
+                     "Also in review/review-queue.csv and .parquet (with an empty label column) for "
+                     "a labelling tool.</p>",
+                     html.cards([c for c, f in zip(cards, flagged, strict=True) if not f])),
         html.section("Errors by type", html.table(["error type", "count", "examples"], error_rows,
                                                   table_id="errors") if error_rows
                      else "<p>no errors</p>"),
@@ -189,6 +212,20 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
                         "confidence": row["confidence"], "thumbnail": picture is not None}
                        for row, picture in zip(review, thumbnails, strict=True)]}
     return html.page(f"petscore run {summary.get('run_id')} ({summary.get('run_date')})", sections, data)
+
+
+def out_of_scope_section(summary: dict, cards: list) -> str:
+    """How many images the model's detector flagged, with the thumbnails of those in the review
+    queue (the highest scope scores first)."""
+    count, predictions = summary["out_of_scope"], summary["predictions"]
+    shown = f" The first {len(cards)} of them, the highest scores first:" if cards else ""
+    return html.section(
+        f"Out of scope: {count} image{'' if count == 1 else 's'} ({count / max(predictions, 1):.1%} "
+        "of predictions)",
+        f"<p>Images whose scope score is above the model's threshold "
+        f"({summary['out_of_scope_threshold']:.4f}): neither of its classes, decision "
+        f"<code>out_of_scope</code>; submission.csv still holds their ids.{shown}</p>",
+        html.cards(cards) if cards else "")
 
 
 def write_run_report(output: str, summary: dict, review: list[dict], earlier: list[dict],

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 UNCERTAIN = "uncertain"
+OUT_OF_SCOPE = "out_of_scope"  # the decision of an image the model's detector flags
 METRICS_NAMESPACE = "petscore"  # Beam metrics of the job, locally and in the Dataflow UI
 
 class ListedImage(NamedTuple):
@@ -67,9 +68,13 @@ def top_k_columns(probabilities: np.ndarray, class_names: list[str], k: int) -> 
             pa.ListArray.from_arrays(offsets, pa.array(chosen, pa.float64())))
 
 
-def prediction_schema(class_names: list[str], top_k: int = 0) -> pa.Schema:
+def prediction_schema(class_names: list[str], top_k: int = 0, scope: bool = False) -> pa.Schema:
+    """The predictions table's schema: ``top_classes`` / ``top_probabilities`` with ``top_k``,
+    ``scope_score`` (the model's out-of-scope score: higher is further from its training images)
+    with ``scope``, a model's detector in use."""
     top = [pa.field("top_classes", pa.list_(pa.string()), nullable=False),
            pa.field("top_probabilities", pa.list_(pa.float64()), nullable=False)] if top_k else []
+    scope_field = [pa.field("scope_score", pa.float64(), nullable=False)] if scope else []
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
         pa.field("image_id", pa.int64()),  # integer file stem, null when the stem is not a number
@@ -81,7 +86,9 @@ def prediction_schema(class_names: list[str], top_k: int = 0) -> pa.Schema:
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         pa.field("confidence", pa.float64(), nullable=False),
         *top,
-        pa.field("decision", pa.string(), nullable=False),  # a class name, or 'uncertain'
+        *scope_field,
+        # a class name, 'uncertain' (below --min-confidence) or 'out_of_scope' (the detector's)
+        pa.field("decision", pa.string(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("model_sha256", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),

@@ -184,6 +184,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.input, options.manifest, run_id, batch_size=options.batch_size,
         csv_format=options.csv_format)
     tonight_prefix = input_prefix(options)
+    scope_threshold = out_of_scope_threshold(options, metadata)
     unscored = listed["paths"] | "SkipScored" >> SkipScored(list(scored_files), tonight_prefix,
                                                            options.batch_size)
     decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
@@ -195,7 +196,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.model_dir, metadata, min_confidence=options.min_confidence, run_id=run_id,
         share_model_across_processes=options.share_model_across_processes,
         runtime=options.runtime, threads=threads, tflite_invoke_batch=options.tflite_invoke_batch,
-        top_k=options.top_k,
+        top_k=options.top_k, scope_threshold=scope_threshold,
     ).with_resource_hints(**inference_hints)
     error_parts = (decoded[ERRORS], listed[DUPLICATES])
     errors = error_parts | "AllErrors" >> beam.Flatten()
@@ -205,7 +206,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.csv_format, options.positive_class, options.clip)
     prediction_files = predictions | "WritePredictions" >> WriteParquetTables(
         FileSystems.join(options.output, PREDICTIONS_DIR), "predictions",
-        prediction_schema(metadata.class_names, options.top_k))
+        prediction_schema(metadata.class_names, options.top_k, scope=scope_threshold is not None))
     error_files = errors | "WriteErrors" >> WriteParquetTables(
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
     written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
@@ -215,21 +216,38 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
                "model_sha256": metadata.sha256, "runtime": options.runtime,
                "input": options.input or options.manifest,
                "paths_prefix": tonight_prefix, "output": options.output,
-               "class_names": list(metadata.class_names)}
+               "class_names": list(metadata.class_names),
+               "out_of_scope_threshold": scope_threshold}
     ({"written": written, "inputs": listed[INPUT_COUNT], "predictions": predictions,
       "errors": errors, "csv_rows": csv["rows"], "skipped": skipped}
      | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context,
-                                            report_settings(options, metadata, earlier)))
+                                            report_settings(options, metadata, earlier,
+                                                            scope_threshold is not None)))
 
 
-def report_settings(options: ScoreOptions, metadata: ModelMetadata, earlier) -> ReportSettings:
-    """The night is profiled by P(positive class) for two classes, by the confidence otherwise."""
+def report_settings(options: ScoreOptions, metadata: ModelMetadata, earlier,
+                    scope: bool = False) -> ReportSettings:
+    """The night is profiled by P(positive class) for two classes, by the confidence otherwise;
+    ``scope``: rows carry the out-of-scope detector's score and decision."""
     two_classes = len(metadata.class_names) == 2
     return ReportSettings(
         class_names=list(metadata.class_names),
         score_column=probability_column(options.positive_class) if two_classes else "confidence",
         score_label=f"P({options.positive_class})" if two_classes else "confidence",
-        review_size=options.review_size, earlier=list(earlier))
+        review_size=options.review_size, earlier=list(earlier), scope=scope)
+
+
+def out_of_scope_threshold(options: ScoreOptions, metadata: ModelMetadata) -> float | None:
+    """The score above which an image's decision is ``out_of_scope``; None where nothing is
+    flagged: the model has no detector, ``--out-of-scope off``, or the integer runtime (its
+    quantised features carry no detector, see ``model.quantize``)."""
+    if not metadata.has_scope_detector or options.out_of_scope == "off":
+        return None
+    if options.runtime == "tflite-int8":
+        _LOG.warning("--runtime tflite-int8: the integer model carries no out-of-scope detector; "
+                     "no image is flagged out_of_scope (the float runtimes flag them)")
+        return None
+    return float(metadata.out_of_scope["threshold"])
 
 
 def resolve_date_placeholders(options: ScoreOptions) -> None:

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
 from pipeline.report import write_review_queue, write_run_report
-from pipeline.rows import UNCERTAIN, probability_column
+from pipeline.rows import OUT_OF_SCOPE, UNCERTAIN, probability_column
 from pipeline.write import write_file_atomically
 
 _LOG = logging.getLogger("petscore")
@@ -52,8 +52,9 @@ class PredictionProfileFn(beam.CombineFn):
     """Prediction tables -> ``{'count', 'uncertain', 'class_counts', 'histogram', 'review'}`` in
     one pass and bounded memory, a whole table at a time: counts per class, a
     ``HISTOGRAM_BINS``-bin histogram of ``score_column`` (bins [a, b) at the edges i / 10, as
-    ``bisect.bisect_right`` on those edges; 1.0 falls in the last) and the ``review_size`` least
-    confident rows (``review_columns``), least confident first (ties by path)."""
+    ``bisect.bisect_right`` on those edges; 1.0 falls in the last) and the ``review_size`` rows a
+    person should look at first (``review_columns``): the images flagged ``out_of_scope``,
+    furthest out first, then the least confident, least confident first (ties by path)."""
 
     def __init__(self, score_column: str, review_columns: list[str], review_size: int):
         self._score_column = score_column
@@ -61,21 +62,22 @@ class PredictionProfileFn(beam.CombineFn):
         self._review_size = review_size
 
     def create_accumulator(self):
-        return {"count": 0, "uncertain": 0, "class_counts": collections.Counter(),
+        return {"count": 0, "uncertain": 0, "out_of_scope": 0, "class_counts": collections.Counter(),
                 "histogram": np.zeros(HISTOGRAM_BINS, np.int64), "review": []}
 
     def add_input(self, profile, table):
         profile["count"] += table.num_rows
         profile["uncertain"] += pc.sum(pc.equal(table["decision"], UNCERTAIN)).as_py() or 0
+        profile["out_of_scope"] += pc.sum(pc.equal(table["decision"], OUT_OF_SCOPE)).as_py() or 0
         counts = pc.value_counts(table["predicted_class"])
         profile["class_counts"].update(dict(zip(counts.field("values").to_pylist(),
                                                 counts.field("counts").to_pylist(), strict=True)))
         bins = np.searchsorted(HISTOGRAM_EDGES, table[self._score_column].to_numpy(), side="right") - 1
         profile["histogram"] += np.bincount(np.clip(bins, 0, HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
         if self._review_size:
-            profile["review"].append(self._least_confident([table.select(self._review_columns)]))
+            profile["review"].append(self._first_to_review([table.select(self._review_columns)]))
             if len(profile["review"]) > 16:  # merged now and then: bounded, and few merges
-                profile["review"] = [self._least_confident(profile["review"])]
+                profile["review"] = [self._first_to_review(profile["review"])]
         return profile
 
     def merge_accumulators(self, profiles):
@@ -83,21 +85,28 @@ class PredictionProfileFn(beam.CombineFn):
         for profile in profiles:
             merged["count"] += profile["count"]
             merged["uncertain"] += profile["uncertain"]
+            merged["out_of_scope"] += profile["out_of_scope"]
             merged["class_counts"].update(profile["class_counts"])
             merged["histogram"] += profile["histogram"]
             merged["review"] += profile["review"]
         if merged["review"]:
-            merged["review"] = [self._least_confident(merged["review"])]
+            merged["review"] = [self._first_to_review(merged["review"])]
         return merged
 
     def extract_output(self, profile):
-        review = self._least_confident(profile["review"]).to_pylist() if profile["review"] else []
+        review = self._first_to_review(profile["review"]).to_pylist() if profile["review"] else []
         return {**profile, "class_counts": dict(profile["class_counts"]),
                 "histogram": profile["histogram"].tolist(), "review": review}
 
-    def _least_confident(self, tables: list[pa.Table]) -> pa.Table:
+    def _first_to_review(self, tables: list[pa.Table]) -> pa.Table:
         table = pa.concat_tables(tables)
-        order = pc.sort_indices(table, sort_keys=[("confidence", "ascending"), ("path", "ascending")])
+        keys = {"confidence": table["confidence"], "path": table["path"]}
+        if "scope_score" in table.column_names:  # out of scope first, the highest score first
+            flagged = pc.equal(table["decision"], OUT_OF_SCOPE)
+            keys = {"rank": pc.if_else(flagged, 0, 1),
+                    "confidence": pc.if_else(flagged, pc.negate(table["scope_score"]), table["confidence"]),
+                    "path": table["path"]}
+        order = pc.sort_indices(pa.table(keys), sort_keys=[(name, "ascending") for name in keys])
         return table.take(order[:self._review_size])
 
 
@@ -158,6 +167,7 @@ class ReportSettings:
     review_size: int
     earlier: list[dict]
     thresholds: dict | None = None
+    scope: bool = False  # rows carry the out-of-scope detector's score and decision
 
 
 def build_summary(written: list[str], *, inputs: int, predictions: dict, errors: dict,
@@ -174,6 +184,9 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
         "errors_by_type": {kind: errors[kind][0] for kind in sorted(errors)},
         "skipped_already_scored": skipped,
         "uncertain": predictions["uncertain"],
+        # images the model's out-of-scope detector flagged; None where none was in use
+        "out_of_scope": (predictions["out_of_scope"] if context.get("out_of_scope_threshold") is not None
+                         else None),
         "csv_rows": csv_rows,
         "accounted": inputs == predictions["count"] + error_count + skipped,
         "error_rate": error_count / inputs if inputs else 0.0,
@@ -205,7 +218,7 @@ def commit_run(written: list[str], *, inputs: int, predictions: dict, errors: di
     if summary["drift"]["alert"]:  # on Dataflow this runs on a worker: Cloud Logging has it
         _LOG.warning("petscore drift alert for %s against %d earlier nights: %s", output,
                      len(summary["drift"]["compared_to"]), ", ".join(summary["drift"]["alerts"]))
-    written = summary["files"] + write_review_queue(output, review, settings.class_names)
+    written = summary["files"] + write_review_queue(output, review, settings.class_names, settings.scope)
     write_run_report(output, summary, review, settings.earlier)  # a view: not in the record
     summary["files"] = listed_files(written, output)
     write_file_atomically(path, json.dumps(summary, indent=2, sort_keys=True).encode())
@@ -244,7 +257,8 @@ class WriteRunSummary(beam.PTransform):
     def expand(self, outputs):
         settings = self._settings
         review_columns = ["path", "predicted_class", "decision", "confidence",
-                          *[probability_column(name) for name in settings.class_names]]
+                          *[probability_column(name) for name in settings.class_names],
+                          *(["scope_score"] if settings.scope else [])]
         predictions = combined_globally(outputs["predictions"], "ProfilePredictions", PredictionProfileFn(
             settings.score_column, review_columns, settings.review_size))
         errors = combined_globally(outputs["errors"], "ProfileErrors", ErrorProfileFn())
