@@ -159,14 +159,22 @@ def run_direct(model_dir: str, pattern: str, output: str, extra: list[str]) -> d
 
 
 def free_model() -> None:
-    """direct-free-model: inference costs nothing (uniform probabilities), everything else runs."""
+    """direct-free-model: inference costs nothing (uniform probabilities and, for a model with a
+    detector, zero scope scores), everything else runs. Both ways a scorer asks: ``predict`` and,
+    where the code has it, ``predict_outputs`` (one call for both outputs)."""
     import numpy as np
 
-    from serving.runtimes import ServingModel
+    from serving import runtimes
 
-    ServingModel.check_reference_predictions = lambda self: 0.0
-    ServingModel.predict = lambda self, images: np.full(
-        (len(images), len(self.metadata.class_names)), 1 / len(self.metadata.class_names), np.float32)
+    def uniform(self, images):
+        return np.full((len(images), len(self.metadata.class_names)), 1 / len(self.metadata.class_names),
+                       np.float32)
+
+    runtimes.ServingModel.check_reference_predictions = lambda self: 0.0
+    runtimes.ServingModel.predict = uniform
+    if hasattr(runtimes, "Outputs"):
+        runtimes.ServingModel.predict_outputs = lambda self, images: runtimes.Outputs(
+            uniform(self, images), np.zeros(len(images), np.float32) if self.has_scope_score else None)
 
 
 def free_decoder_and_model() -> None:
