@@ -34,7 +34,7 @@ def first_night(night_images, trained, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("scores") / "dt=2026-11-20")
     summary = score.run(["--input", str(night_images / "all" / "*"), "--model-dir", trained["model_dir"],
                          "--output", output, "--run-date", "2026-11-20", "--review-size", "10",
-                         "--min-confidence", "0.6", "--max-error-rate", "1"])
+                         "--min-confidence", "0.6", "--max-error-rate", "1", "--out-of-scope", "off"])
     return {"output": output, "summary": summary, "run": read_run(output)}
 
 
@@ -86,7 +86,8 @@ def test_drift_alerts_on_a_changed_night_and_the_exit_code_says_so(first_night, 
                                                                    trained, tmp_path):
     scores = os.path.dirname(first_night["output"])
     base = ["--model-dir", trained["model_dir"], "--compare-to", os.path.join(scores, "dt=*"),
-            "--max-error-rate", "1", "--review-size", "10", "--min-confidence", "0.6"]
+            "--max-error-rate", "1", "--review-size", "10", "--min-confidence", "0.6",
+            "--out-of-scope", "off"]  # the detector's own report and drift checks: test_out_of_scope.py
     same = score.run(["--input", str(night_images / "all" / "*"), "--run-date", "2026-11-21",
                       "--output", os.path.join(scores, "dt=2026-11-21"), *base])
     assert same["drift"]["alert"] is False

@@ -67,7 +67,8 @@ def test_summary_accounts_for_every_input(scored):
 def test_parquet_predictions_have_the_schema_and_one_row_per_good_image(scored, trained):
     table = scored["run"]["predictions"]
     metadata = read_metadata(trained["model_dir"])
-    assert table.schema.equals(prediction_schema(["cat", "dog"]), check_metadata=False)
+    # The tiny model carries an out-of-scope detector, which flags by default: scope_score is there.
+    assert table.schema.equals(prediction_schema(["cat", "dog"], scope=True), check_metadata=False)
     root, expected = scored["root"], scored["expected"]
     assert sorted(table.column("path").to_pylist()) == sorted(
         os.path.join(root, name) for name, outcome in expected.items() if outcome == GOOD)
@@ -75,7 +76,9 @@ def test_parquet_predictions_have_the_schema_and_one_row_per_good_image(scored, 
     for row in rows:
         assert row["prob_cat"] + row["prob_dog"] == pytest.approx(1.0, abs=1e-5)
         assert row["confidence"] == max(row["prob_cat"], row["prob_dog"])
-        assert row["decision"] == row["predicted_class"]  # --min-confidence defaults to 0
+        # --min-confidence defaults to 0, so only the detector can overrule the class
+        assert row["decision"] == ("out_of_scope" if row["scope_score"] > metadata.out_of_scope["threshold"]
+                                   else row["predicted_class"])
         assert row["model_sha256"] == metadata.sha256 and row["run_id"] == "test-run"
     assert len({round(r["prob_dog"], 6) for r in rows}) > 1, "every image scored the same"
 
@@ -434,8 +437,8 @@ def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus
                                                                          monkeypatch):
     root, expected = corpus
     events = []
-    predict, advance = ServingModel.predict, progress.ProgressLog.advance
-    monkeypatch.setattr(ServingModel, "predict",
+    predict, advance = ServingModel.predict_outputs, progress.ProgressLog.advance
+    monkeypatch.setattr(ServingModel, "predict_outputs",
                         lambda self, images: events.append("batch") or predict(self, images))
     monkeypatch.setattr(progress.ProgressLog, "advance",
                         lambda self, count=1: events.append(count) or advance(self, count))
