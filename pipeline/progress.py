@@ -59,9 +59,15 @@ def start() -> ProgressLog:
 
 def expect(total: int) -> None:
     """The listing's count of inputs: the total the progress log counts against, if there is one
-    in this process (a local run)."""
+    in this process (a local run). Set, not added: a retried listing counts its files once."""
     if _CURRENT is not None:
-        _CURRENT.total = (_CURRENT.total or 0) + total
+        _CURRENT.total = total
+
+
+def stop() -> None:
+    """The run is over: DoFns of a later run in this process report to that run's log only."""
+    global _CURRENT
+    _CURRENT = None
 
 
 class _AdvanceProgress(beam.DoFn):

@@ -101,10 +101,18 @@ def file_stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path.rstrip("/")))[0]
 
 
+MAX_IMAGE_ID = 2**63 - 1  # the int64 image_id column's largest value
+
+
 def image_id(path: str) -> int | None:
-    """Kaggle id of a path: ``.../123.jpg`` -> 123; None when the stem is not an integer."""
+    """Kaggle id of a path: ``.../123.jpg`` -> 123; None when the stem is not an integer that
+    the int64 ``image_id`` column holds (``².jpg`` is a digit to ``str.isdigit`` but no integer
+    to ``int``; a 20-digit stem overflows): such a file scores, with no CSV row."""
     stem = file_stem(path)
-    return int(stem) if stem.isdigit() else None
+    if not (stem.isascii() and stem.isdigit()):
+        return None
+    number = int(stem)
+    return number if number <= MAX_IMAGE_ID else None
 
 
 def utc_now() -> datetime.datetime:

@@ -358,11 +358,14 @@ def execute(checked: CheckedRun) -> dict:
         pipeline_options.view_as(DirectOptions).direct_running_mode != "multi_processing")
     if report_progress:
         progress.start()
-    with frozen_heap(), beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
-        build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
-                       checked.inference_hints, checked.scored_files, checked.earlier,
-                       report_progress=report_progress,
-                       threads=thread_budget(pipeline_options, options))
+    try:
+        with frozen_heap(), beam.Pipeline(runner=runner, options=pipeline_options) as pipeline:
+            build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
+                           checked.inference_hints, checked.scored_files, checked.earlier,
+                           report_progress=report_progress,
+                           threads=thread_budget(pipeline_options, options))
+    finally:
+        progress.stop()
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from model.synthetic import write_kaggle_test_folder
 from pipeline import progress, score
 from pipeline.options import UnknownFlagError, refuse_unknown_flags
 from pipeline.read import EmptyInputError
@@ -450,6 +451,18 @@ def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus
     assert events.index(advanced[0]) < last_batch
 
 
+def test_a_retried_listing_counts_its_files_once_and_a_finished_run_counts_nothing_more():
+    log = progress.start()
+    try:
+        progress.expect(5)
+        progress.expect(5)  # the listing's bundle retried
+        assert log.total == 5
+    finally:
+        progress.stop()
+    progress.expect(7)  # after the run: no log to count against
+    assert log.total == 5
+
+
 def test_help_documents_every_flag():
     process = subprocess.run([sys.executable, "-m", "pipeline.score", "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
@@ -496,3 +509,21 @@ def test_a_model_directory_scores_with_the_preprocessing_its_metadata_records(
         pixels = np.stack([decode_and_resize(open(path, "rb").read(), (metadata.height, metadata.width),
                                              preprocessing=version) for path in images])
         assert np.allclose(got, model.predict(pixels)[:, 1], atol=1e-6) == (version == recorded), version
+
+
+def test_stems_that_are_no_int64_score_without_a_csv_row(tmp_path, trained):
+    """Odd digit stems (a superscript two, 20 digits) are scored like any non-numeric name: a
+    prediction row with a null image_id and no CSV row, not a failed listing or batch."""
+    write_kaggle_test_folder(str(tmp_path / "in"), 3, side_range=(40, 48))
+    for odd in ("\u00b2", "9" * 20):
+        shutil.copy(tmp_path / "in" / "1.jpg", tmp_path / "in" / f"{odd}.jpg")
+    output = str(tmp_path / "out")
+    summary = score.run(["--input", str(tmp_path / "in" / "*"), "--model-dir", trained["model_dir"],
+                         "--output", output, "--out-of-scope", "off"])
+    assert (summary["inputs"], summary["predictions"], summary["errors"]) == (5, 5, 0)
+    ids = {os.path.basename(row["path"]): row["image_id"]
+           for row in read_run(output)["predictions"].to_pylist()}
+    assert ids == {"1.jpg": 1, "2.jpg": 2, "3.jpg": 3, "\u00b2.jpg": None, "9" * 20 + ".jpg": None}
+    with open(os.path.join(output, "submission.csv")) as handle:
+        assert [line.split(",")[0] for line in handle.read().splitlines()] == ["id", "1", "2", "3"]
+

@@ -388,6 +388,9 @@ def test_image_id_is_the_integer_stem():
     assert image_id("gs://b/test/123.jpg") == 123
     assert image_id("/data/cat.1.jpg") is None
     assert image_id("/data/12a.png") is None
+    assert image_id("/data/\u00b2.jpg") is None  # a digit to str.isdigit, no integer to int()
+    assert image_id(f"/data/{2**63 - 1}.jpg") == 2**63 - 1
+    assert image_id(f"/data/{2**63}.jpg") is None  # beyond the int64 column
 
 
 def test_multiclass_csv_has_every_class_ids_as_they_are_sorted_and_clipped():
