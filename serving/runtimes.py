@@ -366,7 +366,8 @@ def load_keras_model(path: str, metadata: ModelMetadata):
     """The ``keras.Model`` in ``model.keras`` at ``path`` (any Beam filesystem) on the configured
     Keras backend, loaded with ``safe_mode=True`` (no deserialised Python runs: a Lambda layer is
     refused) and checked against the metadata: one image input of its size, an output named as
-    its ``signature_output`` when there are several, its class count. Raises
+    its ``signature_output`` when there are several, the detector's output when the metadata
+    describes one, its class count. Raises
     ``ModelContractError`` in one line when it cannot be loaded here, saying what to use instead."""
     backend = keras_backend()
     try:
@@ -401,6 +402,8 @@ def load_keras_model(path: str, metadata: ModelMetadata):
         raise ModelContractError(f"{path}: outputs {names}, none named {metadata.signature_output!r} "
                                  "(the metadata's signature_output)")
     index = names.index(metadata.signature_output) if len(names) > 1 else 0
+    if metadata.has_scope_detector and metadata.out_of_scope["output"] not in names:
+        raise ModelContractError(f"{path} has no output {metadata.out_of_scope['output']!r}{_MISSING_SCOPE}")
     _check_class_count(path, int(classifier.outputs[index].shape[-1]), metadata)
     _LOG.info("%s on Keras's %s backend", path, keras.backend.backend())
     return classifier
@@ -474,9 +477,9 @@ def keras_predict(classifier, outputs: Sequence[str] = ("probabilities",),
         def forward(trainable, fixed, images):
             precision = jax.default_matmul_precision("float32") if full_float32 else contextlib.nullcontext()
             with precision:
-                outputs, _ = classifier.stateless_call(trainable, fixed, images.astype(dtype),
+                results, _ = classifier.stateless_call(trainable, fixed, images.astype(dtype),
                                                        training=False)
-            return pick(outputs)
+            return pick(results)
 
         program = jax.jit(forward)
 

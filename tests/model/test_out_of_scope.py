@@ -175,7 +175,7 @@ def test_a_model_exported_without_a_detector_still_loads_and_scores(trained, pla
         assert model.check_reference_predictions() < FLOAT_RUNTIMES_AGREE
 
 
-@pytest.mark.parametrize("runtime", ["saved_model", "tflite"])
+@pytest.mark.parametrize("runtime", ["saved_model", "tflite", "keras"])
 def test_metadata_promising_a_detector_the_model_lacks_is_refused(trained, plain, runtime):
     detector = read_metadata(trained["model_dir"]).out_of_scope
     promised = dataclasses.replace(plain["metadata"], out_of_scope=detector)
