@@ -17,11 +17,17 @@ packages, so by every ``python -m`` entry point, before anything imports TensorF
   where the C++ code writes) to a temporary file while the ``tensorflow`` package executes, then
   writes back every line it captured except those. Entry points that never import TensorFlow
   (``pipeline.score`` with LiteRT, ``pipeline.report``) pay nothing.
+
+A process that dies inside ``import tensorflow`` (a CPU without the instructions the wheel was
+built for, a broken CUDA library) cannot write back what it captured: while the import runs,
+``faulthandler`` reports such a death on the real stderr with the Python stack ending at the
+import, and ``TF_CPP_MIN_LOG_LEVEL=0`` turns the capture off, so TensorFlow's own message shows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import importlib.abc
 import importlib.util
 import os
@@ -72,14 +78,20 @@ def kept_lines(captured: bytes, level: int) -> bytes:
 @contextlib.contextmanager
 def _absl_lines_held_back(level: int):
     """Send file descriptor 2 to a temporary file while the block runs, then write back
-    ``kept_lines`` of it (after an exception too). A no-op where fd 2 cannot be duplicated."""
+    ``kept_lines`` of it (after an exception too), with ``faulthandler`` writing to the real
+    stderr meanwhile (a fatal signal cannot write back). A no-op at level 0 (every line asked
+    for, as it comes) and where fd 2 cannot be duplicated."""
     sys.stderr.flush()
     try:
-        saved = os.dup(2)
+        saved = os.dup(2) if level > 0 else None
     except OSError:
+        saved = None
+    if saved is None:
         yield
         return
-    with tempfile.TemporaryFile() as captured:
+    handler_was_on = faulthandler.is_enabled()
+    with tempfile.TemporaryFile() as captured, os.fdopen(saved, "w", closefd=False) as real_stderr:
+        faulthandler.enable(file=real_stderr)
         os.dup2(captured.fileno(), 2)
         try:
             yield
@@ -87,6 +99,10 @@ def _absl_lines_held_back(level: int):
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+            if handler_was_on:
+                faulthandler.enable(file=sys.stderr)
+            else:
+                faulthandler.disable()
             captured.seek(0)
             os.write(2, kept_lines(captured.read(), level))
 

@@ -49,3 +49,27 @@ def test_absl_lines_below_the_level_are_held_back_and_nothing_else(level, kept):
     lines = IMPORT_NOISE.splitlines(keepends=True)
     python = b"/x.py:3: UserWarning: a warning Python printed meanwhile\n"
     assert kept_lines(IMPORT_NOISE + python, level) == b"".join(lines[i] for i in kept) + python
+
+
+def held_back_then(level: int, then: str) -> subprocess.CompletedProcess:
+    """A process that writes an absl INFO line to fd 2 inside a held-back block, then runs
+    ``then`` there (the block never returns when ``then`` ends the process)."""
+    code = ("import os\nfrom serving.tf_logs import _absl_lines_held_back\n"
+            f"with _absl_lines_held_back({level}):\n"
+            "    os.write(2, b'I0000 00:00:1.000000   1 port.cc:153] oneDNN custom operations are on\\n')\n"
+            f"    {then}\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
+
+
+def test_a_process_that_dies_while_lines_are_held_back_says_where():
+    """A fatal signal inside the import (a CPU without AVX, a broken CUDA library) cannot write
+    back what was captured: faulthandler reports it on the real stderr with the Python stack."""
+    process = held_back_then(3, "os.abort()")
+    assert process.returncode != 0
+    assert b"Fatal Python error: Aborted" in process.stderr and b"<string>" in process.stderr
+    assert b"oneDNN" not in process.stderr
+
+
+def test_level_0_captures_nothing_so_every_line_shows_as_it_comes():
+    process = held_back_then(0, "os._exit(0)")  # exits inside the block: nothing is written back
+    assert b"] oneDNN custom operations are on" in process.stderr
