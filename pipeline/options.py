@@ -155,8 +155,8 @@ class ScoreOptions(PipelineOptions):
              help="Exit with code 4 (after writing every output) when a drift check crosses its "
                   "threshold, so a schedule can alert on it (default: report only).")
         flag("review-size", type=int, default=50,
-             help="How many of the least confident images the review queue and the report show "
-                  "(default 50).")
+             help="How many images the review queue and the report show: the out-of-scope ones "
+                  "(highest score first), then the least confident (default 50).")
         flag("run-date", default="today",
              help=f"Date of this run: 'today', 'yesterday' (UTC) or YYYY-MM-DD (backfills). It "
                   f"replaces {RUN_DATE_PLACEHOLDER} in --input, --manifest and --output, e.g. "
@@ -169,8 +169,9 @@ class ScoreOptions(PipelineOptions):
 class ThreadBudget:
     """How many threads a worker process gives to decoding and to LiteRT, sized together.
 
-    ``processes``: SDK processes that share one machine's cores (1 in-process, N with
-    ``--direct_num_workers N`` multi-processing; None = one per core, as Dataflow runs Python).
+    ``processes``: SDK workers that share one machine's cores, each with its own decoder pool
+    (1 in-process, N with ``--direct_num_workers N`` multi-processing or multi-threading; None =
+    one per core, as Dataflow runs Python).
     An explicit ``decode_threads`` / ``tflite_threads`` (> 0) wins; 0 means sized here, on the
     worker, from the cores it really has (``resolve``).
     """
@@ -199,7 +200,8 @@ def thread_budget(pipeline_options: PipelineOptions, options) -> ThreadBudget:
     runner = standard.runner if isinstance(standard.runner, str) else "DirectRunner"
     direct = pipeline_options.view_as(DirectOptions)
     if (runner or "DirectRunner").lower() in ("directrunner", "direct"):
-        multi = direct.direct_running_mode == "multi_processing"
+        # multi_threading's worker threads each run their own DoFn instances, so their own pools
+        multi = direct.direct_running_mode in ("multi_processing", "multi_threading")
         processes = (direct.direct_num_workers or os.cpu_count()) if multi else 1  # 0: one per core
     elif "no_use_multiple_sdk_containers" in (pipeline_options.view_as(DebugOptions).experiments or []):
         processes = 1

@@ -9,7 +9,7 @@ from pipeline.options import ScoreOptions, ThreadBudget, thread_budget
 @pytest.mark.parametrize("argv, processes", [
     ([], 1),
     (["--direct_running_mode=multi_processing", "--direct_num_workers=4"], 4),
-    (["--direct_running_mode=multi_threading", "--direct_num_workers=4"], 1),  # one process
+    (["--direct_running_mode=multi_threading", "--direct_num_workers=4"], 4),  # a pool per thread
     (["--runner=DataflowRunner"], None),  # one SDK process per vCPU
     (["--runner=DataflowRunner", "--experiments=no_use_multiple_sdk_containers"], 1),
 ])
