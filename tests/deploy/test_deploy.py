@@ -27,7 +27,10 @@ def flex_parameters() -> list[dict]:
 
 
 def score_option_names() -> set[str]:
-    return {action.dest for action in _score_parser()._actions}
+    """Every flag the job accepts as a Flex Template passes it (``--name=value``), earlier
+    spellings included (``max_batch_size``), without the dashes."""
+    return {name[2:] for action in _score_parser()._actions for name in action.option_strings
+            if name.startswith("--") and "-" not in name[2:]}
 
 
 def _score_parser():
@@ -64,6 +67,9 @@ def test_every_flex_template_parameter_is_a_pipeline_option_with_valid_regexes()
     ("min_confidence", "0.75", "1.5"),
     ("overwrite", "true", "yes please"),
     ("batch_size", "128", "0"),
+    ("max_batch_size", "256", "-1"),
+    ("out_of_scope", "off", "ignore"),
+    ("runtime", "keras", "jax"),
     ("inference_resource_hint", "accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver",
      "gpus=1"),
 ])
@@ -77,12 +83,16 @@ def test_values_as_the_flex_template_passes_them_parse_into_options():
     """Flex Templates pass every parameter as --name=value, booleans included."""
     argv = ["--input=gs://b/in/dt={run_date}/*.jpg", "--model_dir=gs://b/m", "--output=gs://b/o/dt={run_date}",
             "--run_date=2026-11-21", "--overwrite=true", "--share_model_across_processes=false",
-            "--min_confidence=0.75", "--batch_size=128"]
+            "--min_confidence=0.75", "--batch_size=128", "--out_of_scope=off", "--runtime=keras"]
     options = PipelineOptions(argv).view_as(ScoreOptions)
     resolve_date_placeholders(options)
     assert options.overwrite is True and options.share_model_across_processes is False
     assert options.output == "gs://b/o/dt=2026-11-21" and options.input == "gs://b/in/dt=2026-11-21/*.jpg"
     assert (options.min_confidence, options.batch_size) == (0.75, 128)
+    assert (options.out_of_scope, options.runtime) == ("off", "keras")
+    # a schedule written before the batch pipeline still launches
+    earlier = PipelineOptions([*argv[:3], "--max_batch_size=256", "--min_batch_size=8"]).view_as(ScoreOptions)
+    assert (earlier.batch_size, earlier.min_batch_size) == (256, 8)
 
 
 def test_scheduler_launch_body_uses_only_template_parameters():
