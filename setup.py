@@ -17,7 +17,7 @@ setuptools.setup(
     version="0.1.0",
     description="Distributed batch scoring of image classifiers with Apache Beam and TensorFlow",
     packages=setuptools.find_packages(include=["pipeline", "serving", "reports", "model"]),
-    python_requires=">=3.10,<3.13",
+    python_requires=">=3.11,<3.13",
     install_requires=pinned_requirements(),
     entry_points={"console_scripts": [
         "petscore-score=pipeline.score:main",

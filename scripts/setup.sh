@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install petscore with every dependency pinned (requirements + constraints).
-# Needs only Python 3.10-3.12 with venv and the PyPI registry; idempotent and quiet when done before.
+# Needs only Python 3.11-3.12 with venv and the PyPI registry; idempotent and quiet when done before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))' 2>/dev/null; then
+  echo "petscore needs Python 3.11 or 3.12 ($PYTHON is $("$PYTHON" -V 2>&1)): run with PYTHON=python3.11 or python3.12" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -172,7 +172,8 @@ def venv_is_set_up() -> bool:
     """True when scripts/setup.sh would install nothing (its stamp matches): the scripts the
     README shows call it, and a test must not install packages."""
     digest = hashlib.sha256()
-    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt", "setup.py"):
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-jax.txt", "constraints.txt",
+                 "setup.py"):
         with open(os.path.join(REPO, name), "rb") as handle:
             digest.update(handle.read())
     wanted = digest.hexdigest()
