@@ -253,7 +253,7 @@ def main() -> int:
     run_parser.add_argument("--keras-backend", default=os.environ.get("KERAS_BACKEND", "jax"))
     run_parser.add_argument("--score-flag", action="append", default=[],
                             help="a flag for every pipeline.score run, e.g. "
-                                 "--score-flag=--max-batch-size=256")
+                                 "--score-flag=--batch-size=256")
     run_parser.add_argument("--work", default="bench_output")
     args = parser.parse_args()
     if args.command == "prepare":

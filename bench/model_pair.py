@@ -34,6 +34,7 @@ from bench.throughput import generate, warm_page_cache  # noqa: E402
 
 
 def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every finished child process so far (all their threads)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -57,6 +58,7 @@ def score_once(model_dir: str, input_glob: str, output: str) -> dict:
 
 
 def totals(runs: list[dict]) -> dict:
+    """One model's runs summed: wall and CPU seconds, the mean of the summaries' images/s."""
     return {"runs": len(runs), "wall_seconds": sum(r["wall_seconds"] for r in runs),
             "cpu_seconds": sum(r["cpu_seconds"] for r in runs),
             "mean_images_per_second": sum(r["images_per_second"] for r in runs) / len(runs),

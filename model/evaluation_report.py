@@ -10,6 +10,8 @@ from reports.html import cards, esc, image, key_values, page, plots, png, pyplot
 
 
 def confusion_plot(matrix: np.ndarray, class_names: list[str]) -> str:
+    """The confusion matrix (int counts [classes, classes], rows true, columns predicted) as a
+    base64 PNG, each cell labelled with its count."""
     figure, axis = pyplot().subplots(figsize=(3.5, 3.2))
     axis.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
@@ -23,6 +25,8 @@ def confusion_plot(matrix: np.ndarray, class_names: list[str]) -> str:
 
 
 def reliability_plot(curve: dict) -> str:
+    """Accuracy against mean confidence per confidence bin (``model.metrics``'s reliability
+    curve: ``bins`` and ``expected_calibration_error``) beside the diagonal, as a base64 PNG."""
     figure, axis = pyplot().subplots(figsize=(3.5, 3.2))
     bins = curve["bins"]
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")

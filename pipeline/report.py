@@ -2,11 +2,12 @@
 
     python -m pipeline.report OUTPUT_PREFIX [--compare-to 'gs://bkt/scores/dt=*'] [--html PATH]
 
-Every run writes ``review/review-queue.parquet`` and ``.csv`` (its least confident images, with an
-empty ``label`` column for a labelling tool) and ``report.html`` just before its completion
-record. The report is built from the record (counts, profile, drift) and the review queue; its
-thumbnails are read from storage with the job's reader, never re-scored. This command renders it
-again for any committed run, local or ``gs://``, e.g. against other earlier nights.
+Every run writes ``review/review-queue.parquet`` and ``.csv`` (its out-of-scope images, then its
+least confident, with an empty ``label`` column for a labelling tool) and ``report.html`` just
+before its completion record. The report is built from the record (counts, profile, drift) and
+the review queue; its thumbnails are read from storage with the job's reader, never re-scored.
+This command renders it again for any committed run, local or ``gs://``, e.g. against other
+earlier nights.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def out_of_scope_section(summary: dict, cards: list) -> str:
         f"Out of scope: {count} image{'' if count == 1 else 's'} ({count / max(predictions, 1):.1%} "
         "of predictions)",
         f"<p>Images whose scope score is above the model's threshold "
-        f"({summary['out_of_scope_threshold']:.4f}): neither of its classes, decision "
+        f"({summary['out_of_scope_threshold']:.4f}): none of its classes, decision "
         f"<code>out_of_scope</code>; submission.csv still holds their ids.{shown}</p>",
         html.cards(cards) if cards else "")
 
