@@ -21,6 +21,7 @@ from model.quantize import Int8Request, export_int8
 from model.signature import write_saved_model
 from serving.metadata import (
     KERAS_FILE,
+    METADATA_FILE,
     SAVED_MODEL_DIR,
     TFLITE_FILE,
     ModelMetadata,
@@ -84,6 +85,22 @@ def probabilities_first(flatbuffer: bytes) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
+def check_export_dir(export_dir: str) -> None:
+    """Refuse, before any work, an ``export_dir`` that an export would destroy without meaning
+    to: an existing file, or a directory holding anything but a model (no ``metadata.json``).
+    An earlier model there is replaced (a re-export under the same name), which is logged.
+    Raises ``ValueError`` in one line saying what to do."""
+    if os.path.isfile(export_dir):
+        raise ValueError(f"--output {export_dir} is a file: give a directory for the model")
+    if not os.path.isdir(export_dir) or not os.listdir(export_dir):
+        return
+    if not os.path.exists(os.path.join(export_dir, METADATA_FILE)):
+        raise ValueError(f"--output {export_dir} holds files that are not a petscore model (no "
+                         f"{METADATA_FILE}), which the export would delete: give a new or empty "
+                         "directory")
+    _LOG.info("%s holds a model: the export replaces it", export_dir)
+
+
 def export_model(
     classifier: keras.Model,
     export_dir: str,
@@ -113,8 +130,10 @@ def export_model(
     returns ``scope_score`` float32 [batch], its threshold is set on ``scope.held_out_paths`` as
     the exported SavedModel scores them, and ``metadata.json`` records it (``out_of_scope``). The
     integer model does not carry it. Everything is written to a sibling temporary directory
-    first and moved into place, so a reader never sees half a model.
+    first and moved into place, so a reader never sees half a model; ``check_export_dir``
+    refuses a directory that holds anything else.
     """
+    check_export_dir(export_dir)
     classifier = probabilities_only(classifier)  # a re-export fits its own detector, or none
     height, width = classifier.input_shape[1:3]
     parent = os.path.dirname(os.path.abspath(export_dir))

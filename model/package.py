@@ -39,7 +39,7 @@ from model.architecture import (
     weights_label,
 )
 from model.data import find_labelled_images, split_train_validation
-from model.export import export_model
+from model.export import check_export_dir, export_model
 from model.keras2 import RESAVE_ADVICE, Keras2ConfigError, describe_load_error, is_keras2_h5, load_keras2_h5
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 from serving.metadata import file_sha256
@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="The notebook's model: .keras, legacy .h5 (Keras 3 or Keras 2 / "
                              "tf.keras 2.x: Teachable Machine's keras_model.h5), or a SavedModel "
                              "directory. With --feature-extractor: the head trained on the features.")
-    parser.add_argument("--output", required=True, help="Model directory to write (replaced atomically).")
+    parser.add_argument("--output", required=True,
+                        help="Model directory to write: new, empty, or an earlier model, which is "
+                             "replaced atomically (a directory holding other files is refused).")
     classes = parser.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes", help="Class names in output order, comma-separated: cat,dog.")
     classes.add_argument("--classes-from", metavar="DIR",
@@ -394,6 +396,10 @@ def int8_request(images: str, class_names: list[str]) -> Int8Request:
 
 def package(args: argparse.Namespace):
     """Check everything, then export; returns the written ``ModelMetadata``."""
+    try:
+        check_export_dir(args.output)
+    except ValueError as refusal:
+        raise PackagingError(str(refusal)) from None
     class_names = resolve_class_names(args)
     int8 = int8_request(args.int8_images, class_names) if args.int8_images else None
     scope = scope_request(args)

@@ -32,7 +32,7 @@ from model.data import (
     image_dataset,
     split_train_validation,
 )
-from model.export import export_model
+from model.export import check_export_dir, export_model
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 from serving.preprocessing import (
     CV2_JPEG,
@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True,
                         help="Training images: <class>/*.jpg folders, or Kaggle's cat.1.jpg names.")
-    parser.add_argument("--output", required=True, help="Export directory (replaced atomically).")
+    parser.add_argument("--output", required=True,
+                        help="Export directory: new, empty, or an earlier model, which is replaced "
+                             "atomically (a directory holding other files is refused).")
     parser.add_argument("--base", default="mobilenet_v2", choices=sorted(BASES))
     parser.add_argument("--base-weights", default="imagenet",
                         help="'imagenet' (Keras downloads them: needs internet), 'none' (random: "
@@ -132,6 +134,7 @@ def summarise_split(data: LabelledImages) -> dict:
 
 def train(args: argparse.Namespace) -> dict:
     """Train and export; returns the exported metadata as a dict."""
+    check_export_dir(args.output)
     keras.utils.set_random_seed(args.seed)
     size = (args.input_size, args.input_size)
     if args.resize_method not in PREPROCESSING_VERSIONS[args.preprocessing]:

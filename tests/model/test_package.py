@@ -298,6 +298,24 @@ def test_a_class_count_that_does_not_match_the_output_is_refused(logits_model, t
     assert "outputs 2 value(s) per image (2 classes), but 3 class names were given" in message
 
 
+def test_an_output_holding_other_files_is_refused_and_kept_and_an_earlier_model_is_replaced(
+        logits_model, tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    argv = ["--keras", logits_model, "--classes", "cat,dog", "--scaling", "none", "--from-logits"]
+    assert package_cli(*argv, "--output", str(folder)) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("petscore: refused before writing anything: ") and message.count("\n") == 1
+    assert "not a petscore model (no metadata.json)" in message and "new or empty directory" in message
+    assert os.listdir(folder) == ["notes.txt"] and (folder / "notes.txt").read_text() == "mine"
+
+    model_dir = str(tmp_path / "model")
+    for version in ("first", "second"):  # a re-export under the same name replaces the model
+        assert package_cli(*argv, "--model-version", version, "--output", model_dir) == 0
+        assert read_metadata(model_dir).model_version == version
+
+
 def test_a_grayscale_model_is_refused(tmp_path, capsys):
     path = str(tmp_path / "gray.keras")
     keras.Sequential([keras.Input((32, 32, 1)), layers.Flatten(), layers.Dense(2, activation="softmax")]
