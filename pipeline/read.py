@@ -35,17 +35,43 @@ class ManifestEncodingError(ValueError):
     """The manifest is not UTF-8 text: refused before any work, saying how to save it."""
 
 
+class UnreadableSchemeError(ValueError):
+    """A path whose scheme no installed Beam filesystem reads (``file://``, ``http://``)."""
+
+
+def check_scheme(path: str, where: str) -> None:
+    """Refuse ``path`` when no Beam filesystem reads its scheme: one line saying what to write
+    instead, not a traceback per bundle halfway through the run. ``where`` names its source."""
+    try:
+        FileSystems.get_filesystem(path)
+    except ValueError:
+        scheme = FileSystems.get_scheme(path)
+        hint = (f"write the local path itself ({path.removeprefix('file://')})" if scheme == "file"
+                else "give local paths or gs:// ones (other stores need their Beam extra installed)")
+        raise UnreadableSchemeError(f"{where} {path!r}: no Beam filesystem reads {scheme}:// "
+                                    f"paths; {hint}") from None
+
+
 def check_input_exists(pattern: str | None, manifest: str | None) -> None:
-    """Fail fast, before a job is built, when there is nothing to score (or, for a manifest,
-    when it is not UTF-8 text: ``read_manifest``)."""
+    """Fail fast, before a job is built, when there is nothing to score, or something no
+    filesystem here reads (``check_scheme``), or a manifest that is not UTF-8 text
+    (``read_manifest``)."""
     if bool(pattern) == bool(manifest):
         raise ValueError("give exactly one of --input (a glob) and --manifest (a file of paths)")
     if manifest:
+        check_scheme(manifest, "--manifest")
         if not FileSystems.exists(manifest):
             raise EmptyInputError(f"manifest {manifest} does not exist")
-        if not read_manifest(manifest):
+        paths = read_manifest(manifest)
+        if not paths:
             raise EmptyInputError(f"manifest {manifest} lists no path")
+        first_of_each_scheme = {}
+        for path in paths:
+            first_of_each_scheme.setdefault(FileSystems.get_scheme(path), path)
+        for path in first_of_each_scheme.values():
+            check_scheme(path, f"manifest {manifest} lists")
         return
+    check_scheme(pattern, "--input")
     matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     if not matched:
         raise EmptyInputError(f"--input {pattern!r} matches no file")

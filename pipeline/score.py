@@ -15,6 +15,7 @@ import datetime
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -140,24 +141,36 @@ def load_checked_model(model_dir: str, runtime: str) -> ModelMetadata:
     return metadata
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse to mix two runs' files under one prefix; with ``overwrite``, delete everything an
-    earlier run or a killed attempt left there, its completion record first."""
+def check_output(output: str, overwrite: bool) -> list[str]:
+    """Refuse an output prefix that is a local file, or that holds an earlier run's files when
+    ``overwrite`` is not given (``OutputExistsError``, one line); return those files."""
+    if FileSystems.get_scheme(output) in (None, "file") and os.path.isfile(output):
+        raise OutputExistsError(f"--output {output} is a file: give a directory (a prefix) for "
+                                "the run's outputs")
     found = find_run_files(output)
-    if not found:
-        return
+    if not found or overwrite:
+        return found
     record = output_paths(output)["summary"]
     examples = ", ".join(path.removeprefix(output.rstrip("/") + "/") for path in found[:3])
-    if not overwrite and record in found:
+    if record in found:
         raise OutputExistsError(
             f"{output} already holds a complete run (summary.json and {len(found) - 1} more files); "
             "pass --overwrite to replace it or choose another --output")
-    if not overwrite:
-        raise OutputExistsError(
-            f"{output} holds {len(found)} files of an incomplete run ({examples}, ...) and no "
-            "summary.json: a run was killed there, or one is still writing; readers must not "
-            "trust them. If no job is writing there, rerun with --overwrite: it deletes them "
-            "before scoring again")
+    raise OutputExistsError(
+        f"{output} holds {len(found)} files of an incomplete run ({examples}, ...) and no "
+        "summary.json: a run was killed there, or one is still writing; readers must not "
+        "trust them. If no job is writing there, rerun with --overwrite: it deletes them "
+        "before scoring again")
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Refuse to mix two runs' files under one prefix (``check_output``); with ``overwrite``,
+    delete everything an earlier run or a killed attempt left there, its completion record
+    first."""
+    found = check_output(output, overwrite)
+    if not found:
+        return
+    record = output_paths(output)["summary"]
     _LOG.info("--overwrite: deleting %d files a %s run left under %s", len(found),
               "complete" if record in found else "killed (incomplete)", output)
     if record in found:
@@ -322,6 +335,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
                   every_file)
         options.input = every_file
     check_input_exists(options.input, options.manifest)
+    check_output(options.output, options.overwrite)  # before the model loads: refusals are quick
     metadata = load_checked_model(options.model_dir, options.runtime)
     resolve_model_dependent_options(options, metadata)
     scored_files = (earlier_scored_files(options.skip_scored, metadata.model_version,

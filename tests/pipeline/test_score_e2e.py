@@ -357,6 +357,16 @@ def test_the_cli_refuses_in_one_line_without_a_traceback(trained, tmp_path):
     assert "matches no file" in process.stderr and "Traceback" not in process.stderr
 
 
+def test_an_output_that_is_a_file_is_refused_before_the_model_loads(corpus, trained, tmp_path,
+                                                                     monkeypatch):
+    root, _ = corpus
+    (tmp_path / "notes.py").write_text("print('mine')\n")
+    monkeypatch.setattr(score, "load_checked_model", lambda *args: pytest.fail("model loaded"))
+    with pytest.raises(FileExistsError, match="notes.py is a file: give a directory"):
+        score.run(score_args(root, trained["model_dir"], str(tmp_path / "notes.py")))
+    assert (tmp_path / "notes.py").read_text() == "print('mine')\n"
+
+
 def test_a_mistyped_flag_is_refused_before_any_work_with_the_nearest_flag(trained, corpus, tmp_path):
     root, _ = corpus
     process = subprocess.run(

@@ -151,6 +151,21 @@ def test_empty_inputs_are_refused_before_any_work(tmp_path):
         check_input_exists(str(tmp_path / "*"), str(tmp_path / "empty.txt"))
 
 
+def test_paths_no_filesystem_reads_are_refused_before_any_work_saying_what_to_write(tmp_path):
+    (tmp_path / "1.jpg").write_bytes(b"")
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text(f"{tmp_path}/1.jpg\nfile://{tmp_path}/1.jpg\nhttp://example.com/2.jpg\n")
+    with pytest.raises(ValueError, match=re.escape(
+            f"lists 'file://{tmp_path}/1.jpg': no Beam filesystem reads file:// paths; write the "
+            f"local path itself ({tmp_path}/1.jpg)")):
+        check_input_exists(None, str(manifest))
+    manifest.write_text(f"{tmp_path}/1.jpg\nhttp://example.com/2.jpg\n")
+    with pytest.raises(ValueError, match="'http://example.com/2.jpg': no Beam filesystem reads http://"):
+        check_input_exists(None, str(manifest))
+    with pytest.raises(ValueError, match="--input 'file://"):
+        check_input_exists(f"file://{tmp_path}/*.jpg", None)
+
+
 def image_rows(batch):
     """An ``ImageBatch`` -> one tuple per image: what its row records, its pixels' shape and dtype."""
     return [(path, sha, int(size), updated, pixels.shape, str(pixels.dtype))
