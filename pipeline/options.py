@@ -53,8 +53,8 @@ class ScoreOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         def flag(name, **kwargs):
-            parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}",
-                                dest=name.replace("-", "_"), **kwargs)
+            spellings = dict.fromkeys([f"--{name}", f"--{name.replace('-', '_')}"])  # once each
+            parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
         flag("input", help="Glob of images to score, on any Beam filesystem "
                            "(e.g. 'data/test/*.jpg', 'gs://bucket/images/**'). "

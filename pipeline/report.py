@@ -49,6 +49,7 @@ def review_schema(class_names: list[str], scope: bool = False) -> pa.Schema:
 
 
 def review_paths(output: str) -> dict[str, str]:
+    """The review queue's files under ``output``, by kind: ``parquet`` and ``csv``."""
     return {kind: FileSystems.join(output, REVIEW_DIR, f"{REVIEW_NAME}.{kind}")
             for kind in ("parquet", "csv")}
 

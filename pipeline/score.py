@@ -57,7 +57,7 @@ from pipeline.read import (
     directory_glob,
     fixed_prefix,
 )
-from pipeline.report import earlier_records
+from pipeline.report import earlier_records, review_paths
 from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema, probability_column
 from pipeline.summary import ReportSettings, WriteRunSummary
 from pipeline.write import (
@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outputs under {summary['output']}:")
     for name, path in output_paths(summary["output"]).items():
         print(f"  {name:12s} {path}")
+    print(f"  {'review':12s} {review_paths(summary['output'])['csv']} (and .parquet)")
     print(f"  {'report':12s} {FileSystems.join(summary['output'], REPORT_NAME)}")
     print(f"{summary['inputs']} inputs: {summary['predictions']} predictions, "
           f"{summary['errors']} errors, {summary['images_per_second']} images/s")
