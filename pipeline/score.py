@@ -336,6 +336,11 @@ def check_run(argv: list[str] | None) -> CheckedRun:
         options.input = every_file
     check_input_exists(options.input, options.manifest)
     check_output(options.output, options.overwrite)  # before the model loads: refusals are quick
+    if options.input and "**" in options.input and (options.output.rstrip("/") + "/").startswith(
+            input_prefix(options)):
+        _LOG.warning("--output %s is under --input %s: a later run over the same input will "
+                     "list this run's outputs as images; write them somewhere else",
+                     options.output, options.input)
     metadata = load_checked_model(options.model_dir, options.runtime)
     resolve_model_dependent_options(options, metadata)
     scored_files = (earlier_scored_files(options.skip_scored, metadata.model_version,
@@ -391,6 +396,10 @@ def execute(checked: CheckedRun) -> dict:
     if not summary["accounted"]:
         _LOG.error("inputs (%d) != predictions (%d) + errors (%d) + skipped (%d)", summary["inputs"],
                    summary["predictions"], summary["errors"], summary["skipped_already_scored"])
+    if options.csv_format == BINARY and summary["csv_rows"] < summary["predictions"]:
+        _LOG.info("%d of %d predictions are not in submission.csv: their file names are not "
+                  "integers (Kaggle's ids, e.g. 123.jpg); every one is in predictions/",
+                  summary["predictions"] - summary["csv_rows"], summary["predictions"])
     return summary
 
 

@@ -3,6 +3,7 @@
 import fnmatch
 import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -367,6 +368,14 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(corpus, trai
     assert (tmp_path / "notes.py").read_text() == "print('mine')\n"
 
 
+@pytest.mark.parametrize("inside", [True, False])
+def test_an_output_under_a_recursive_input_is_warned_about(corpus, trained, tmp_path, caplog, inside):
+    root, _ = corpus
+    output = os.path.join(root, "scores") if inside else str(tmp_path / "scores")
+    score.check_run(["--input", root, "--model-dir", trained["model_dir"], "--output", output])
+    assert ("a later run over the same input will list this run's outputs" in caplog.text) == inside
+
+
 def test_a_mistyped_flag_is_refused_before_any_work_with_the_nearest_flag(trained, corpus, tmp_path):
     root, _ = corpus
     process = subprocess.run(
@@ -523,9 +532,10 @@ def test_a_model_directory_scores_with_the_preprocessing_its_metadata_records(
         assert np.allclose(got, model.predict(pixels)[:, 1], atol=1e-6) == (version == recorded), version
 
 
-def test_stems_that_are_no_int64_score_without_a_csv_row(tmp_path, trained):
+def test_stems_that_are_no_int64_score_without_a_csv_row(tmp_path, trained, caplog):
     """Odd digit stems (a superscript two, 20 digits) are scored like any non-numeric name: a
     prediction row with a null image_id and no CSV row, not a failed listing or batch."""
+    caplog.set_level(logging.INFO, logger="petscore")
     write_kaggle_test_folder(str(tmp_path / "in"), 3, side_range=(40, 48))
     for odd in ("\u00b2", "9" * 20):
         shutil.copy(tmp_path / "in" / "1.jpg", tmp_path / "in" / f"{odd}.jpg")
@@ -538,4 +548,5 @@ def test_stems_that_are_no_int64_score_without_a_csv_row(tmp_path, trained):
     assert ids == {"1.jpg": 1, "2.jpg": 2, "3.jpg": 3, "\u00b2.jpg": None, "9" * 20 + ".jpg": None}
     with open(os.path.join(output, "submission.csv")) as handle:
         assert [line.split(",")[0] for line in handle.read().splitlines()] == ["id", "1", "2", "3"]
+    assert "2 of 5 predictions are not in submission.csv" in caplog.text  # said, not silent
 
