@@ -163,11 +163,9 @@ def check_output(output: str, overwrite: bool) -> list[str]:
         "before scoring again")
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse to mix two runs' files under one prefix (``check_output``); with ``overwrite``,
-    delete everything an earlier run or a killed attempt left there, its completion record
-    first."""
-    found = check_output(output, overwrite)
+def delete_run_files(output: str, found: list[str]) -> None:
+    """Delete ``found``, what an earlier run or a killed attempt left under ``output``
+    (``check_output`` with ``overwrite``), its completion record first."""
     if not found:
         return
     record = output_paths(output)["summary"]
@@ -335,7 +333,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
                   every_file)
         options.input = every_file
     check_input_exists(options.input, options.manifest)
-    check_output(options.output, options.overwrite)  # before the model loads: refusals are quick
+    leftovers = check_output(options.output, options.overwrite)  # before the model loads
     if options.input and "**" in options.input and (options.output.rstrip("/") + "/").startswith(
             input_prefix(options)):
         _LOG.warning("--output %s is under --input %s: a later run over the same input will "
@@ -347,7 +345,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
                                          input_prefix(options), exclude_run=options.output)
                     if options.skip_scored else [])
     earlier = earlier_records(options.compare_to, metadata.model_version, options.output)
-    prepare_output(options.output, options.overwrite)
+    delete_run_files(options.output, leftovers)  # every check passed: now --overwrite deletes
     return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints,
                       scored_files, earlier)
 

@@ -132,7 +132,7 @@ def test_overwrite_deletes_staging_leftovers_but_nothing_else(night, trained, tm
     (output / "predictions" / "beam-temp-predictions-0f" / "a1b2").write_bytes(b"half a shard")
     (output / "submission.csv.tmp-0f").write_text("id,label\n1,0.5\n")
     (output / "notes.txt").write_text("not petscore's")
-    score.prepare_output(str(output), overwrite=True)
+    score.delete_run_files(str(output), score.check_output(str(output), overwrite=True))
     assert sorted(os.listdir(output)) == ["notes.txt"]
 
 
