@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -347,10 +347,7 @@ def _load_saved_model(model_dir: str, metadata: ModelMetadata,
         raise ModelContractError(
             f"{path}: signature input {metadata.signature_input!r} is {spec}, but the "
             f"metadata promises uint8 {_expected_input(metadata)}")
-    missing = [name for name in outputs if name not in signature.structured_outputs]
-    if missing:
-        raise ModelContractError(f"{path}: signature has no output {missing[0]!r}"
-                                 f"{_MISSING_SCOPE if missing[0] == SCOPE_SCORE else ''}")
+    _require_outputs(f"{path}: its signature", outputs, signature.structured_outputs)
     _check_class_count(path, signature.structured_outputs[metadata.signature_output].shape.as_list()[-1],
                        metadata)
 
@@ -402,8 +399,8 @@ def load_keras_model(path: str, metadata: ModelMetadata):
         raise ModelContractError(f"{path}: outputs {names}, none named {metadata.signature_output!r} "
                                  "(the metadata's signature_output)")
     index = names.index(metadata.signature_output) if len(names) > 1 else 0
-    if metadata.has_scope_detector and metadata.out_of_scope["output"] not in names:
-        raise ModelContractError(f"{path} has no output {metadata.out_of_scope['output']!r}{_MISSING_SCOPE}")
+    if metadata.has_scope_detector:
+        _require_outputs(path, [metadata.out_of_scope["output"]], names)
     _check_class_count(path, int(classifier.outputs[index].shape[-1]), metadata)
     _LOG.info("%s on Keras's %s backend", path, keras.backend.backend())
     return classifier
@@ -522,17 +519,21 @@ def _load_tflite(path: str, metadata: ModelMetadata, threads: int, invoke_batch:
         raise ModelContractError(f"{path}: input is {source['dtype'].__name__} {list(source['shape'])}, "
                                  f"the metadata promises uint8 {_expected_input(metadata)}")
     named = _litert_outputs(interpreter)
-    missing = [name for name in outputs if name not in named]
-    if missing:
-        raise ModelContractError(f"{path} has no output {missing[0]!r}"
-                                 f"{_MISSING_SCOPE if missing[0] == SCOPE_SCORE else ''}")
+    _require_outputs(path, outputs, named)
     indices = [named[name]["index"] for name in outputs]
     _check_class_count(path, int(named[metadata.signature_output]["shape"][-1]), metadata)
     return litert_predict(interpreter, invoke_batch, indices)
 
 
-_MISSING_SCOPE = (": the metadata describes an out-of-scope detector the model does not compute "
-                  "(metadata.json from another export?)")
+def _require_outputs(model: str, wanted: Sequence[str], available: Container[str]) -> None:
+    """Refuse, in one ``ModelContractError`` line, a model lacking an output the metadata names
+    (the same words for every runtime: a missing ``scope_score`` is a detector the metadata
+    describes and the model does not compute)."""
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        detector = (": the metadata describes an out-of-scope detector the model does not compute "
+                    "(metadata.json from another export?)") if missing[0] == SCOPE_SCORE else ""
+        raise ModelContractError(f"{model} has no output {missing[0]!r}{detector}")
 
 
 def _litert_outputs(interpreter) -> dict[str, dict]:
