@@ -170,10 +170,12 @@ def test_kind4_bottleneck_head_behind_a_resnet50_scores_as_the_notebook(kind4, n
     csv_rows = scored["run"]["csv"]
     assert csv_rows[0] == ["id", *BREEDS] and len(csv_rows) == 1 + len(paths)
     assert [r[0] for r in csv_rows[1:]] == sorted(os.path.splitext(os.path.basename(p))[0] for p in paths)
-    by_stem = {os.path.splitext(os.path.basename(p))[0]: want
-               for p, want in zip(paths, expected, strict=True)}
+    # The CSV holds the Parquet probabilities to 6 significant digits; those are the notebook's
+    # within TOLERANCE (checked above), which a relative bound on the CSV alone would tighten.
+    scored_by_stem = {os.path.splitext(name)[0]: [row[f"prob_{breed}"] for breed in BREEDS]
+                      for name, row in scored["rows"].items()}
     for row in csv_rows[1:]:
-        np.testing.assert_allclose([float(v) for v in row[1:]], by_stem[row[0]], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose([float(v) for v in row[1:]], scored_by_stem[row[0]], rtol=5e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
