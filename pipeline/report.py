@@ -73,15 +73,15 @@ def write_review_queue(output: str, rows: list[dict], class_names: list[str],
                        scope: bool = False) -> list[str]:
     """The rows to look at first (out of scope, then least confident: ``PredictionProfileFn``),
     in that order, as Parquet (exact paths, for programs) and CSV (for people, who open it in a
-    spreadsheet: ``spreadsheet_safe``, every cell quoted, so a line end in a path stays inside
-    its cell); returns their paths."""
+    spreadsheet: ``spreadsheet_safe``; pyarrow quotes every text cell, so a line end in a path
+    stays inside its cell); returns their paths."""
     schema = review_schema(class_names, scope)
     table = pa.Table.from_pylist([{**row, "label": None} for row in rows], schema=schema)
     paths = review_paths(output)
     with atomically_created(paths["parquet"]) as handle:
         pq.write_table(table, handle)
     text = io.BytesIO()
-    pacsv.write_csv(spreadsheet_safe(table), text, pacsv.WriteOptions(quoting_style="all_valid"))
+    pacsv.write_csv(spreadsheet_safe(table), text)
     write_file_atomically(paths["csv"], text.getvalue())
     return [paths["parquet"], paths["csv"]]
 
@@ -174,7 +174,8 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
         "images_per_second", "elapsed_seconds", "model_version", "run_id", "run_date", "input",
         "output")}
     headline["error_rate"] = f"{summary['error_rate']:.2%}"
-    by_reason = summary.get("skipped_by_reason") or {"already_scored": summary["skipped_already_scored"]}
+    by_reason = (summary.get("skipped_by_reason")  # older records: the one count they had
+                 or {"already_scored": summary.get("skipped_already_scored", 0)})
     reasons = ", ".join(f"{reason.replace('_', ' ')} {count}" for reason, count in by_reason.items())
     headline["skipped"] = f"{sum(by_reason.values())} ({reasons})"
     uncertain_share = summary["uncertain"] / max(summary["predictions"], 1)

@@ -1,13 +1,19 @@
 """What a glob lists: petscore's own matching of names, and every entry of a local tree, each a
 file, a reason it cannot be read, or nothing when the glob cannot reach it."""
 
+import io
 import json
 import os
 import shutil
 import tempfile
 
+import apache_beam as beam
 import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
 
+from pipeline.decode import DECODED, ERRORS, DecodeImages
 from pipeline.listing import (
     DANGLING_SYMLINK,
     NOT_A_FILE,
@@ -20,7 +26,8 @@ from pipeline.listing import (
     list_glob,
     literal_prefix,
 )
-from pipeline.read import EmptyInputError, check_input_exists
+from pipeline.options import ThreadBudget
+from pipeline.read import UNSCORED, EmptyInputError, ReadImagePaths, check_input_exists
 
 FILE = "file"
 
@@ -139,17 +146,19 @@ def test_a_folder_with_glob_characters_in_its_name(tree):
     check_input_exists(os.path.join(tree, "dangling.jpg"), None)  # one error row: not empty
 
 
-def list_as_nobody(pattern: str) -> list[dict]:
-    """``list_glob(pattern)`` in a forked child that dropped root's rights (uid 65534), for the
-    entries chmod cannot hide from root."""
-    list(list_glob(pattern))  # every import done before the fork
+def without_root(work):
+    """``work()`` (its result JSON) in a forked child that dropped root's rights (uid 65534),
+    where chmod hides what it hides from users; in this process when it is no root's."""
+    if os.geteuid() != 0:
+        return work()
+    work()  # as root first: every module it imports is loaded (the child cannot read root's)
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
         try:
             os.setgid(65534)
             os.setuid(65534)
-            os.write(write_end, json.dumps([m._asdict() for m in list_glob(pattern)]).encode())
+            os.write(write_end, json.dumps(work()).encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -170,17 +179,44 @@ def traversable_dir():
     shutil.rmtree(folder)
 
 
-def test_a_folder_the_job_cannot_list_is_one_entry_that_says_so(traversable_dir):
-    root = traversable_dir
-    make(os.path.join(root, "in", "locked", "a.jpg"))
-    make(os.path.join(root, "in", "open", "b.jpg"))
-    os.chmod(os.path.join(root, "in", "locked"), 0)
+def test_what_the_job_cannot_read_is_one_error_row_that_says_so(traversable_dir):
+    """A folder it cannot list and a file it cannot read, through the listing and reading stages."""
+    root = os.path.join(traversable_dir, "in")
+    image = io.BytesIO()
+    Image.new("RGB", (12, 10), "white").save(image, format="JPEG")
+    for name in ("locked/a.jpg", "open/b.jpg", "secret.jpg"):
+        make(os.path.join(root, name), image.getvalue())
+    os.chmod(os.path.join(root, "locked"), 0)
+    os.chmod(os.path.join(root, "secret.jpg"), 0)
+
+    def listed_and_read():
+        entries = [(entry.path, entry.error_type) for entry in list_glob(os.path.join(root, "**"))]
+        try:
+            with TestPipeline() as p:
+                listed = p | ReadImagePaths(os.path.join(root, "**"), None, "run")
+                read = listed["paths"] | DecodeImages((8, 8), "bilinear", 10**6, 10**6, "run",
+                                                      ThreadBudget())
+                errors = ((listed[UNSCORED], read[ERRORS]) | beam.Flatten()
+                          | beam.FlatMap(lambda table: table.to_pylist())
+                          | beam.Map(lambda row: (row["path"], row["stage"], row["error_type"],
+                                                  row["message"].split(":")[0])))
+                assert_that(errors, equal_to([
+                    (os.path.join(root, "locked"), "read", UNREADABLE_DIRECTORY,
+                     "cannot list this directory (Permission denied)"),
+                    (os.path.join(root, "secret.jpg"), "read", "PermissionError",
+                     "[Errno 13] Permission denied")]))
+                assert_that(read[DECODED] | beam.FlatMap(lambda batch: batch.paths),
+                            equal_to([os.path.join(root, "open", "b.jpg")]), label="Decoded")
+        except Exception as error:  # noqa: BLE001 - the child reports it to the test
+            return entries, str(error)
+        return entries, None
+
     try:
-        pattern = os.path.join(root, "in", "**")
-        entries = (list_as_nobody(pattern) if os.geteuid() == 0
-                   else [entry._asdict() for entry in list_glob(pattern)])
+        entries, failure = without_root(listed_and_read)
     finally:
-        os.chmod(os.path.join(root, "in", "locked"), 0o755)
-    assert [(os.path.relpath(e["path"], root), e["error_type"]) for e in entries] == [
-        ("in/locked", UNREADABLE_DIRECTORY), ("in/open/b.jpg", None)]
-    assert entries[0]["message"].startswith("cannot list this directory (Permission denied): none of")
+        os.chmod(os.path.join(root, "locked"), 0o755)
+    assert [tuple(entry) for entry in entries] == [
+        (os.path.join(root, "secret.jpg"), None),  # a file: stat works, reading it does not
+        (os.path.join(root, "locked"), UNREADABLE_DIRECTORY),
+        (os.path.join(root, "open", "b.jpg"), None)]
+    assert failure is None

@@ -126,9 +126,11 @@ def test_the_csv_files_keep_one_record_per_row_whatever_a_name_holds(nights):
     assert all(0 <= float(value) <= 1 for row in submission[1:] for value in row[1:])
 
     with open(os.path.join(first, "review", "review-queue.csv"), newline="", encoding="utf-8") as handle:
-        review = list(csv.DictReader(handle))
+        raw = handle.read()
+    review = list(csv.DictReader(io.StringIO(raw, newline="")))
     shown = {"'" + path if path.startswith(FORMULA_TRIGGERS) else path for path in nights["scored"]}
     assert {row["path"] for row in review} == shown  # formulas neutralised, nothing else changed
+    assert all('"' + path.replace('"', '""') + '",' in raw for path in shown)  # each text quoted
     assert not [cell for row in review for cell in row.values() if cell.startswith(FORMULA_TRIGGERS)]
     assert all(0 <= float(row["confidence"]) <= 1 and row["label"] == "" for row in review)
     review_parquet = read_parquet_shards(os.path.join(first, "review"))
