@@ -23,13 +23,13 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.options import ThreadBudget
-from pipeline.read import error_table
-from pipeline.rows import METRICS_NAMESPACE, ListedImage, PathBatch, error_row
+from pipeline.paths import storage_path
+from pipeline.read import SKIPPED, error_table
+from pipeline.rows import ALREADY_SCORED, METRICS_NAMESPACE, ListedImage, PathBatch, SkippedInputs, error_row
 from serving.metadata import file_chunks
 from serving.preprocessing import PREPROCESSING_VERSION, decode_and_resize
 
 ERRORS = "errors"
-SKIPPED = "skipped"
 DECODED = "images"
 
 
@@ -95,8 +95,9 @@ beam.coders.registry.register_coder(ImageBatch, ImageBatchCoder)
 
 class ReadAndDecodeFn(beam.DoFn):
     """A ``PathBatch`` -> one ``ImageBatch`` of its images decoded; on ``errors``, one
-    error table of those that failed; on ``skipped``, the list of paths whose exact bytes this
-    model version already scored under that path (``ListedImage.scored_sha256``, --skip-scored).
+    error table of those that failed; on ``skipped``, how many of its images hold the exact bytes
+    this model version already scored under that path (``ListedImage.scored_sha256``,
+    --skip-scored), as ``SkippedInputs``. Files are opened by their ``storage_path``.
 
     The files of a batch are read and decoded on a thread pool (its size: ``threads``, see
     ``pipeline.options.ThreadBudget``): storage reads wait
@@ -160,7 +161,7 @@ class ReadAndDecodeFn(beam.DoFn):
 
     def _hand_on(self, images, pixels, futures, window, timestamp):
         # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
-        decoded, errors, skipped, read = [], [], [], 0
+        decoded, errors, skipped, read = [], [], 0, 0
         outcomes = [outcome for future in futures for outcome in future.result()]
         for row, (size, outcome, value) in enumerate(outcomes):
             if size is not None:
@@ -169,13 +170,13 @@ class ReadAndDecodeFn(beam.DoFn):
             if outcome == DECODED:
                 decoded.append((row, size, value))
             elif outcome == SKIPPED:
-                skipped.append(images[row].path)
+                skipped += 1
             else:
                 errors.append(value)
         self._read.inc(read)
         self._decoded.inc(len(decoded))
         self._failed.inc(len(errors))
-        self._skipped.inc(len(skipped))
+        self._skipped.inc(skipped)
         if decoded:
             rows = [row for row, _, _ in decoded]
             yield WindowedValue(ImageBatch(
@@ -187,7 +188,8 @@ class ReadAndDecodeFn(beam.DoFn):
         if errors:
             yield beam.pvalue.TaggedOutput(ERRORS, WindowedValue(error_table(errors), timestamp, [window]))
         if skipped:
-            yield beam.pvalue.TaggedOutput(SKIPPED, WindowedValue(skipped, timestamp, [window]))
+            yield beam.pvalue.TaggedOutput(SKIPPED, WindowedValue(
+                SkippedInputs(ALREADY_SCORED, skipped), timestamp, [window]))
 
     def _handle_chunk(self, images: list[ListedImage], targets: np.ndarray) -> list[tuple]:
         return [self._handle(image, target) for image, target in zip(images, targets, strict=True)]
@@ -197,7 +199,7 @@ class ReadAndDecodeFn(beam.DoFn):
         ``(DECODED, its content's SHA-256)``, ``(SKIPPED, None)`` or ``(ERRORS, an error row)``."""
         path = image.path
         try:
-            data = self._read_bytes(path)
+            data = self._read_bytes(storage_path(path))
         except Exception as error:  # noqa: BLE001 - classified just below
             if not is_permanent_read_error(error) and not isinstance(error, FileTooLargeError):
                 raise
@@ -226,7 +228,7 @@ class ReadAndDecodeFn(beam.DoFn):
 
 class DecodeImages(beam.PTransform):
     """``PathBatch`` es in; ``{'images': ImageBatch, 'errors': error tables, 'skipped':
-    lists of paths}`` out. ``preprocessing``: the model's loader version (its metadata says
+    SkippedInputs}`` out. ``preprocessing``: the model's loader version (its metadata says
     which); ``threads``: sizes the decoder pool."""
 
     def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,

@@ -23,6 +23,7 @@ those under tonight's prefix. Which signal decides:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import apache_beam as beam
@@ -33,9 +34,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.decode import SKIPPED
+from pipeline.paths import recorded_prefixes
+from pipeline.read import SKIPPED
 from pipeline.records import committed_runs
-from pipeline.rows import METRICS_NAMESPACE, PathBatch
+from pipeline.rows import ALREADY_SCORED, METRICS_NAMESPACE, PathBatch, SkippedInputs
 from pipeline.write import PREDICTIONS_DIR
 
 _LOG = logging.getLogger("petscore")
@@ -108,14 +110,16 @@ class PathsIfFew(beam.CombineFn):
 
 class ReadScoredRows(beam.DoFn):
     """A predictions Parquet file -> ``(path, (content_sha256, file_bytes, file_updated_seconds))``
-    for each row under ``paths_prefix`` and, when the night is small enough to know its paths
-    (``tonight``), only for tonight's paths: the filter runs on Arrow record batches, so only
-    matches reach the join. Files written before the listing columns existed give None there."""
+    for each row under ``paths_prefix`` (recorded paths: those of its names that are not UTF-8
+    start with its ``file://`` URI, see ``pipeline.paths.recorded_prefixes``) and, when the night
+    is small enough to know its paths (``tonight``), only for tonight's paths: the filter runs on
+    Arrow record batches, so only matches reach the join. Files written before the listing
+    columns existed give None there."""
 
     COLUMNS = ("path", "content_sha256", "file_bytes", "file_updated_seconds")
 
     def __init__(self, paths_prefix: str):
-        self._paths_prefix = paths_prefix
+        self._recorded_prefixes = recorded_prefixes(paths_prefix) if paths_prefix else []
         self._tonight = (None, None)  # (the side input's list, its Arrow array)
 
     def process(self, parquet_path: str, tonight: list[str] | None):
@@ -128,8 +132,9 @@ class ReadScoredRows(beam.DoFn):
                 paths = batch.column("path")
                 if tonight is not None:
                     batch = batch.filter(pc.is_in(paths, value_set=self._tonight[1]))
-                elif self._paths_prefix:
-                    batch = batch.filter(pc.starts_with(paths, self._paths_prefix))
+                elif self._recorded_prefixes:
+                    under = [pc.starts_with(paths, prefix) for prefix in self._recorded_prefixes]
+                    batch = batch.filter(functools.reduce(pc.or_, under))
                 for row in batch.to_pylist():
                     yield row["path"], (row["content_sha256"], row.get("file_bytes"),
                                         row.get("file_updated_seconds"))
@@ -137,7 +142,8 @@ class ReadScoredRows(beam.DoFn):
 
 class _DecideFn(beam.DoFn):
     """``(path, {'listed': [ListedImage], 'scored': [...]})`` -> the image to read (with the
-    SHA-256s scored under its path), or its path tagged ``skipped`` when the listing matches."""
+    SHA-256s scored under its path), or ``SkippedInputs`` of one on ``skipped`` when the listing
+    matches."""
 
     def __init__(self):
         self._by_listing = Metrics.counter(METRICS_NAMESPACE, "images_skipped_unchanged_listing")
@@ -150,13 +156,13 @@ class _DecideFn(beam.DoFn):
                     (size, updated) == (image.size_bytes, image.updated_seconds)
                     for _, size, updated in scored):
                 self._by_listing.inc()
-                yield beam.pvalue.TaggedOutput(SKIPPED, path)
+                yield beam.pvalue.TaggedOutput(SKIPPED, SkippedInputs(ALREADY_SCORED, 1))
             else:
                 yield image._replace(scored_sha256=tuple(sorted({sha for sha, _, _ in scored})))
 
 
 class SkipScored(beam.PTransform):
-    """``PathBatch`` es in; ``{'images': PathBatch es to read, 'skipped': lists of paths}`` out.
+    """``PathBatch`` es in; ``{'images': PathBatch es to read, 'skipped': SkippedInputs}`` out.
 
     The join by path is the one step that handles images one at a time, and only on nights whose
     history may hold tonight's paths (``scored_files``); the images it keeps are batched again,
@@ -192,5 +198,5 @@ class SkipScored(beam.PTransform):
                        | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size,
                                                        max_batch_size=self._batch_size)
                        | "AsPathBatch" >> beam.Map(PathBatch)),
-            SKIPPED: decided[SKIPPED] | "AsLists" >> beam.Map(lambda path: [path]),
+            SKIPPED: decided[SKIPPED],
         }

@@ -1,10 +1,12 @@
 """Stage 1: image paths from a glob or a manifest, through Beam's filesystems, in batches.
 
-The whole listing is one element: a glob is matched by one ``FileSystems.match`` call (what
-Beam's ``MatchFiles`` does), a manifest is read by one worker (the launcher reads it whole too,
-to check and count it). So the stage sees every path at once, groups them into batches of
-``batch_size`` paths (the unit of work from here to the sinks) and finds, without a shuffle,
-what no single image can show: manifest lines listed twice, and files whose Kaggle ids collide.
+The whole listing is one element: a glob is listed by one ``pipeline.listing.list_glob`` call
+(around Beam's filesystems, as Beam's ``MatchFiles`` is), a manifest is read by one worker (the
+launcher reads it whole too, to check and count it). So the stage sees every path at once,
+groups them into batches of ``batch_size`` paths (the unit of work from here to the sinks) and
+finds, without a shuffle, what no single image can show: manifest lines listed twice, and files
+whose Kaggle ids collide. Paths leave in their recorded form (``pipeline.paths``): the text
+every output holds, from which the readers find the file again.
 """
 
 from __future__ import annotations
@@ -18,10 +20,22 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import progress
-from pipeline.rows import ERROR_SCHEMA, ListedImage, PathBatch, error_row, file_stem, image_id
+from pipeline.listing import glob_escape, list_glob, literal_prefix
+from pipeline.paths import normalised_entry, recorded_path, storage_path
+from pipeline.rows import (
+    ERROR_SCHEMA,
+    FOLDER_PLACEHOLDER,
+    ListedImage,
+    PathBatch,
+    SkippedInputs,
+    error_row,
+    file_stem,
+    image_id,
+)
 from pipeline.write import BINARY
 
-DUPLICATES = "duplicates"
+UNSCORED = "unscored"  # error tables of the inputs the listing itself turns away
+SKIPPED = "skipped"
 INPUT_COUNT = "input_count"
 # UTF-32's byte-order marks start with UTF-16's: both are refused by the same check.
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -53,9 +67,10 @@ def check_scheme(path: str, where: str) -> None:
 
 
 def check_input_exists(pattern: str | None, manifest: str | None) -> None:
-    """Fail fast, before a job is built, when there is nothing to score, or something no
-    filesystem here reads (``check_scheme``), or a manifest that is not UTF-8 text
-    (``read_manifest``)."""
+    """Fail fast, before a job is built, when there is nothing to score (a glob that
+    ``list_glob`` finds nothing but folder placeholders for), or something no filesystem here
+    reads (``check_scheme``; a ``file://`` URI of another host), or a manifest that is not
+    UTF-8 text (``read_manifest``)."""
     if bool(pattern) == bool(manifest):
         raise ValueError("give exactly one of --input (a glob) and --manifest (a file of paths)")
     if manifest:
@@ -66,20 +81,29 @@ def check_input_exists(pattern: str | None, manifest: str | None) -> None:
         if not paths:
             raise EmptyInputError(f"manifest {manifest} lists no path")
         first_of_each_scheme = {}
-        for path in paths:
+        for path in map(storage_path, paths):
             first_of_each_scheme.setdefault(FileSystems.get_scheme(path), path)
         for path in first_of_each_scheme.values():
             check_scheme(path, f"manifest {manifest} lists")
         return
     check_scheme(pattern, "--input")
-    matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
-    if not matched:
-        raise EmptyInputError(f"--input {pattern!r} matches no file")
+    placeholders = 0
+    for matched in list_glob(pattern):
+        if not matched.placeholder:
+            return
+        placeholders += 1
+    hint = f" (only {placeholders} folder placeholder{'s' * (placeholders > 1)})" if placeholders else ""
+    if not literal_prefix(pattern)[1] and FileSystems.exists(pattern):
+        hint = (f"; {pattern!r} is the name of a file or folder: write its [, * and ? as [[], "
+                f"[*] and [?] ({glob_escape(pattern)!r}) to score it")
+    raise EmptyInputError(f"--input {pattern!r} matches no file{hint}")
 
 
 def read_manifest(manifest: str) -> list[str]:
-    """Every path ``manifest`` lists, in order, duplicates included (``manifest_entry`` of each
-    line; lines end at LF, the CR of a CRLF is stripped with the spaces).
+    """Every path ``manifest`` lists, in order, duplicates included, in its recorded form
+    (``manifest_entry`` of each line, ``pipeline.paths.normalised_entry``: a ``file://`` URI
+    names a local file whose name is not UTF-8 or holds a line end; lines end at LF, the CR of a
+    CRLF is stripped with the spaces).
 
     Raises ``ManifestEncodingError`` for UTF-16 (Notepad's "Unicode", Excel's "Unicode Text")
     and for bytes that are not UTF-8 (a legacy code page such as Windows-1252), naming the line:
@@ -96,7 +120,7 @@ def read_manifest(manifest: str) -> list[str]:
         raise ManifestEncodingError(
             f"manifest {manifest} line {line} is not UTF-8 (byte 0x{data[error.start]:02x}, a "
             "legacy code page such as Windows-1252?): save it as UTF-8") from None
-    return [path for path in map(manifest_entry, text.split("\n")) if path]
+    return [normalised_entry(path) for path in map(manifest_entry, text.split("\n")) if path]
 
 
 def manifest_entry(line: str) -> str | None:
@@ -105,21 +129,6 @@ def manifest_entry(line: str) -> str | None:
     of a CRLF line end and spaces or tabs around the path are not part of it."""
     path = line.lstrip("\ufeff").strip()
     return path if path and not path.startswith("#") else None
-
-
-def fixed_prefix(pattern: str) -> str:
-    """The part of a glob before its first wildcard: every path it matches starts with it."""
-    cut = min((pattern.index(c) for c in "*?[" if c in pattern), default=len(pattern))
-    return pattern[:cut]
-
-
-def directory_glob(pattern: str) -> str | None:
-    """``pattern/**`` when ``pattern`` (no wildcard) names a directory or, on an object store,
-    a prefix with objects under it; else None."""
-    if fixed_prefix(pattern) != pattern:
-        return None
-    recursive = FileSystems.join(pattern.rstrip("/"), "**")
-    return recursive if FileSystems.match([recursive], limits=[1])[0].metadata_list else None
 
 
 def csv_key(path: str, csv_format: str) -> int | str | None:
@@ -155,9 +164,10 @@ def error_table(rows: list[dict]) -> pa.Table:
 
 
 class ListImagesFn(beam.DoFn):
-    """A glob or a manifest path -> ``PathBatch`` es of ``ListedImage``; on ``duplicates``, one
-    error table of the inputs that are not scored (extra manifest listings, colliding CSV ids);
-    on ``input_count``, how many inputs the listing holds."""
+    """A glob or a manifest path -> ``PathBatch`` es of ``ListedImage``; on ``unscored``, one
+    error table of the inputs that are not scored (entries no reader can read, extra manifest
+    listings, colliding CSV ids); on ``skipped``, the folder placeholders a glob matched; on
+    ``input_count``, how many inputs the listing holds."""
 
     def __init__(self, is_manifest: bool, batch_size: int, csv_format: str, run_id: str):
         self._is_manifest = is_manifest
@@ -172,27 +182,40 @@ class ListImagesFn(beam.DoFn):
             extra = [error_row(path, "read", f"listed {count} times in the manifest; scored once",
                                self._run_id, error_type="DuplicatePath")
                      for path, count in listings.items() for _ in range(count - 1)]
+            placeholders = 0
         else:
-            images = [ListedImage(metadata.path, metadata.size_in_bytes,
-                                  metadata.last_updated_in_seconds)
-                      for metadata in FileSystems.match([source])[0].metadata_list]
-            extra = []
+            images, extra, placeholders = [], [], 0
+            for matched in list_glob(source):
+                path = recorded_path(matched.path)
+                if matched.placeholder:
+                    placeholders += 1
+                elif matched.error_type:
+                    extra.append(error_row(path, "read", matched.message, self._run_id,
+                                           error_type=matched.error_type))
+                else:
+                    images.append(ListedImage(path, matched.size_bytes, matched.updated_seconds))
         collisions = colliding_csv_ids((image.path for image in images), self._csv_format)
         if collisions:
             images = [image for image in images if image.path not in collisions]
             extra += [error_row(path, "read", message, self._run_id, error_type="DuplicateCsvId")
                       for path, message in sorted(collisions.items())]
-        progress.expect(len(images) + len(extra))
-        yield beam.pvalue.TaggedOutput(INPUT_COUNT, len(images) + len(extra))
+        progress.expect(len(images) + len(extra) + placeholders)
+        yield beam.pvalue.TaggedOutput(INPUT_COUNT, len(images) + len(extra) + placeholders)
         if extra:
-            yield beam.pvalue.TaggedOutput(DUPLICATES, error_table(extra))
+            yield beam.pvalue.TaggedOutput(UNSCORED, error_table(extra))
+        if placeholders:
+            yield beam.pvalue.TaggedOutput(SKIPPED, SkippedInputs(FOLDER_PLACEHOLDER, placeholders))
         for start in range(0, len(images), self._batch_size):
             yield PathBatch(images[start:start + self._batch_size])
 
 
 class ReadImagePaths(beam.PTransform):
-    """``{'paths': PathBatch es, 'duplicates': error tables, 'input_count': ints}``.
+    """``{'paths': PathBatch es, 'unscored': error tables, 'skipped': SkippedInputs,
+    'input_count': ints}``.
 
+    Every entry a glob matches is an input (``pipeline.listing``): one that no reader can read
+    (a dangling symbolic link, a directory the job cannot list, ...) leaves as an error row of
+    stage ``read`` that says why; an object store's folder placeholder is skipped and counted.
     A path listed more than once in a manifest is scored once; each extra listing leaves as an
     error row (``DuplicatePath``). Paths whose ``submission.csv`` id collides (``csv_format``,
     see ``csv_key``) all leave as error rows (``DuplicateCsvId``) naming each other, so that the
@@ -209,5 +232,6 @@ class ReadImagePaths(beam.PTransform):
         listed = (pbegin
                   | "Source" >> beam.Create([self._source])
                   | "ListImages" >> beam.ParDo(self._fn).with_outputs(
-                      DUPLICATES, INPUT_COUNT, main="paths"))
-        return {"paths": listed.paths, DUPLICATES: listed[DUPLICATES], INPUT_COUNT: listed[INPUT_COUNT]}
+                      UNSCORED, SKIPPED, INPUT_COUNT, main="paths"))
+        return {"paths": listed.paths, UNSCORED: listed[UNSCORED], SKIPPED: listed[SKIPPED],
+                INPUT_COUNT: listed[INPUT_COUNT]}

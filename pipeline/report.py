@@ -19,12 +19,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
+from pipeline.paths import storage_path
 from pipeline.records import committed_runs, read_record
 from pipeline.rows import OUT_OF_SCOPE, probability_column
 from pipeline.write import REPORT_NAME, REVIEW_DIR, atomically_created, write_file_atomically
@@ -33,6 +35,9 @@ from serving.metadata import file_chunks
 
 REVIEW_NAME = "review-queue"
 THUMBNAIL_MAX_BYTES = 32 * 1024 * 1024
+# A cell starting with one of these is a formula (or may become one) to a spreadsheet: OWASP's
+# "CSV Injection" list (= + - @, tab, carriage return).
+FORMULA_TRIGGERS = r"^([=+\-@\t\r])"
 
 
 def review_schema(class_names: list[str], scope: bool = False) -> pa.Schema:
@@ -54,17 +59,29 @@ def review_paths(output: str) -> dict[str, str]:
             for kind in ("parquet", "csv")}
 
 
+def spreadsheet_safe(table: pa.Table) -> pa.Table:
+    """``table`` with each text cell that a spreadsheet would run as a formula neutralised as
+    OWASP's "CSV Injection" page recommends: a cell starting with ``=``, ``+``, ``-``, ``@``, a
+    tab or a carriage return gets a leading single quote (``'=HYPERLINK(...)``), which
+    spreadsheets read as "this cell is text" and hide. Numbers stay numbers."""
+    columns = [pc.replace_substring_regex(column, FORMULA_TRIGGERS, r"'\1")
+               if pa.types.is_string(column.type) else column for column in table.columns]
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
 def write_review_queue(output: str, rows: list[dict], class_names: list[str],
                        scope: bool = False) -> list[str]:
     """The rows to look at first (out of scope, then least confident: ``PredictionProfileFn``),
-    in that order, as Parquet and CSV; returns their paths."""
+    in that order, as Parquet (exact paths, for programs) and CSV (for people, who open it in a
+    spreadsheet: ``spreadsheet_safe``; pyarrow quotes every text cell, so a line end in a path
+    stays inside its cell); returns their paths."""
     schema = review_schema(class_names, scope)
     table = pa.Table.from_pylist([{**row, "label": None} for row in rows], schema=schema)
     paths = review_paths(output)
     with atomically_created(paths["parquet"]) as handle:
         pq.write_table(table, handle)
     text = io.BytesIO()
-    pacsv.write_csv(table, text)
+    pacsv.write_csv(spreadsheet_safe(table), text)
     write_file_atomically(paths["csv"], text.getvalue())
     return [paths["parquet"], paths["csv"]]
 
@@ -78,9 +95,10 @@ def read_review_queue(output: str) -> list[dict]:
 
 
 def thumbnail_of(path: str) -> str | None:
-    """A thumbnail read with the job's reader; None when the file is gone or unreadable now."""
+    """A thumbnail of the file a recorded ``path`` names (``pipeline.paths``), read with the
+    job's reader; None when the file is gone or unreadable now."""
     try:
-        data = b"".join(file_chunks(path))
+        data = b"".join(file_chunks(storage_path(path)))
         return html.thumbnail(data, side=128) if len(data) <= THUMBNAIL_MAX_BYTES else None
     except Exception:  # noqa: BLE001 - a report shows what it can; the run's outputs stand
         return None
@@ -152,10 +170,14 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
     profile = summary["profile"]
     class_names = summary["class_names"]
     headline = {key: summary.get(key) for key in (
-        "inputs", "predictions", "errors", "skipped_already_scored", "uncertain", "error_rate",
+        "inputs", "predictions", "errors", "skipped", "uncertain", "error_rate",
         "images_per_second", "elapsed_seconds", "model_version", "run_id", "run_date", "input",
         "output")}
     headline["error_rate"] = f"{summary['error_rate']:.2%}"
+    by_reason = (summary.get("skipped_by_reason")  # older records: the one count they had
+                 or {"already_scored": summary.get("skipped_already_scored", 0)})
+    reasons = ", ".join(f"{reason.replace('_', ' ')} {count}" for reason, count in by_reason.items())
+    headline["skipped"] = f"{sum(by_reason.values())} ({reasons})"
     uncertain_share = summary["uncertain"] / max(summary["predictions"], 1)
     headline["uncertain"] = f"{summary['uncertain']} ({uncertain_share:.1%} of predictions)"
     if summary.get("out_of_scope") is not None:
@@ -232,8 +254,11 @@ def out_of_scope_section(summary: dict, cards: list) -> str:
 
 def write_run_report(output: str, summary: dict, review: list[dict], earlier: list[dict],
                      path: str | None = None) -> str:
+    """``report.html`` under ``output`` (or at ``path``). Paths in rows are recorded text; a
+    flag's own value may hold a name byte that is not UTF-8, written ``\\udcXX``."""
     target = path or FileSystems.join(output, REPORT_NAME)
-    write_file_atomically(target, render_run_report(summary, review, earlier).encode())
+    page = render_run_report(summary, review, earlier)
+    write_file_atomically(target, page.encode("utf-8", "backslashreplace"))
     return target
 
 

@@ -25,6 +25,23 @@ class ListedImage(NamedTuple):
     scored_sha256: tuple[str, ...] = ()
 
 
+ALREADY_SCORED = "already_scored"  # --skip-scored: these bytes were scored under this path
+FOLDER_PLACEHOLDER = "folder_placeholder"  # an object store's 0-byte "dir/" object
+SKIP_REASONS = (ALREADY_SCORED, FOLDER_PLACEHOLDER)
+
+
+@dataclasses.dataclass
+class SkippedInputs:
+    """``count`` inputs skipped for one of ``SKIP_REASONS``: counted, never scored. Its length
+    is the count, as a table's is its rows, so progress counts both alike."""
+
+    reason: str
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
 @dataclasses.dataclass
 class PathBatch:
     """Images listed together, the unit of work until they are decoded. A dataclass rather than
@@ -121,11 +138,14 @@ def utc_now() -> datetime.datetime:
 
 def error_row(path: str, stage: str, error: BaseException | str, run_id: str,
               error_type: str | None = None) -> dict[str, Any]:
+    """One row of the errors schema for the recorded ``path`` (``pipeline.paths``). The message
+    is for people: a name byte that is not UTF-8 in it is written ``\\udcXX``."""
+    message = str(error) or type(error).__name__
     return {
         "path": path,
         "stage": stage,
         "error_type": error_type or type(error).__name__,
-        "message": str(error) or type(error).__name__,
+        "message": message.encode("utf-8", "backslashreplace").decode("utf-8"),
         "run_id": run_id,
         "failed_at": utc_now(),
     }

@@ -36,9 +36,10 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
 from pipeline import progress
-from pipeline.decode import DECODED, ERRORS, SKIPPED, DecodeImages
+from pipeline.decode import DECODED, ERRORS, DecodeImages
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ScoreImages
+from pipeline.listing import directory_glob, fixed_prefix
 from pipeline.options import (
     RUN_DATE_PLACEHOLDER,
     ScoreOptions,
@@ -49,14 +50,7 @@ from pipeline.options import (
     thread_budget,
 )
 from pipeline.progress import ReportProgress
-from pipeline.read import (
-    DUPLICATES,
-    INPUT_COUNT,
-    ReadImagePaths,
-    check_input_exists,
-    directory_glob,
-    fixed_prefix,
-)
+from pipeline.read import INPUT_COUNT, SKIPPED, UNSCORED, ReadImagePaths, check_input_exists
 from pipeline.report import earlier_records, review_paths
 from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema, probability_column
 from pipeline.summary import ReportSettings, WriteRunSummary
@@ -201,7 +195,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
         options.max_image_bytes, run_id, threads or ThreadBudget(), preprocessing=metadata.preprocessing)
-    skipped_parts = (unscored[SKIPPED], decoded[SKIPPED])
+    skipped_parts = (listed[SKIPPED], unscored[SKIPPED], decoded[SKIPPED])
     skipped = skipped_parts | "AllSkipped" >> beam.Flatten()
     predictions = decoded[DECODED] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_confidence=options.min_confidence, run_id=run_id,
@@ -209,7 +203,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         runtime=options.runtime, threads=threads, tflite_invoke_batch=options.tflite_invoke_batch,
         top_k=options.top_k, scope_threshold=scope_threshold,
     ).with_resource_hints(**inference_hints)
-    error_parts = (decoded[ERRORS], listed[DUPLICATES])
+    error_parts = (decoded[ERRORS], listed[UNSCORED])
     errors = error_parts | "AllErrors" >> beam.Flatten()
 
     csv = predictions | "WriteKaggleCsv" >> WriteKaggleCsv(
@@ -386,14 +380,14 @@ def execute(checked: CheckedRun) -> dict:
     summary_path = output_paths(options.output)["summary"]
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())
-    headline = ("inputs", "predictions", "errors", "errors_by_type", "skipped_already_scored",
+    headline = ("inputs", "predictions", "errors", "errors_by_type", "skipped_by_reason",
                 "uncertain", "accounted", "images_per_second")
     _LOG.info("run summary (%s): %s", summary_path, json.dumps(
         {key: summary[key] for key in headline} | {"drift_alerts": summary["drift"].get("alerts", [])},
         sort_keys=True))
     if not summary["accounted"]:
         _LOG.error("inputs (%d) != predictions (%d) + errors (%d) + skipped (%d)", summary["inputs"],
-                   summary["predictions"], summary["errors"], summary["skipped_already_scored"])
+                   summary["predictions"], summary["errors"], sum(summary["skipped_by_reason"].values()))
     if options.csv_format == BINARY and summary["csv_rows"] < summary["predictions"]:
         _LOG.info("%d of %d predictions are not in submission.csv: their file names are not "
                   "integers (Kaggle's ids, e.g. 123.jpg); every one is in predictions/",

@@ -3,7 +3,8 @@ night's profile (class mix, score histogram, example errors) and its drift again
 nights; the review queue and ``report.html`` are written just before it.
 
 Counts come from the data (combines over the PCollections), not from metrics, so they are exact
-on every runner; ``accounted`` proves that every input became exactly one prediction or error row.
+on every runner; ``accounted`` proves that every input became exactly one prediction or error
+row, or was skipped.
 
 The record's main input is the list of files the sinks finalised (the Parquet sinks' written
 file names and the CSV's path), gathered by one global combine: on any runner it cannot be
@@ -29,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
 from pipeline.report import write_review_queue, write_run_report
-from pipeline.rows import OUT_OF_SCOPE, UNCERTAIN, probability_column
+from pipeline.rows import ALREADY_SCORED, OUT_OF_SCOPE, SKIP_REASONS, UNCERTAIN, probability_column
 from pipeline.write import write_file_atomically
 
 _LOG = logging.getLogger("petscore")
@@ -136,20 +137,25 @@ class ErrorProfileFn(beam.CombineFn):
         return profile
 
 
-class TotalLength(beam.CombineFn):
-    """Elements in, the sum of their lengths out: rows of tables, paths of lists."""
+class SkippedCounts(beam.CombineFn):
+    """``SkippedInputs`` in; ``{reason: count}`` out, every one of ``SKIP_REASONS`` present."""
 
     def create_accumulator(self):
-        return 0
+        return dict.fromkeys(SKIP_REASONS, 0)
 
-    def add_input(self, total, element):
-        return total + len(element)
+    def add_input(self, counts, skipped):
+        counts[skipped.reason] += skipped.count
+        return counts
 
-    def merge_accumulators(self, totals):
-        return sum(totals)
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for counts in accumulators:
+            for reason, count in counts.items():
+                merged[reason] += count
+        return merged
 
-    def extract_output(self, total):
-        return total
+    def extract_output(self, counts):
+        return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +177,10 @@ class ReportSettings:
 
 
 def build_summary(written: list[str], *, inputs: int, predictions: dict, errors: dict,
-                  csv_rows: int, skipped: int, score_label: str, started: float,
+                  csv_rows: int, skipped: dict[str, int], score_label: str, started: float,
                   context: dict[str, Any]) -> dict[str, Any]:
-    """The record's fields; ``predictions`` and ``errors`` are the two profiles above."""
+    """The record's fields; ``predictions`` and ``errors`` are the two profiles above,
+    ``skipped`` the ``SkippedCounts``."""
     error_count = sum(count for count, _ in errors.values())
     elapsed = time.time() - started
     return {
@@ -182,13 +189,14 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
         "predictions": predictions["count"],
         "errors": error_count,
         "errors_by_type": {kind: errors[kind][0] for kind in sorted(errors)},
-        "skipped_already_scored": skipped,
+        "skipped_already_scored": skipped[ALREADY_SCORED],  # the field before skipped_by_reason
+        "skipped_by_reason": dict(sorted(skipped.items())),
         "uncertain": predictions["uncertain"],
         # images the model's out-of-scope detector flagged; None where none was in use
         "out_of_scope": (predictions["out_of_scope"] if context.get("out_of_scope_threshold") is not None
                          else None),
         "csv_rows": csv_rows,
-        "accounted": inputs == predictions["count"] + error_count + skipped,
+        "accounted": inputs == predictions["count"] + error_count + sum(skipped.values()),
         "error_rate": error_count / inputs if inputs else 0.0,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(inputs / elapsed, 2) if elapsed > 0 else None,
@@ -205,7 +213,7 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
 
 
 def commit_run(written: list[str], *, inputs: int, predictions: dict, errors: dict,
-               csv_rows: int, skipped: int, settings: ReportSettings, started: float,
+               csv_rows: int, skipped: dict[str, int], settings: ReportSettings, started: float,
                context: dict[str, Any], path: str) -> dict[str, Any]:
     """The summary, its drift, the review queue and the report, then the record listing every
     file, last. ``predictions`` and ``errors`` are the two profiles above."""
@@ -236,14 +244,15 @@ def combined_globally(pcoll, label: str, combine_fn: beam.CombineFn):
 
 class WriteRunSummary(beam.PTransform):
     """``{'written': final paths of every other output, 'inputs': input counts, 'predictions':
-    prediction tables, 'errors': error tables, 'skipped': lists of paths, 'csv_rows'}`` in; the
+    prediction tables, 'errors': error tables, 'skipped': SkippedInputs, 'csv_rows'}`` in; the
     review queue, ``report.html`` and, last, ``summary.json`` out. ``context`` goes in as it is;
     its ``paths_prefix`` (what every input path starts with) tells later --skip-scored runs
     whether this run can hold their paths at all.
 
     ``elapsed_seconds`` runs from the launch (``started``, a wall-clock timestamp) to the moment
-    every other output is final. Inputs = predictions + errors + skipped (already scored by this
-    model version, with ``--skip-scored``). The night's profile is two bounded combines, one over
+    every other output is final. Inputs = predictions + errors + skipped (``skipped_by_reason``:
+    already scored by this model version, with ``--skip-scored``; object-store folder
+    placeholders). The night's profile is two bounded combines, one over
     the predictions and one over the errors, so the profile adds two steps to the graph.
     """
 
@@ -275,7 +284,7 @@ class WriteRunSummary(beam.PTransform):
                     predictions=predictions,
                     errors=errors,
                     csv_rows=beam.pvalue.AsSingleton(outputs["csv_rows"]),
-                    skipped=combined_globally(outputs["skipped"], "CountSkipped", TotalLength()),
+                    skipped=combined_globally(outputs["skipped"], "CountSkipped", SkippedCounts()),
                     settings=settings,
                     started=self._started,
                     context=self._context,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import csv
-import io
 import math
 import shutil
 import uuid
@@ -92,9 +90,17 @@ def write_file_atomically(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+def csv_cell(text: str) -> str:
+    """``text`` as one RFC 4180 cell: quoted (its quotes doubled) when it holds a comma, a
+    quote, a CR or an LF. Python 3.11's ``csv.writer`` leaves a lone CR bare (with ``\\n`` line
+    ends), which CSV readers take for a line end: a file name with a CR split its row in two."""
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\r\n') else text
+
+
 def csv_header(csv_format: str, class_names: list[str]) -> bytes:
     """``id,label`` (binary) or ``id,<class 1>,...,<class N>`` (multiclass)."""
-    return _csv_text([["id", *(["label"] if csv_format == BINARY else class_names)]])
+    names = ["id", *(["label"] if csv_format == BINARY else class_names)]
+    return (",".join(map(csv_cell, names)) + "\n").encode("utf-8")
 
 
 def csv_lines(keys: list, values: np.ndarray, csv_format: str, clip: float) -> bytes:
@@ -102,8 +108,8 @@ def csv_lines(keys: list, values: np.ndarray, csv_format: str, clip: float) -> b
     [clip, 1 - clip] when clip > 0.
 
     binary (Kaggle dogs-vs-cats): integer ids, one label with 6 decimals. multiclass (Kaggle Dog
-    Breed Identification): ids are file stems as they are, every class with 6 significant digits,
-    written by the csv module, which quotes what needs quoting.
+    Breed Identification): ids are file stems as they are (``csv_cell``: quoted where needed, so
+    a stem holding a line end stays one record), every class with 6 significant digits.
     """
     if clip > 0:
         values = np.clip(values, clip, 1.0 - clip)
@@ -112,14 +118,8 @@ def csv_lines(keys: list, values: np.ndarray, csv_format: str, clip: float) -> b
     keys = [keys[index] for index in order]
     if csv_format == BINARY:  # integers and numbers: nothing to quote, and a million rows a night
         return "".join(f"{key},{row[0]:.6f}\n" for key, row in zip(keys, values, strict=True)).encode()
-    return _csv_text([[key, *(f"{value:.6g}" for value in row)]
-                      for key, row in zip(keys, values, strict=True)])
-
-
-def _csv_text(rows: list[list]) -> bytes:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    return text.getvalue().encode("utf-8")
+    return "".join(",".join([csv_cell(key), *(f"{value:.6g}" for value in row)]) + "\n"
+                   for key, row in zip(keys, values, strict=True)).encode("utf-8")
 
 
 def resolve_csv_format(csv_format: str, class_names: list[str]) -> str:

@@ -39,9 +39,17 @@ def pyplot():
     return matplotlib.pyplot
 
 
+# JSON inside <script> ends at the first "</script" and its parsing changes at "<!--": written as
+# \u escapes, ``<``, ``>`` and ``&`` cannot start markup (Django's json_script does the same).
+# json.dumps escapes U+2028/U+2029 (line ends to older JavaScript) with everything non-ASCII.
+JSON_IN_HTML = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 def page(title: str, sections: list[str], data: dict) -> str:
-    """The whole HTML document: a title, the sections in order, and ``data`` as embedded JSON."""
-    embedded = json.dumps(data, sort_keys=True).replace("</", "<\\/")
+    """The whole HTML document: a title, the sections in order, and ``data`` as embedded JSON.
+    Every text in it is escaped (``esc``, ``JSON_IN_HTML``): the page is inert whatever a file
+    name or a message holds."""
+    embedded = json.dumps(data, sort_keys=True).translate(JSON_IN_HTML)
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{''.join(sections)}"
             f'<script type="application/json" id="report-data">{embedded}</script></body></html>')

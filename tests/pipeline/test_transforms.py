@@ -17,20 +17,29 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import read
-from pipeline.decode import ERRORS, SKIPPED, DecodeImages, ImageBatch
+from pipeline.decode import ERRORS, DecodeImages, ImageBatch
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ExportedModelHandler, ScoredBatch, ScoreImages, ToPredictionTableFn
 from pipeline.options import ThreadBudget
 from pipeline.read import (
-    DUPLICATES,
     INPUT_COUNT,
+    SKIPPED,
+    UNSCORED,
     EmptyInputError,
     ManifestEncodingError,
     ReadImagePaths,
     check_input_exists,
     read_manifest,
 )
-from pipeline.rows import ListedImage, PathBatch, image_id, prediction_schema, top_k_columns
+from pipeline.rows import (
+    ALREADY_SCORED,
+    ListedImage,
+    PathBatch,
+    SkippedInputs,
+    image_id,
+    prediction_schema,
+    top_k_columns,
+)
 from pipeline.write import (
     BINARY,
     MULTICLASS,
@@ -58,7 +67,7 @@ def test_glob_lists_every_file_once_in_batches(corpus):
         assert_that(out["paths"] | beam.Map(len), equal_to(
             [3] * (len(expected) // 3) + ([len(expected) % 3] if len(expected) % 3 else [])),
             label="BatchSizes")
-        assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
+        assert_that(out[UNSCORED], equal_to([]), label="NoDuplicates")
         assert_that(out[INPUT_COUNT], equal_to([len(expected)]), label="InputCount")
 
 
@@ -78,7 +87,7 @@ def test_files_that_would_share_a_csv_id_become_error_rows_naming_each_other(
         out = p | ReadImagePaths(str(tmp_path / "**"), None, "run", csv_format=csv_format)
         assert_that(out["paths"] | beam.FlatMap(lambda batch: [image.path for image in batch.images]),
                     equal_to([str(tmp_path / n) for n in names if n not in colliding]))
-        errors = rows_of(out[DUPLICATES]) | beam.Map(lambda r: (r["path"], r["error_type"],
+        errors = rows_of(out[UNSCORED]) | beam.Map(lambda r: (r["path"], r["error_type"],
                                                                 r["message"].split(" is also")[0]))
         assert_that(errors, equal_to([(str(tmp_path / n), "DuplicateCsvId",
                                        f"submission.csv id {read.csv_key(n, csv_format)!r}")
@@ -95,7 +104,7 @@ def test_manifest_paths_are_scored_once_and_extra_listings_become_error_rows(tmp
     with TestPipeline() as p:
         out = p | ReadImagePaths(None, str(manifest), "run-7")
         assert_that(out["paths"], equal_to([PathBatch([ListedImage("/a/1.jpg"), ListedImage("/a/2.jpg")])]))
-        assert_that(rows_of(out[DUPLICATES]) | beam.Map(lambda r: (r["path"], r["error_type"],
+        assert_that(rows_of(out[UNSCORED]) | beam.Map(lambda r: (r["path"], r["error_type"],
                                                                    r["run_id"], r["message"])),
                     equal_to([("/a/1.jpg", "DuplicatePath", "run-7",
                                "listed 3 times in the manifest; scored once")] * 2),
@@ -122,7 +131,7 @@ def test_a_manifest_saved_by_an_editor_lists_its_paths_and_nothing_else(tmp_path
     with TestPipeline() as p:
         out = p | ReadImagePaths(None, str(manifest), "run")
         assert_that(out["paths"], equal_to([PathBatch([ListedImage(path) for path in listed])]))
-        assert_that(out[DUPLICATES], equal_to([]), label="NoDuplicates")
+        assert_that(out[UNSCORED], equal_to([]), label="NoDuplicates")
         assert_that(out[INPUT_COUNT], equal_to([3]), label="InputCount")
 
 
@@ -155,14 +164,16 @@ def test_paths_no_filesystem_reads_are_refused_before_any_work_saying_what_to_wr
     (tmp_path / "1.jpg").write_bytes(b"")
     manifest = tmp_path / "manifest.txt"
     manifest.write_text(f"{tmp_path}/1.jpg\nfile://{tmp_path}/1.jpg\nhttp://example.com/2.jpg\n")
-    with pytest.raises(ValueError, match=re.escape(
-            f"lists 'file://{tmp_path}/1.jpg': no Beam filesystem reads file:// paths; write the "
-            f"local path itself ({tmp_path}/1.jpg)")):
-        check_input_exists(None, str(manifest))
-    manifest.write_text(f"{tmp_path}/1.jpg\nhttp://example.com/2.jpg\n")
     with pytest.raises(ValueError, match="'http://example.com/2.jpg': no Beam filesystem reads http://"):
         check_input_exists(None, str(manifest))
-    with pytest.raises(ValueError, match="--input 'file://"):
+    manifest.write_text(f"{tmp_path}/1.jpg\nfile://nas{tmp_path}/1.jpg\n")  # a URI names its host
+    with pytest.raises(ValueError, match=re.escape(
+            f"'file://nas{tmp_path}/1.jpg' is a file:// URI of host 'nas': petscore reads the files "
+            "of the machine it runs on; write file:///path (no host)")):
+        check_input_exists(None, str(manifest))
+    with pytest.raises(ValueError, match=re.escape(
+            f"--input 'file://{tmp_path}/*.jpg': no Beam filesystem reads file:// paths; write the "
+            f"local path itself ({tmp_path}/*.jpg)")):
         check_input_exists(f"file://{tmp_path}/*.jpg", None)
 
 
@@ -209,7 +220,7 @@ def test_files_already_scored_with_the_same_bytes_are_skipped_not_decoded(corpus
               ListedImage(changed, scored_sha256=("0" * 64,)), ListedImage(new)]
     with TestPipeline() as p:
         out = p | beam.Create([PathBatch(images)]) | decode()
-        assert_that(out[SKIPPED], equal_to([[same]]), label="Skipped")
+        assert_that(out[SKIPPED], equal_to([SkippedInputs(ALREADY_SCORED, 1)]), label="Skipped")
         assert_that(out["images"] | beam.Map(lambda batch: batch.paths), equal_to([[changed, new]]))
 
 
@@ -244,7 +255,7 @@ def test_skip_scored_trusts_an_unchanged_listing_and_otherwise_reads_the_bytes(t
         out = (p | beam.Create([PathBatch(listed)])
                | SkipScored([history, legacy], "/night/", 2, known_paths_limit))
         # skipped on the listing alone: the file does not even exist, so it was never read
-        assert_that(out[SKIPPED], equal_to([["/night/listed-same.jpg"]]), label="Skipped")
+        assert_that(out[SKIPPED], equal_to([SkippedInputs(ALREADY_SCORED, 1)]), label="Skipped")
         assert_that(out["images"] | beam.Map(len), equal_to([2, 1]), label="BatchedAgain")
         assert_that(out["images"] | beam.FlatMap(lambda batch: batch.images), equal_to([
             ListedImage("/night/touched.jpg", 100, 1700000000.0, ("b" * 64, "c" * 64)),
