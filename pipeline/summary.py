@@ -197,8 +197,8 @@ def challenger_block(comparison: dict, challenger: dict, class_names: list[str],
     scope = None
     if comparison["scope"] is not None:
         counts = {key: comparison["scope"].get(key, 0) for key in ("both", "model_only", "challenger_only")}
-        scope = {**counts, "agreement": (1 - (counts["model_only"] + counts["challenger_only"]) / compared
-                                         if compared else None)}
+        differ = counts["model_only"] + counts["challenger_only"]
+        scope = {**counts, "agreement": round(1 - differ / compared, 6) if compared else None}
     flips = sorted(comparison["flips"], key=lambda flip: (-flip[2], flip[0], flip[1]))
     return {
         **challenger,
