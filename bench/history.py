@@ -83,7 +83,8 @@ def write_history(work: str, layout: str, rows: int, model_dir: str) -> str:
                                   pa.timestamp("ms", tz="UTC")),
         }
         columns["decision"] = columns["predicted_class"]
-        table = pa.Table.from_pydict({name: columns[name] for name in schema.names}, schema=schema)
+        table = pa.Table.from_pydict({name: columns.get(name, [None] * count) for name in schema.names},
+                                     schema=schema)
         run = os.path.join(scores, f"dt={night}")
         shard = "predictions/predictions-00000-of-00001.parquet"
         os.makedirs(os.path.join(run, "predictions"))

@@ -1,7 +1,8 @@
-"""Two model directories scored end to end in turns: what a change to the model costs a whole run.
+"""Two model directories scored end to end in turns: what a change to the model costs a whole run,
+or (``--challenger``) what scoring the second as the first's challenger in the same pass costs.
 
     .venv/bin/python bench/model_pair.py --model with=DIR_A --model without=DIR_B \\
-        [--input 'GLOB' | --images 2000] [--rounds 3] [--work bench_output/pair]
+        [--input 'GLOB' | --images 2000] [--rounds 3] [--work bench_output/pair] [--challenger]
 
 Runs the real CLI (``python -m pipeline.score``, default runtime) once per model per turn, in the
 order A B, B A, A B, ... so that a machine whose load drifts during the run charges both alike,
@@ -13,6 +14,15 @@ Per model it prints the sums over its runs of the process's wall-clock seconds a
 run's ``summary.json`` reports (images per second of its work), and the ratios of the second
 model to the first. One pair's ratio moves by ±5% on a shared 2-core VM; the sums over rounds
 are the figure to quote. Writes ``pair.json`` under ``--work``.
+
+``--challenger`` runs, in each turn, A alone, B alone and A with B as its ``--challenger-model``
+(in turn order, reversed every other turn), then B's inference alone on the same images
+(``bench/throughput.py``'s ``litert`` mode: model.tflite on decoded pixels in memory, no reading,
+decoding or writing). It prints the two ratios of issue 31, on the runs' work time
+(``summary.json``'s ``elapsed_seconds``: model loading and checks to the last output, without the
+interpreter's start and imports) and on wall time: the night with a challenger against A alone +
+B's inference alone (target at most 1.1), and against A alone + B alone, two separate runs
+(target at most 0.75). Writes ``challenger.json``.
 """
 
 from __future__ import annotations
@@ -39,13 +49,13 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def score_once(model_dir: str, input_glob: str, output: str) -> dict:
+def score_once(model_dir: str, input_glob: str, output: str, *extra: str) -> dict:
     """One ``pipeline.score`` process: its wall and CPU seconds and its summary's counts."""
     shutil.rmtree(output, ignore_errors=True)
     cpu, started = children_cpu_seconds(), time.monotonic()
     process = subprocess.run(
         [sys.executable, "-m", "pipeline.score", "--input", input_glob, "--model-dir", model_dir,
-         "--output", output, "--max-error-rate", "1"],
+         "--output", output, "--max-error-rate", "1", *extra],
         cwd=REPO, capture_output=True, text=True)
     wall, cpu = time.monotonic() - started, children_cpu_seconds() - cpu
     if process.returncode != 0:
@@ -53,8 +63,49 @@ def score_once(model_dir: str, input_glob: str, output: str) -> dict:
     with open(os.path.join(output, "summary.json")) as handle:
         summary = json.load(handle)
     return {"wall_seconds": wall, "cpu_seconds": cpu, "predictions": summary["predictions"],
-            "out_of_scope": summary.get("out_of_scope"),
-            "images_per_second": summary["images_per_second"]}
+            "out_of_scope": summary.get("out_of_scope"), "work_seconds": summary["elapsed_seconds"],
+            "images_per_second": summary["images_per_second"],
+            "agreement": summary.get("challenger", {}).get("agreement")}
+
+
+def inference_alone(model_dir: str, folder: str, work: str) -> dict:
+    """The model's LiteRT inference alone on ``folder``'s images (``bench/throughput.py``)."""
+    from bench.throughput import run_mode
+
+    result = run_mode("litert", folder, argparse.Namespace(model_dir=model_dir, work=work,
+                                                           baseline_repo=None))
+    return {"work_seconds": result["seconds"], "wall_seconds": result["seconds"]}
+
+
+def challenger_figures(models: list[list[str]], input_glob: str, args) -> dict:
+    """Per turn: A alone, B alone, A with B as challenger, B's inference alone; the issue's ratios."""
+    (first, a_dir), (second, b_dir) = models
+    both = f"{first}+{second}"
+    kinds = {first: (a_dir, ()), second: (b_dir, ()), both: (a_dir, ("--challenger-model", b_dir))}
+    runs: dict[str, list[dict]] = {name: [] for name in [*kinds, f"{second} inference"]}
+    for turn in range(2 * args.rounds):
+        for name in (list(kinds) if turn % 2 == 0 else list(kinds)[::-1]):
+            model_dir, extra = kinds[name]
+            runs[name].append(score_once(model_dir, input_glob, os.path.join(args.work, "out"), *extra))
+            print(f"{name:>24}  {runs[name][-1]['work_seconds']:6.2f} s work  "
+                  f"{runs[name][-1]['wall_seconds']:6.2f} s wall", flush=True)
+        runs[f"{second} inference"].append(inference_alone(b_dir, os.path.dirname(input_glob), args.work))
+    total = {name: {key: sum(run[key] for run in entries) for key in ("work_seconds", "wall_seconds")}
+             for name, entries in runs.items()}
+    inference = total[f"{second} inference"]["work_seconds"]
+    ratios = {key: {"vs_alone_plus_inference": total[both][key] / (total[first][key] + inference),
+                    "vs_two_runs": total[both][key] / (total[first][key] + total[second][key])}
+              for key in ("work_seconds", "wall_seconds")}
+    print()
+    for name, figures in total.items():
+        print(f"{name:>24}  {figures['work_seconds']:7.2f} s work  {figures['wall_seconds']:7.2f} s wall "
+              f"({len(runs[name])} runs)")
+    for key, ratio in ratios.items():
+        print(f"{key.split('_')[0]:>5}: with a challenger / ({first} + {second}'s inference alone) = "
+              f"{ratio['vs_alone_plus_inference']:.3f} (target <= 1.1); / two runs = "
+              f"{ratio['vs_two_runs']:.3f} (target <= 0.75)")
+    print(f"agreement of the two models' decisions: {runs[both][0]['agreement']}")
+    return {"runs": runs, "totals": total, "ratios": ratios, "agreement": runs[both][0]["agreement"]}
 
 
 def totals(runs: list[dict]) -> dict:
@@ -74,6 +125,8 @@ def main() -> int:
                         help="How many JPEGs to generate when --input is not given.")
     parser.add_argument("--rounds", type=int, default=3, help="Turns of each order (A B, then B A).")
     parser.add_argument("--work", default=os.path.join("bench_output", "pair"))
+    parser.add_argument("--challenger", action="store_true",
+                        help="Measure the second model as the first's challenger in the same pass.")
     args = parser.parse_args()
     models = [entry.split("=", 1) for entry in args.model]
     if len(models) != 2 or any(len(entry) != 2 for entry in models):
@@ -88,6 +141,12 @@ def main() -> int:
         generate(folder, args.images)
         warm_page_cache(folder)
         input_glob = os.path.join(folder, "*.jpg")
+    if args.challenger:
+        os.makedirs(args.work, exist_ok=True)
+        result = challenger_figures(models, input_glob, args)
+        with open(os.path.join(args.work, "challenger.json"), "w") as handle:
+            json.dump(result, handle, indent=2)
+        return 0
 
     runs: dict[str, list[dict]] = {name: [] for name, _ in models}
     for turn in range(2 * args.rounds):

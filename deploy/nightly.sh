@@ -5,6 +5,11 @@
 #   deploy/nightly.sh build       build and push the image (Cloud Build), then the Flex Template spec
 #   deploy/nightly.sh schedule    create or update the Cloud Scheduler job (02:00 UTC, scores yesterday)
 #   deploy/nightly.sh run-now     launch the template once, now (a backfill: RUN_DATE=2026-11-21)
+#   deploy/nightly.sh tables      create or update the BigQuery dataset and its external tables over
+#                                 every night's outputs (once a night has written them)
+#   deploy/nightly.sh promote     replace MODEL_DIR with CHALLENGER once it passed PROMOTE_AFTER nights
+#                                 under MAX_DISAGREEMENT (or COMPARE_JSON says "B better"), then
+#                                 schedule the nights without a challenger
 #
 # Configure with environment variables (defaults in brackets):
 #   PROJECT, REGION [europe-west1], BUCKET (gs://… without trailing slash), PROFILE [gpu|cpu],
@@ -12,7 +17,10 @@
 #   OUTPUT [$BUCKET/scores/dt={run_date}], SKIP_SCORED [$BUCKET/scores/dt=*],
 #   COMPARE_TO [$BUCKET/scores/dt=*] (drift against earlier committed nights),
 #   TAG [git short hash], SCHEDULE [0 2 * * *], RUN_DATE [yesterday],
-#   OVERWRITE [false] (true: run-now replaces the outputs of an earlier or killed run of that night)
+#   OVERWRITE [false] (true: run-now replaces the outputs of an earlier or killed run of that night),
+#   CHALLENGER [none] (a candidate model scored beside MODEL_DIR each night, e.g. $BUCKET/models/candidate),
+#   PROMOTE_AFTER [7], MAX_DISAGREEMENT [0.02], COMPARE_JSON [none] (model.compare's JSON, the
+#   candidate as model B), DATASET [petscore], BQ_LOCATION [$REGION], PYTHON [.venv/bin/python]
 # Credentials: whatever gcloud is logged in as (ADC); nothing is stored in this script.
 set -euo pipefail
 
@@ -24,6 +32,7 @@ MODEL_DIR="${MODEL_DIR:-$BUCKET/models/current}"
 DATE='{run_date}'  # replaced by the pipeline with --run-date at launch
 INPUT="${INPUT:-$BUCKET/incoming/dt=$DATE/*.jpg}"
 OUTPUT="${OUTPUT:-$BUCKET/scores/dt=$DATE}"
+SCORES="${OUTPUT%%/dt=*}"  # where every night's prefix lies: tables and promote read them all
 # Incremental: skip images an earlier committed night already scored with the same model version.
 # Only the nights' completion records are read unless a night's paths can overlap tonight's.
 SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*}"
@@ -31,6 +40,12 @@ SKIP_SCORED="${SKIP_SCORED:-$BUCKET/scores/dt=*}"
 COMPARE_TO="${COMPARE_TO:-$BUCKET/scores/dt=*}"
 RUN_DATE="${RUN_DATE:-yesterday}"
 OVERWRITE="${OVERWRITE:-false}"
+CHALLENGER="${CHALLENGER:-}"
+PROMOTE_AFTER="${PROMOTE_AFTER:-7}"
+MAX_DISAGREEMENT="${MAX_DISAGREEMENT:-0.02}"
+COMPARE_JSON="${COMPARE_JSON:-}"
+DATASET="${DATASET:-petscore}"
+BQ_LOCATION="${BQ_LOCATION:-$REGION}"
 SCHEDULE="${SCHEDULE:-0 2 * * *}"
 TAG="${TAG:-$(git rev-parse --short HEAD)}"
 REPOSITORY="petscore"
@@ -39,6 +54,10 @@ TEMPLATE="$BUCKET/templates/petscore-$TAG.json"
 WORKER_SA="petscore-worker@$PROJECT.iam.gserviceaccount.com"
 SCHEDULER_SA="petscore-scheduler@$PROJECT.iam.gserviceaccount.com"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+PYTHON="${PYTHON:-$HERE/../.venv/bin/python}"
+# Each output's shards end in their own name (part-00000-of-00002.predictions.parquet), so one
+# wildcard, all BigQuery allows in a URI, selects that output of every night.
+OUTPUTS="predictions errors challenger-predictions challenger-errors"
 
 # Runner and machine settings per profile. GPU: one T4 per N1 VM, driver installed by Dataflow,
 # one model per machine (share_model_across_processes) so SDK processes do not each fill the GPU.
@@ -55,6 +74,13 @@ profile_environment() {
 
 share_model() { [ "$PROFILE" = gpu ] && echo true || echo false; }
 
+# The challenger's launch parameter, when there is one.
+challenger_parameter() {
+  if [ -n "$CHALLENGER" ]; then
+    printf ',\n                 "challenger_model": "%s"' "$CHALLENGER"
+  fi
+}
+
 launch_body() {
   local job_name="$1"
   cat <<JSON
@@ -64,7 +90,7 @@ launch_body() {
   "parameters": {"input": "$INPUT", "model_dir": "$MODEL_DIR", "output": "$OUTPUT",
                  "skip_scored": "$SKIP_SCORED", "compare_to": "$COMPARE_TO",
                  "run_date": "$RUN_DATE", "overwrite": "$OVERWRITE",
-                 "share_model_across_processes": "$(share_model)"},
+                 "share_model_across_processes": "$(share_model)"$(challenger_parameter)},
   "environment": {"serviceAccountEmail": "$WORKER_SA", "tempLocation": "$BUCKET/tmp",
                   "sdkContainerImage": "$IMAGE", $(profile_environment)}}}
 JSON
@@ -130,11 +156,54 @@ run_now() {
     -d "$body"
 }
 
+# BigQuery: one dataset, one external table per output over every night's shards, partitioned by
+# the nights' dt=YYYY-MM-DD folders. Idempotent: an existing table gets the definition again.
+tables() {
+  [ "$SCORES" != "$OUTPUT" ] || { echo "tables needs OUTPUT=PREFIX/dt={run_date}: its partitions" >&2; exit 2; }
+  bq show --format=none --dataset "$PROJECT:$DATASET" >/dev/null 2>&1 ||
+    bq mk --dataset --location "$BQ_LOCATION" --description "petscore nightly outputs" "$PROJECT:$DATASET"
+  local output table definition
+  for output in $OUTPUTS; do
+    table="$PROJECT:$DATASET.${output//-/_}"
+    if ! gcloud storage ls "$SCORES/**.$output.parquet" >/dev/null 2>&1; then
+      echo "no night has written $output yet: run tables again after one has" >&2
+      continue
+    fi
+    definition="$(mktemp)"
+    bq mkdef --source_format=PARQUET --parquet_enable_list_inference=true \
+      --hive_partitioning_mode=CUSTOM --hive_partitioning_source_uri_prefix="$SCORES/{dt:DATE}" \
+      "$SCORES/*.$output.parquet" > "$definition"
+    if bq show --format=none "$table" >/dev/null 2>&1; then
+      bq update --external_table_definition="$definition" "$table"
+    else
+      bq mk --table --external_table_definition="$definition" "$table"
+    fi
+    rm -f "$definition"
+  done
+}
+
+# Promotion: the candidate replaces MODEL_DIR (the model it replaces is kept for a roll-back),
+# then the schedule scores without a challenger until the next candidate.
+promote() {
+  : "${CHALLENGER:?set CHALLENGER to the candidate model directory, e.g. $BUCKET/models/candidate}"
+  "$PYTHON" -m pipeline.promotion --nights "$SCORES/dt=*" --candidate "$CHALLENGER" \
+    --after "$PROMOTE_AFTER" --max-disagreement "$MAX_DISAGREEMENT" ${COMPARE_JSON:+--compare "$COMPARE_JSON"}
+  local previous
+  previous="$BUCKET/models/previous-$(date -u +%Y%m%dT%H%M%SZ)"
+  gcloud storage rsync --recursive "$MODEL_DIR" "$previous"
+  gcloud storage rsync --recursive --delete-unmatched-destination-objects "$CHALLENGER" "$MODEL_DIR"
+  CHALLENGER=""
+  schedule
+  echo "promoted $MODEL_DIR; the model it replaced is in $previous"
+}
+
 case "${1:-}" in
   setup-iam) setup_iam ;;
   build) build ;;
   schedule) schedule ;;
   run-now) run_now ;;
+  tables) tables ;;
+  promote) promote ;;
   launch-body) launch_body petscore-nightly ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,24p' "$0"; exit 2 ;;
 esac

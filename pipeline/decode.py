@@ -1,7 +1,8 @@
 """Stage 2: read each batch's files and decode them to the model's input size, in parallel.
 
 A batch of paths comes in; one ``ImageBatch`` (every decoded image of the batch in one uint8
-array), one error table and one list of skipped paths go out. Permanent problems (missing file,
+array, and a second one for a challenger model whose decoding differs), one error table and one
+list of skipped paths go out. Permanent problems (missing file,
 empty or corrupt bytes, unsupported format, oversized image) become error rows of their own:
 one bad file never costs its batch. Anything else reading storage raises, so that the runner
 retries the bundle instead of recording a transient outage as a bad image.
@@ -15,6 +16,7 @@ import hashlib
 import math
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -31,6 +33,7 @@ from serving.preprocessing import PREPROCESSING_VERSION, decode_and_resize
 
 ERRORS = "errors"
 DECODED = "images"
+CHALLENGER_ERRORS = "challenger_errors"  # images only the challenger's decoding refused
 
 
 def is_permanent_read_error(error: Exception) -> bool:
@@ -48,12 +51,38 @@ class FileTooLargeError(ValueError):
     """The file is larger than ``--max-image-bytes``."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """What a model's contract says of decoding (``serving.metadata``): two models with equal
+    specs take the very same pixels, so a night with a challenger decodes once per distinct spec."""
+
+    size: tuple[int, int]  # (height, width)
+    resize_method: str
+    preprocessing: str
+
+    @classmethod
+    def of(cls, metadata) -> DecodeSpec:
+        """The spec of a ``ModelMetadata``."""
+        return cls(tuple(metadata.input_size), metadata.resize_method, metadata.preprocessing)
+
+
+class ChallengerPixels(NamedTuple):
+    """A batch's images decoded to the challenger's spec: ``pixels`` uint8 [n, height, width, 3]
+    and ``decoded`` bool [n], False where that decode failed (the image's error row left on
+    ``CHALLENGER_ERRORS``; the champion still scores it)."""
+
+    pixels: np.ndarray
+    decoded: np.ndarray
+
+
 @dataclasses.dataclass
 class ImageBatch:
     """The decoded images of one batch and what a prediction row records of their files.
 
     ``pixels``: uint8 [n, height, width, 3], row i from ``paths[i]``; ``file_bytes``: int64 [n];
-    ``file_updated_seconds``: the storage listing's update times (None for manifest inputs).
+    ``file_updated_seconds``: the storage listing's update times (None for manifest inputs);
+    ``challenger_pixels``: the same images decoded to a challenger's other ``DecodeSpec``, None
+    when there is no challenger or it takes these very pixels.
     """
 
     paths: list[str]
@@ -61,9 +90,25 @@ class ImageBatch:
     file_bytes: np.ndarray
     file_updated_seconds: list[float | None]
     pixels: np.ndarray
+    challenger_pixels: ChallengerPixels | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def for_challenger(self) -> ImageBatch:
+        """The batch as the challenger scores it: its own pixels where its decoding differs, less
+        the images that decoding refused; the batch itself where it takes the champion's."""
+        if self.challenger_pixels is None:
+            return self
+        pixels, decoded = self.challenger_pixels
+        rows = np.flatnonzero(decoded)
+        return ImageBatch([self.paths[row] for row in rows], [self.content_sha256[row] for row in rows],
+                          self.file_bytes[rows], [self.file_updated_seconds[row] for row in rows],
+                          pixels[rows])
+
+    def without_pixels(self) -> ImageBatch:
+        """What travels on once the models have scored: the rows' file facts, no pixels."""
+        return dataclasses.replace(self, pixels=None, challenger_pixels=None)
 
 
 class ImageBatchCoder(beam.coders.Coder):
@@ -84,7 +129,8 @@ class ImageBatchCoder(beam.coders.Coder):
         return False
 
     def estimate_size(self, batch: ImageBatch) -> int:
-        return batch.pixels.nbytes + sum(len(path) + 100 for path in batch.paths)
+        challenger = batch.challenger_pixels.pixels.nbytes if batch.challenger_pixels else 0
+        return batch.pixels.nbytes + challenger + sum(len(path) + 100 for path in batch.paths)
 
     def to_type_hint(self):
         return ImageBatch
@@ -98,6 +144,9 @@ class ReadAndDecodeFn(beam.DoFn):
     error table of those that failed; on ``skipped``, how many of its images hold the exact bytes
     this model version already scored under that path (``ListedImage.scored_sha256``,
     --skip-scored), as ``SkippedInputs``. Files are opened by their ``storage_path``.
+    With a ``challenger`` spec (a challenger model that decodes otherwise), each image the
+    champion's decoding took is decoded to it as well, from the same bytes read once, and those
+    it refuses leave as error rows on ``challenger_errors``.
 
     The files of a batch are read and decoded on a thread pool (its size: ``threads``, see
     ``pipeline.options.ThreadBudget``): storage reads wait
@@ -114,8 +163,9 @@ class ReadAndDecodeFn(beam.DoFn):
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
                  max_bytes: int, run_id: str, threads: ThreadBudget,
-                 preprocessing: str = PREPROCESSING_VERSION):
+                 preprocessing: str = PREPROCESSING_VERSION, challenger: DecodeSpec | None = None):
         self._size = tuple(size)
+        self._challenger = challenger
         self._resize_method = resize_method
         self._preprocessing = preprocessing
         self._max_pixels = max_pixels
@@ -146,12 +196,15 @@ class ReadAndDecodeFn(beam.DoFn):
             self._threads_in_pool = self._threads.resolve(remote=remote)[0]
             self._pool = ThreadPoolExecutor(max_workers=self._threads_in_pool)
         pixels = np.empty((len(images), *self._size, 3), np.uint8)
+        theirs = (None if self._challenger is None
+                  else np.empty((len(images), *self._challenger.size, 3), np.uint8))
         # A few images per task: a task's overhead (submit, wake-up, result) is paid per chunk.
         chunk = max(1, math.ceil(len(images) / (2 * self._threads_in_pool)))
         futures = [self._pool.submit(self._handle_chunk, images[start:start + chunk],
-                                     pixels[start:start + chunk])
+                                     pixels[start:start + chunk],
+                                     None if theirs is None else theirs[start:start + chunk])
                    for start in range(0, len(images), chunk)]
-        self._in_flight.append((images, pixels, futures, window, timestamp))
+        self._in_flight.append((images, pixels, theirs, futures, window, timestamp))
         while len(self._in_flight) > self.DECODE_AHEAD_BATCHES:
             yield from self._hand_on(*self._in_flight.popleft())
 
@@ -159,7 +212,7 @@ class ReadAndDecodeFn(beam.DoFn):
         while self._in_flight:
             yield from self._hand_on(*self._in_flight.popleft())
 
-    def _hand_on(self, images, pixels, futures, window, timestamp):
+    def _hand_on(self, images, pixels, theirs, futures, window, timestamp):
         # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
         decoded, errors, skipped, read = [], [], 0, 0
         outcomes = [outcome for future in futures for outcome in future.result()]
@@ -179,24 +232,35 @@ class ReadAndDecodeFn(beam.DoFn):
         self._skipped.inc(skipped)
         if decoded:
             rows = [row for row, _, _ in decoded]
+            refused = [error for _, _, (_, error) in decoded if error is not None]
             yield WindowedValue(ImageBatch(
                 paths=[images[row].path for row in rows],
-                content_sha256=[sha for _, _, sha in decoded],
+                content_sha256=[sha for _, _, (sha, _) in decoded],
                 file_bytes=np.array([size for _, size, _ in decoded], np.int64),
                 file_updated_seconds=[images[row].updated_seconds for row in rows],
-                pixels=pixels if len(rows) == len(images) else pixels[rows]), timestamp, [window])
+                pixels=pixels if len(rows) == len(images) else pixels[rows],
+                challenger_pixels=None if theirs is None else ChallengerPixels(
+                    theirs[rows], np.array([error is None for _, _, (_, error) in decoded]))),
+                timestamp, [window])
+            if refused:
+                yield beam.pvalue.TaggedOutput(CHALLENGER_ERRORS,
+                                               WindowedValue(error_table(refused), timestamp, [window]))
         if errors:
             yield beam.pvalue.TaggedOutput(ERRORS, WindowedValue(error_table(errors), timestamp, [window]))
         if skipped:
             yield beam.pvalue.TaggedOutput(SKIPPED, WindowedValue(
                 SkippedInputs(ALREADY_SCORED, skipped), timestamp, [window]))
 
-    def _handle_chunk(self, images: list[ListedImage], targets: np.ndarray) -> list[tuple]:
-        return [self._handle(image, target) for image, target in zip(images, targets, strict=True)]
+    def _handle_chunk(self, images: list[ListedImage], targets: np.ndarray,
+                      challenger_targets: np.ndarray | None) -> list[tuple]:
+        return [self._handle(image, target, None if challenger_targets is None else challenger_targets[i])
+                for i, (image, target) in enumerate(zip(images, targets, strict=True))]
 
-    def _handle(self, image: ListedImage, target: np.ndarray) -> tuple:
-        """``(bytes read or None, outcome, value)`` for one image, decoded into ``target``:
-        ``(DECODED, its content's SHA-256)``, ``(SKIPPED, None)`` or ``(ERRORS, an error row)``."""
+    def _handle(self, image: ListedImage, target: np.ndarray,
+                challenger_target: np.ndarray | None = None) -> tuple:
+        """``(bytes read or None, outcome, value)`` for one image, decoded into ``target`` (and
+        ``challenger_target``): ``(DECODED, (its content's SHA-256, the challenger decode's error
+        row or None))``, ``(SKIPPED, None)`` or ``(ERRORS, an error row)``."""
         path = image.path
         try:
             data = self._read_bytes(storage_path(path))
@@ -212,7 +276,15 @@ class ReadAndDecodeFn(beam.DoFn):
                               self._preprocessing, out=target)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
             return len(data), ERRORS, error_row(path, "decode", error, self._run_id)
-        return len(data), DECODED, content_sha256
+        refused = None
+        if challenger_target is not None:
+            spec = self._challenger
+            try:
+                decode_and_resize(data, spec.size, spec.resize_method, self._max_pixels,
+                                  spec.preprocessing, out=challenger_target)
+            except Exception as error:  # noqa: BLE001 - as above: the challenger's error row
+                refused = error_row(path, "decode", error, self._run_id)
+        return len(data), DECODED, (content_sha256, refused)
 
     def _read_bytes(self, path: str) -> bytes:
         # In chunks: one read(max_bytes + 1) would allocate and free the whole cap (64 MiB) for
@@ -228,19 +300,21 @@ class ReadAndDecodeFn(beam.DoFn):
 
 class DecodeImages(beam.PTransform):
     """``PathBatch`` es in; ``{'images': ImageBatch, 'errors': error tables, 'skipped':
-    SkippedInputs}`` out. ``preprocessing``: the model's loader version (its metadata says
-    which); ``threads``: sizes the decoder pool."""
+    SkippedInputs, 'challenger_errors': error tables}`` out. ``preprocessing``: the model's
+    loader version (its metadata says which); ``threads``: sizes the decoder pool;
+    ``challenger``: a challenger's ``DecodeSpec`` where it differs from the model's."""
 
     def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,
-                 threads: ThreadBudget, preprocessing: str = PREPROCESSING_VERSION):
+                 threads: ThreadBudget, preprocessing: str = PREPROCESSING_VERSION,
+                 challenger: DecodeSpec | None = None):
         super().__init__()
         self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id, threads,
-                                   preprocessing)
+                                   preprocessing, challenger)
 
     def expand(self, batches):
         # Reshuffle so that the batches spread across workers even though one worker listed them.
         results = (batches
                    | "Reshuffle" >> beam.Reshuffle()
                    | "ReadAndDecode" >> beam.ParDo(self._fn).with_output_types(ImageBatch).with_outputs(
-                       ERRORS, SKIPPED, main=DECODED))
-        return {DECODED: results[DECODED], ERRORS: results[ERRORS], SKIPPED: results[SKIPPED]}
+                       ERRORS, SKIPPED, CHALLENGER_ERRORS, main=DECODED))
+        return {name: results[name] for name in (DECODED, ERRORS, SKIPPED, CHALLENGER_ERRORS)}

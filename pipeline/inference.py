@@ -37,9 +37,10 @@ from pipeline.rows import (
     utc_now,
 )
 from serving.metadata import ModelContractError, ModelMetadata
-from serving.runtimes import LITERT_INVOKE_BATCH, ServingModel
+from serving.runtimes import LITERT_INVOKE_BATCH, Outputs, ServingModel
 
 _LOG = logging.getLogger(__name__)
+PREDICTIONS, CHALLENGER, PAIRS = "predictions", "challenger", "pairs"  # ScoreImages' outputs
 
 try:
     import resource
@@ -56,11 +57,14 @@ if inference_base.resource is None:
 class ScoredBatch:
     """An ``ImageBatch``'s inference: ``probabilities`` float32 [n, classes] and, for a model
     with an out-of-scope detector, ``scope_score`` float32 [n] (else None), row i for
-    ``images.paths[i]``. The pixels are dropped: only what the rows need travels on."""
+    ``images.paths[i]``. The pixels are dropped: only what the rows need travels on. With a
+    challenger, ``challenger`` holds its scores of the same batch (less the images its own
+    decoding refused, ``ImageBatch.for_challenger``)."""
 
     images: ImageBatch
     probabilities: np.ndarray
     scope_score: np.ndarray | None = None
+    challenger: ScoredBatch | None = None
 
 
 class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
@@ -89,7 +93,7 @@ class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
     def run_inference(self, batch: ImageBatch, model: ServingModel,
                       inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
         outputs = model.predict_outputs(batch.pixels)  # both outputs of one inference call
-        return [ScoredBatch(dataclasses.replace(batch, pixels=None), *outputs)]
+        return [ScoredBatch(batch.without_pixels(), *outputs)]
 
     def get_num_bytes(self, batch: ImageBatch) -> int:
         return batch.pixels.nbytes
@@ -98,84 +102,186 @@ class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
         return "petscore_inference"
 
 
+class ModelPair:
+    """The champion and the challenger of a night, loaded together: one object, so that a worker
+    process (or machine, ``--share-model-across-processes``) holds both and a shared proxy of it
+    forwards one call per batch."""
+
+    def __init__(self, champion: ServingModel, challenger: ServingModel):
+        self.champion = champion
+        self.challenger = challenger
+
+    def predict_outputs(self, pixels: np.ndarray, challenger_pixels: np.ndarray) -> tuple[Outputs, Outputs]:
+        """Each model's ``Outputs`` for its uint8 batch [n, height, width, 3] (the same array
+        where the two decode alike)."""
+        return self.champion.predict_outputs(pixels), self.challenger.predict_outputs(challenger_pixels)
+
+
+class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
+    """An ``ImageBatch`` -> its ``ScoredBatch`` by the champion, carrying the challenger's scores
+    of the same batch: one RunInference step, one element, both models (``--challenger-model``).
+    Each model loads and checks its reference predictions as ``ExportedModelHandler`` does."""
+
+    def __init__(self, champion: ExportedModelHandler, challenger: ExportedModelHandler):
+        super().__init__(large_model=champion.share_model_across_processes())
+        self._champion = champion
+        self._challenger = challenger
+
+    def load_model(self) -> ModelPair:
+        return ModelPair(self._champion.load_model(), self._challenger.load_model())
+
+    def run_inference(self, batch: ImageBatch, model: ModelPair,
+                      inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
+        theirs = batch.for_challenger()
+        ours, challenger = model.predict_outputs(batch.pixels, theirs.pixels)
+        return [ScoredBatch(batch.without_pixels(), *ours,
+                            challenger=ScoredBatch(theirs.without_pixels(), *challenger))]
+
+    def get_num_bytes(self, batch: ImageBatch) -> int:
+        return batch.pixels.nbytes + (batch.challenger_pixels.pixels.nbytes if batch.challenger_pixels else 0)
+
+    def get_metrics_namespace(self) -> str:
+        return "petscore_inference"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """How one model's scores become prediction rows: its classes, version and hash, the
+    ``uncertain`` cut (``min_confidence``), the ``top_k`` classes kept (0: none) and the
+    out-of-scope threshold (None: no detector in use)."""
+
+    metadata: ModelMetadata
+    min_confidence: float
+    run_id: str
+    top_k: int = 0
+    scope_threshold: float | None = None
+
+
+def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Table, dict[str, int]]:
+    """A ``ScoredBatch`` -> ``(one table of the predictions schema, {'scored', 'uncertain',
+    'out_of_scope'} counts)``, built column by column: the class with the highest probability
+    (the first on a tie, as ``np.argmax``), ``uncertain`` below ``min_confidence``, the ``top_k``
+    classes when asked. With a ``scope_threshold`` (the model's detector in use), each row's
+    ``scope_score`` too, and the decision ``out_of_scope`` where it is above the threshold,
+    whatever the confidence. Columns the run does not compute are null."""
+    metadata, images, count = settings.metadata, scored.images, len(scored.images)
+    class_names = list(metadata.class_names)
+    probabilities = scored.probabilities.astype(np.float64)
+    best = np.argmax(probabilities, axis=1)
+    confidence = probabilities[np.arange(count), best]
+    predicted = pa.array(class_names, pa.string()).take(pa.array(best))
+    uncertain = confidence < settings.min_confidence
+    decision = pc.if_else(pa.array(uncertain), UNCERTAIN, predicted)
+    constants = {"model_version": metadata.model_version, "model_sha256": metadata.sha256,
+                 "run_id": settings.run_id}
+    columns = {
+        "path": pa.array(images.paths, pa.string()),
+        "image_id": pa.array([image_id(path) for path in images.paths], pa.int64()),
+        "content_sha256": pa.array(images.content_sha256, pa.string()),
+        "file_bytes": pa.array(images.file_bytes, pa.int64()),
+        "file_updated_seconds": pa.array(images.file_updated_seconds, pa.float64()),
+        "predicted_class": predicted,
+        **{probability_column(name): probabilities[:, index] for index, name in enumerate(class_names)},
+        "confidence": confidence,
+        "decision": decision,
+        **{name: pa.array([value] * count, pa.string()) for name, value in constants.items()},
+        "scored_at": pa.array([utc_now()] * count, pa.timestamp("ms", tz="UTC")),
+    }
+    if settings.top_k:
+        columns["top_classes"], columns["top_probabilities"] = top_k_columns(
+            probabilities, class_names, settings.top_k)
+    flagged = np.zeros(count, bool)
+    if settings.scope_threshold is not None:
+        if scored.scope_score is None:
+            raise ModelContractError(f"model {metadata.model_version} gave no scope_score, though "
+                                     "its metadata describes an out-of-scope detector")
+        columns["scope_score"] = scored.scope_score.astype(np.float64)
+        flagged = columns["scope_score"] > settings.scope_threshold
+        columns["decision"] = pc.if_else(pa.array(flagged), OUT_OF_SCOPE, decision)
+        uncertain &= ~flagged
+    schema = prediction_schema(class_names)
+    table = pa.Table.from_arrays(
+        [columns[field.name] if field.name in columns else pa.nulls(count, field.type) for field in schema],
+        schema=schema)
+    return table, {"scored": count, "uncertain": int(uncertain.sum()), "out_of_scope": int(flagged.sum())}
+
+
+def paired_rows(ours: pa.Table, theirs: pa.Table, class_names: list[str]) -> pa.Table:
+    """One batch's two prediction tables joined by path, the champion's rows in their order: its
+    review columns, then ``challenger_decision``, ``challenger_confidence``,
+    ``challenger_prob_<class>`` and ``challenger_scope_score``, null where the challenger's
+    decoding refused the image. Both models scored the same batch: no shuffle joins them."""
+    compared = ["decision", "confidence", *[probability_column(name) for name in class_names], "scope_score"]
+    matched = theirs.select(compared).take(pc.index_in(ours["path"], value_set=theirs["path"]))
+    review = ours.select(["path", "predicted_class", *compared])
+    return pa.Table.from_arrays([*review.columns, *matched.columns],
+                                names=[*review.column_names, *(f"challenger_{name}" for name in compared)])
+
+
 class ToPredictionTableFn(beam.DoFn):
-    """A ``ScoredBatch`` -> one ``pyarrow.Table`` of the predictions schema (``rows``), built
-    column by column: the class with the highest probability (the first on a tie, as
-    ``np.argmax``), ``uncertain`` below ``min_confidence``, the ``top_k`` classes when asked.
-    With a ``scope_threshold`` (the model's detector in use), each row's ``scope_score`` too, and
-    the decision ``out_of_scope`` where it is above the threshold, whatever the confidence."""
+    """A ``ScoredBatch`` -> one ``pyarrow.Table`` of the predictions schema (``prediction_table``).
+    With a ``challenger`` (``RowSettings`` of its model), its table of the same batch on
+    ``challenger``, and both joined by path on ``pairs`` (``paired_rows``)."""
 
     def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0,
-                 scope_threshold: float | None = None):
-        self._class_names = list(metadata.class_names)
-        self._top_k = top_k
-        self._scope_threshold = scope_threshold
-        self._schema = prediction_schema(self._class_names, top_k, scope=scope_threshold is not None)
-        self._constants = {"model_version": metadata.model_version, "model_sha256": metadata.sha256,
-                           "run_id": run_id}
-        self._min_confidence = min_confidence
-        self._scored = Metrics.counter(METRICS_NAMESPACE, "images_scored")
-        self._uncertain = Metrics.counter(METRICS_NAMESPACE, "images_uncertain")
-        self._out_of_scope = Metrics.counter(METRICS_NAMESPACE, "images_out_of_scope")
-
-    def setup(self):
-        self._names = pa.array(self._class_names, pa.string())
+                 scope_threshold: float | None = None, challenger: RowSettings | None = None):
+        self._settings = RowSettings(metadata, min_confidence, run_id, top_k, scope_threshold)
+        self._challenger = challenger
+        self._counters = {name: Metrics.counter(METRICS_NAMESPACE, f"images_{name}")
+                          for name in ("scored", "uncertain", "out_of_scope")}
+        self._challenger_scored = Metrics.counter(METRICS_NAMESPACE, "images_scored_by_challenger")
 
     def process(self, scored: ScoredBatch):
-        images, count = scored.images, len(scored.images)
-        probabilities = scored.probabilities.astype(np.float64)
-        best = np.argmax(probabilities, axis=1)
-        confidence = probabilities[np.arange(count), best]
-        predicted = self._names.take(pa.array(best))
-        uncertain = confidence < self._min_confidence
-        decision = pc.if_else(pa.array(uncertain), UNCERTAIN, predicted)
-        columns = {
-            "path": pa.array(images.paths, pa.string()),
-            "image_id": pa.array([image_id(path) for path in images.paths], pa.int64()),
-            "content_sha256": pa.array(images.content_sha256, pa.string()),
-            "file_bytes": pa.array(images.file_bytes, pa.int64()),
-            "file_updated_seconds": pa.array(images.file_updated_seconds, pa.float64()),
-            "predicted_class": predicted,
-            **{probability_column(name): probabilities[:, index]
-               for index, name in enumerate(self._class_names)},
-            "confidence": confidence,
-            "decision": decision,
-            **{name: pa.array([value] * count, pa.string()) for name, value in self._constants.items()},
-            "scored_at": pa.array([utc_now()] * count, pa.timestamp("ms", tz="UTC")),
-        }
-        if self._top_k:
-            columns["top_classes"], columns["top_probabilities"] = top_k_columns(
-                probabilities, self._class_names, self._top_k)
-        if self._scope_threshold is not None:
-            if scored.scope_score is None:
-                raise ModelContractError("the model gave no scope_score, though its metadata "
-                                         "describes an out-of-scope detector")
-            columns["scope_score"] = scored.scope_score.astype(np.float64)
-            flagged = columns["scope_score"] > self._scope_threshold
-            columns["decision"] = pc.if_else(pa.array(flagged), OUT_OF_SCOPE, decision)
-            uncertain &= ~flagged
-            self._out_of_scope.inc(int(flagged.sum()))
-        self._scored.inc(count)
-        self._uncertain.inc(int(uncertain.sum()))
-        yield pa.Table.from_arrays([columns[name] for name in self._schema.names], schema=self._schema)
+        table, counts = prediction_table(scored, self._settings)
+        for name, count in counts.items():
+            self._counters[name].inc(count)
+        yield table
+        if self._challenger is not None:
+            theirs, counts = prediction_table(scored.challenger, self._challenger)
+            self._challenger_scored.inc(counts["scored"])
+            yield beam.pvalue.TaggedOutput(CHALLENGER, theirs)
+            yield beam.pvalue.TaggedOutput(PAIRS, paired_rows(table, theirs,
+                                                              self._settings.metadata.class_names))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChallengerModel:
+    """A challenger to score beside the model (``--challenger-model``): its directory, contract
+    and out-of-scope threshold (None: no detector in use)."""
+
+    model_dir: str
+    metadata: ModelMetadata
+    scope_threshold: float | None = None
 
 
 class ScoreImages(beam.PTransform):
-    """``ImageBatch`` in; one predictions ``pyarrow.Table`` per batch out."""
+    """``ImageBatch`` in; ``{'predictions': one predictions table per batch}`` out and, with a
+    ``challenger``, ``'challenger'``: its table of each batch, ``'pairs'``: both joined by path.
+    Without one, the other two are empty."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_confidence: float,
                  run_id: str, share_model_across_processes: bool = False, runtime: str = "auto",
                  threads: ThreadBudget | None = None,
                  tflite_invoke_batch: int = LITERT_INVOKE_BATCH, top_k: int = 0,
-                 scope_threshold: float | None = None):
+                 scope_threshold: float | None = None, challenger: ChallengerModel | None = None):
         super().__init__()
-        self._handler = ExportedModelHandler(
-            model_dir, metadata, share_across_processes=share_model_across_processes,
-            runtime=runtime, threads=threads,
-            tflite_invoke_batch=tflite_invoke_batch).with_no_batching()
-        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold)
+        def handler(directory, contract):
+            return ExportedModelHandler(
+                directory, contract, share_across_processes=share_model_across_processes,
+                runtime=runtime, threads=threads, tflite_invoke_batch=tflite_invoke_batch)
+
+        champion = handler(model_dir, metadata)
+        theirs = None
+        if challenger is not None:
+            champion = ChallengedModelHandler(champion,
+                                              handler(challenger.model_dir, challenger.metadata))
+            theirs = RowSettings(challenger.metadata, min_confidence, run_id, top_k,
+                                 challenger.scope_threshold)
+        self._handler = champion.with_no_batching()
+        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold, theirs)
 
     def expand(self, batches):
         return (batches
                 | "RunInference" >> RunInference(self._handler)
-                | "ToPredictionTable" >> beam.ParDo(self._to_table))
+                | "ToPredictionTable" >> beam.ParDo(self._to_table).with_outputs(
+                    CHALLENGER, PAIRS, main=PREDICTIONS))

@@ -65,6 +65,18 @@ class ScoreOptions(PipelineOptions):
                                "local or gs://.")
         flag("output", help="Output prefix (a directory, local or gs://) for submission.csv, "
                             "predictions/, errors/ and summary.json.")
+        flag("challenger-model",
+             help="A second exported model directory scored in the same pass (shadow scoring "
+                  "before a switch): each image is read once, decoded once per distinct "
+                  "preprocessing, and scored by both models in the same batch. Its rows go to "
+                  "challenger/predictions/ (its decode failures to challenger/errors/); the CSV, "
+                  "drift and the record's counts stay the model's; summary.json's challenger "
+                  "block compares the two (agreement, flips, probability differences). It must "
+                  "have the model's classes, in the same order.")
+        flag("fail-on-disagreement", type=float, default=None, metavar="RATE",
+             help="With --challenger-model: exit with code 5 (after writing every output) when "
+                  "the share of images whose decision differs between the two models is above "
+                  "RATE (e.g. 0.02).")
         flag("skip-scored",
              help="Incremental runs: glob of earlier runs' output prefixes (e.g. "
                   "'gs://bkt/scores/dt=*'), read through their summary.json. Files whose path and "

@@ -2,12 +2,12 @@
 
     python -m pipeline.report OUTPUT_PREFIX [--compare-to 'gs://bkt/scores/dt=*'] [--html PATH]
 
-Every run writes ``review/review-queue.parquet`` and ``.csv`` (its out-of-scope images, then its
-least confident, with an empty ``label`` column for a labelling tool) and ``report.html`` just
-before its completion record. The report is built from the record (counts, profile, drift) and
-the review queue; its thumbnails are read from storage with the job's reader, never re-scored.
-This command renders it again for any committed run, local or ``gs://``, e.g. against other
-earlier nights.
+Every run writes ``review/review-queue.parquet`` and ``.csv`` (a challenger's flips, then the
+out-of-scope images, then the least confident, each with its ``reason``, and an empty ``label``
+column for a labelling tool) and ``report.html`` just before its completion record. The report
+is built from the record (counts, profile, drift) and the review queue; its thumbnails are read
+from storage with the job's reader, never re-scored. This command renders it again for any
+committed run, local or ``gs://``, e.g. against other earlier nights.
 """
 
 from __future__ import annotations
@@ -38,19 +38,44 @@ THUMBNAIL_MAX_BYTES = 32 * 1024 * 1024
 # A cell starting with one of these is a formula (or may become one) to a spreadsheet: OWASP's
 # "CSV Injection" list (= + - @, tab, carriage return).
 FORMULA_TRIGGERS = r"^([=+\-@\t\r])"
+# Why an image is in the review queue, in the queue's order: the challenger decides otherwise, the
+# model's detector flags it, or it is among the least confident.
+FLIP, LEAST_CONFIDENT = "flip", "least_confident"
+REASONS = (FLIP, OUT_OF_SCOPE, LEAST_CONFIDENT)
 
 
-def review_schema(class_names: list[str], scope: bool = False) -> pa.Schema:
-    """The review queue's columns; ``scope_score`` where the model's detector was in use."""
+def review_schema(class_names: list[str], scope: bool = False, challenger: bool = False) -> pa.Schema:
+    """The review queue's columns; ``scope_score`` where the model's detector was in use, the
+    challenger's decision, confidence and probabilities with one (null but on flips)."""
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # one of REASONS
         pa.field("predicted_class", pa.string(), nullable=False),
         pa.field("decision", pa.string(), nullable=False),
         pa.field("confidence", pa.float64(), nullable=False),
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         *([pa.field("scope_score", pa.float64(), nullable=False)] if scope else []),
+        *([pa.field("challenger_decision", pa.string()), pa.field("challenger_confidence", pa.float64()),
+           *[pa.field(f"challenger_{probability_column(name)}", pa.float64()) for name in class_names]]
+          if challenger else []),
         pa.field("label", pa.string()),  # empty: for the person who labels the image
     ])
+
+
+def review_reason(row: dict) -> str:
+    """A review row's reason; queues written before the column had flips in none of them."""
+    return row.get("reason") or (OUT_OF_SCOPE if row["decision"] == OUT_OF_SCOPE else LEAST_CONFIDENT)
+
+
+def review_rows(review: list[dict], flipped: list[dict], size: int) -> list[dict]:
+    """The review queue in order, each row with its ``reason``: the challenger's ``flipped``
+    images first (``ChallengerComparisonFn``: the largest probability difference first), then the
+    model's ``review`` rows (out of scope, then least confident: ``PredictionProfileFn``),
+    ``size`` rows in all, an image once."""
+    rows = [{**row, "reason": FLIP} for row in flipped]
+    shown = {row["path"] for row in rows}
+    rows += [{**row, "reason": review_reason(row)} for row in review if row["path"] not in shown]
+    return rows[:size]
 
 
 def review_paths(output: str) -> dict[str, str]:
@@ -70,12 +95,11 @@ def spreadsheet_safe(table: pa.Table) -> pa.Table:
 
 
 def write_review_queue(output: str, rows: list[dict], class_names: list[str],
-                       scope: bool = False) -> list[str]:
-    """The rows to look at first (out of scope, then least confident: ``PredictionProfileFn``),
-    in that order, as Parquet (exact paths, for programs) and CSV (for people, who open it in a
-    spreadsheet: ``spreadsheet_safe``; pyarrow quotes every text cell, so a line end in a path
-    stays inside its cell); returns their paths."""
-    schema = review_schema(class_names, scope)
+                       scope: bool = False, challenger: bool = False) -> list[str]:
+    """The rows to look at first (``review_rows``), in that order, as Parquet (exact paths, for
+    programs) and CSV (for people, who open it in a spreadsheet: ``spreadsheet_safe``; pyarrow
+    quotes every text cell, so a line end in a path stays inside its cell); returns their paths."""
+    schema = review_schema(class_names, scope, challenger)
     table = pa.Table.from_pylist([{**row, "label": None} for row in rows], schema=schema)
     paths = review_paths(output)
     with atomically_created(paths["parquet"]) as handle:
@@ -202,13 +226,25 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
     with ThreadPoolExecutor(max_workers=16) as pool:
         thumbnails = list(pool.map(thumbnail_of, [row["path"] for row in review]))
     def card(picture, row):
+        top = sorted(class_names, key=lambda n: -row[probability_column(n)])[:3]
+        if review_reason(row) == FLIP:  # both models' decisions and probabilities
+            return (picture, [row["path"].rsplit("/", 1)[-1], f"model: {row['decision']}",
+                              f"challenger: {row['challenger_decision']}",
+                              *(f"P({name}) {row[probability_column(name)]:.3f} -> "
+                                f"{row[f'challenger_{probability_column(name)}']:.3f}" for name in top)])
         return (picture, [row["path"].rsplit("/", 1)[-1], f"decision: {row['decision']}",
-                          *([f"scope score {row['scope_score']:.3f}"] if "scope_score" in row else []),
-                          *(f"P({name}) = {row[probability_column(name)]:.3f}" for name in
-                            sorted(class_names, key=lambda n: -row[probability_column(n)])[:3])])
+                          *([f"scope score {row['scope_score']:.3f}"] if row.get("scope_score") is not None
+                            else []),
+                          *(f"P({name}) = {row[probability_column(name)]:.3f}" for name in top)])
 
     cards = [card(picture, row) for picture, row in zip(thumbnails, review, strict=True)]
-    flagged = [row["decision"] == OUT_OF_SCOPE for row in review]
+    reasons = [review_reason(row) for row in review]
+    flagged = [reason == OUT_OF_SCOPE for reason in reasons]
+    flips = [c for c, reason in zip(cards, reasons, strict=True) if reason == FLIP]
+    rest = [c for c, reason in zip(cards, reasons, strict=True) if reason == LEAST_CONFIDENT]
+    shown_above = ", ".join(part for part in (
+        f"{len(flips)} flips" if flips else "", f"{sum(flagged)} out of scope" if any(flagged) else "")
+        if part)
     error_rows = [[kind, count, " | ".join(f"{path}: {message}" for path, message in
                                            profile["error_examples"].get(kind, []))]
                   for kind, count in summary["errors_by_type"].items()]
@@ -219,23 +255,62 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
                      "table lists every class</p>" if len(ranked) > len(shown) else "",
                      html.table(["class", "images", "share"], class_rows, table_id="classes"), mix),
         drift_section(summary, earlier),
+        *([challenger_section(summary["challenger"], flips)] if summary.get("challenger") else []),
         *([out_of_scope_section(summary, [c for c, f in zip(cards, flagged, strict=True) if f])]
           if summary.get("out_of_scope") is not None else []),
         html.section(f"Review queue: the {len(review)} images to look at first",
-                     f"<p>{sum(flagged)} out of scope (shown above), then the least confident. "
-                     if any(flagged) else "<p>The least confident. ",
-                     "Also in review/review-queue.csv and .parquet (with an empty label column) for "
-                     "a labelling tool.</p>",
-                     html.cards([c for c, f in zip(cards, flagged, strict=True) if not f])),
+                     f"<p>{shown_above} (shown above), then the least confident. " if shown_above
+                     else "<p>The least confident. ",
+                     "Also in review/review-queue.csv and .parquet (with a reason and an empty label "
+                     "column) for a labelling tool.</p>",
+                     html.cards(rest)),
         html.section("Errors by type", html.table(["error type", "count", "examples"], error_rows,
                                                   table_id="errors") if error_rows
                      else "<p>no errors</p>"),
     ]
     data = {"summary": {k: v for k, v in summary.items() if k != "files"},
-            "review": [{"path": row["path"], "decision": row["decision"],
+            "review": [{"path": row["path"], "reason": reason, "decision": row["decision"],
+                        "challenger_decision": row.get("challenger_decision"),
                         "confidence": row["confidence"], "thumbnail": picture is not None}
-                       for row, picture in zip(review, thumbnails, strict=True)]}
+                       for row, reason, picture in zip(review, reasons, thumbnails, strict=True)]}
     return html.page(f"petscore run {summary.get('run_id')} ({summary.get('run_date')})", sections, data)
+
+
+def challenger_section(block: dict, cards: list) -> str:
+    """How the challenger (``summary.json``'s ``challenger`` block) decides tonight's images
+    against the model: agreement, flips by pair of decisions, probability differences per class,
+    out-of-scope agreement, and the thumbnails of the flips in the review queue."""
+    compared = block["predictions"]
+    facts = {"challenger": f"{block['model_version']} ({block['model_sha256'][:12]})",
+             "scored by both": compared,
+             "same decision": "" if block["agreement"] is None else
+             f"{block['agreement']:.2%} ({compared - block['flipped']} images)",
+             "flips": block["flipped"],
+             "challenger errors": f"{block['errors']} (images its own decoding refused)"}
+    if block.get("out_of_scope") is not None:
+        scope = block["out_of_scope"]
+        facts["out-of-scope agreement"] = (
+            f"{scope['agreement']:.2%}: both flag {scope['both']}, only the model "
+            f"{scope['model_only']}, only the challenger {scope['challenger_only']}"
+            if scope["agreement"] is not None else "")
+    if block.get("disagreement_limit") is not None:
+        facts["disagreement limit"] = f"{block['disagreement_limit']:.2%}: " + (
+            "ALERT" if block["alert"] else "under it")
+    flips = [[flip["model"], flip["challenger"], flip["images"]] for flip in block["flips"]]
+    differences = [[name, "" if d["mean"] is None else f"{d['mean']:.4f}", f"{d['max']:.4f}"]
+                   for name, d in block["probability_difference"].items()]
+    verdict = (f'<p class="alert">ALERT: {block["disagreement"]:.2%} of the images change decision, '
+               f'above the limit of {block["disagreement_limit"]:.2%}</p>' if block["alert"] else "")
+    return html.section(
+        f"Challenger: {block['flipped']} of {compared} images change decision", verdict,
+        html.key_values(facts, table_id="challenger"),
+        html.table(["model's decision", "challenger's decision", "images"], flips, table_id="flips")
+        if flips else "<p>no flips</p>",
+        html.table(["class", "mean |difference|", "largest |difference|"], differences,
+                   table_id="probability-difference"),
+        f"<p>The first {len(cards)} flips, the largest probability difference first (also at the top "
+        "of the review queue):</p>" if cards else "",
+        html.cards(cards) if cards else "")
 
 
 def out_of_scope_section(summary: dict, cards: list) -> str:

@@ -85,13 +85,21 @@ def top_k_columns(probabilities: np.ndarray, class_names: list[str], k: int) -> 
             pa.ListArray.from_arrays(offsets, pa.array(chosen, pa.float64())))
 
 
-def prediction_schema(class_names: list[str], top_k: int = 0, scope: bool = False) -> pa.Schema:
-    """The predictions table's schema: ``top_classes`` / ``top_probabilities`` with ``top_k``,
-    ``scope_score`` (the model's out-of-scope score: higher is further from its training images)
-    with ``scope``, a model's detector in use."""
-    top = [pa.field("top_classes", pa.list_(pa.string()), nullable=False),
-           pa.field("top_probabilities", pa.list_(pa.float64()), nullable=False)] if top_k else []
-    scope_field = [pa.field("scope_score", pa.float64(), nullable=False)] if scope else []
+# Columns every predictions file has whether or not the run computed them, null where it did
+# not (top-k off, a model without an out-of-scope detector): nights scored with other options
+# then read as one table, with identical types, in pyarrow, pandas, polars, DuckDB and BigQuery.
+# A new per-row output is one more line here (and its values in ``ToPredictionTableFn``).
+OPTIONAL_PREDICTION_FIELDS = (
+    pa.field("top_classes", pa.list_(pa.string())),  # --top-k: the k most probable, first first
+    pa.field("top_probabilities", pa.list_(pa.float64())),
+    # the model's out-of-scope score (higher = further from its training images), detector in use
+    pa.field("scope_score", pa.float64()),
+)
+
+
+def prediction_schema(class_names: list[str]) -> pa.Schema:
+    """The predictions table's schema, the same for every run of a model's classes: one
+    probability column per class, and every ``OPTIONAL_PREDICTION_FIELDS`` column, nullable."""
     return pa.schema([
         pa.field("path", pa.string(), nullable=False),
         pa.field("image_id", pa.int64()),  # integer file stem, null when the stem is not a number
@@ -102,8 +110,7 @@ def prediction_schema(class_names: list[str], top_k: int = 0, scope: bool = Fals
         pa.field("predicted_class", pa.string(), nullable=False),
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         pa.field("confidence", pa.float64(), nullable=False),
-        *top,
-        *scope_field,
+        *OPTIONAL_PREDICTION_FIELDS,
         # a class name, 'uncertain' (below --min-confidence) or 'out_of_scope' (the detector's)
         pa.field("decision", pa.string(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),

@@ -36,9 +36,9 @@ from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineRunner
 
 from pipeline import progress
-from pipeline.decode import DECODED, ERRORS, DecodeImages
+from pipeline.decode import CHALLENGER_ERRORS, DECODED, ERRORS, DecodeImages, DecodeSpec
 from pipeline.incremental import SkipScored, earlier_scored_files
-from pipeline.inference import ScoreImages
+from pipeline.inference import CHALLENGER, PAIRS, PREDICTIONS, ChallengerModel, ScoreImages
 from pipeline.listing import directory_glob, fixed_prefix
 from pipeline.options import (
     RUN_DATE_PLACEHOLDER,
@@ -56,6 +56,7 @@ from pipeline.rows import ERROR_SCHEMA, default_top_k, prediction_schema, probab
 from pipeline.summary import ReportSettings, WriteRunSummary
 from pipeline.write import (
     BINARY,
+    CHALLENGER_DIR,
     CSV_PARTS_DIR,
     ERRORS_DIR,
     PREDICTIONS_DIR,
@@ -83,6 +84,7 @@ from serving.runtimes import ServingModel
 _LOG = logging.getLogger("petscore")
 EXIT_TOO_MANY_ERRORS = 3
 EXIT_DRIFT = 4
+EXIT_DISAGREEMENT = 5
 
 
 def local_runner(pipeline_options: PipelineOptions) -> PipelineRunner | None:
@@ -178,31 +180,37 @@ def input_prefix(options: ScoreOptions) -> str:
 def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: ModelMetadata,
                    run_id: str, started: float, inference_hints: dict[str, str],
                    scored_files: list[str] = (), earlier: list[dict] = (),
-                   report_progress: bool = False, threads: ThreadBudget | None = None) -> None:
+                   report_progress: bool = False, threads: ThreadBudget | None = None,
+                   challenger: ModelMetadata | None = None) -> None:
     """Wire read -> decode -> score -> write, as in the architecture diagram; every element from
     the listing to the sinks is a batch (a list of paths, an ``ImageBatch``, an Arrow table).
     ``scored_files``: earlier predictions files --skip-scored found
     (``incremental.earlier_scored_files``); ``earlier``: records of the runs --compare-to found
-    (``report.earlier_records``); ``threads``: the worker processes' thread budget."""
+    (``report.earlier_records``); ``threads``: the worker processes' thread budget;
+    ``challenger``: the contract of --challenger-model, scored in the same pass."""
     paths = output_paths(options.output)
     listed = pipeline | "ReadImagePaths" >> ReadImagePaths(
         options.input, options.manifest, run_id, batch_size=options.batch_size,
         csv_format=options.csv_format)
     tonight_prefix = input_prefix(options)
     scope_threshold = out_of_scope_threshold(options, metadata)
+    challenger_model = challenger and ChallengerModel(options.challenger_model, challenger,
+                                                      out_of_scope_threshold(options, challenger))
     unscored = listed["paths"] | "SkipScored" >> SkipScored(list(scored_files), tonight_prefix,
                                                            options.batch_size)
     decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
-        options.max_image_bytes, run_id, threads or ThreadBudget(), preprocessing=metadata.preprocessing)
+        options.max_image_bytes, run_id, threads or ThreadBudget(), preprocessing=metadata.preprocessing,
+        challenger=challenger and other_decoding(metadata, challenger))
     skipped_parts = (listed[SKIPPED], unscored[SKIPPED], decoded[SKIPPED])
     skipped = skipped_parts | "AllSkipped" >> beam.Flatten()
-    predictions = decoded[DECODED] | "ScoreImages" >> ScoreImages(
+    scored = decoded[DECODED] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_confidence=options.min_confidence, run_id=run_id,
         share_model_across_processes=options.share_model_across_processes,
         runtime=options.runtime, threads=threads, tflite_invoke_batch=options.tflite_invoke_batch,
-        top_k=options.top_k, scope_threshold=scope_threshold,
+        top_k=options.top_k, scope_threshold=scope_threshold, challenger=challenger_model,
     ).with_resource_hints(**inference_hints)
+    predictions = scored[PREDICTIONS]
     error_parts = (decoded[ERRORS], listed[UNSCORED])
     errors = error_parts | "AllErrors" >> beam.Flatten()
 
@@ -211,10 +219,19 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         options.csv_format, options.positive_class, options.clip)
     prediction_files = predictions | "WritePredictions" >> WriteParquetTables(
         FileSystems.join(options.output, PREDICTIONS_DIR), "predictions",
-        prediction_schema(metadata.class_names, options.top_k, scope=scope_threshold is not None))
+        prediction_schema(metadata.class_names))
     error_files = errors | "WriteErrors" >> WriteParquetTables(
         FileSystems.join(options.output, ERRORS_DIR), "errors", ERROR_SCHEMA)
-    written = (csv["csv"], prediction_files, error_files) | "WrittenFiles" >> beam.Flatten()
+    written_parts = [csv["csv"], prediction_files, error_files]
+    if challenger_model:
+        written_parts += [
+            scored[CHALLENGER] | "WriteChallengerPredictions" >> WriteParquetTables(
+                FileSystems.join(options.output, CHALLENGER_DIR, PREDICTIONS_DIR),
+                "challenger-predictions", prediction_schema(challenger.class_names)),
+            decoded[CHALLENGER_ERRORS] | "WriteChallengerErrors" >> WriteParquetTables(
+                FileSystems.join(options.output, CHALLENGER_DIR, ERRORS_DIR), "challenger-errors",
+                ERROR_SCHEMA)]
+    written = tuple(written_parts) | "WrittenFiles" >> beam.Flatten()
     if report_progress:
         (predictions, *error_parts, *skipped_parts) | "ReportProgress" >> ReportProgress()
     context = {"run_id": run_id, "run_date": options.run_date, "model_version": metadata.model_version,
@@ -223,11 +240,25 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
                "paths_prefix": tonight_prefix, "output": options.output,
                "class_names": list(metadata.class_names),
                "out_of_scope_threshold": scope_threshold}
-    ({"written": written, "inputs": listed[INPUT_COUNT], "predictions": predictions,
-      "errors": errors, "csv_rows": csv["rows"], "skipped": skipped}
-     | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context,
-                                            report_settings(options, metadata, earlier,
-                                                            scope_threshold is not None)))
+    summary_inputs = {"written": written, "inputs": listed[INPUT_COUNT], "predictions": predictions,
+                      "errors": errors, "csv_rows": csv["rows"], "skipped": skipped}
+    settings = report_settings(options, metadata, earlier, scope_threshold is not None)
+    if challenger_model:
+        context["challenger"] = {
+            "model_dir": challenger_model.model_dir, "model_version": challenger.model_version,
+            "model_sha256": challenger.sha256, "out_of_scope_threshold": challenger_model.scope_threshold,
+            "disagreement_limit": options.fail_on_disagreement}
+        summary_inputs["pairs"] = scored[PAIRS]
+        settings = dataclasses.replace(settings,
+                                       challenger_scope=challenger_model.scope_threshold is not None)
+    summary_inputs | "WriteRunSummary" >> WriteRunSummary(paths["summary"], started, context, settings)
+
+
+def other_decoding(metadata: ModelMetadata, challenger: ModelMetadata) -> DecodeSpec | None:
+    """The challenger's ``DecodeSpec`` where it differs from the model's (a second decode of each
+    image), else None: both models take the same pixels."""
+    spec = DecodeSpec.of(challenger)
+    return None if spec == DecodeSpec.of(metadata) else spec
 
 
 def report_settings(options: ScoreOptions, metadata: ModelMetadata, earlier,
@@ -293,6 +324,28 @@ class CheckedRun:
     inference_hints: dict[str, str]
     scored_files: list[str]
     earlier: list[dict]
+    challenger: ModelMetadata | None = None
+
+
+def check_challenger(options: ScoreOptions, metadata: ModelMetadata) -> ModelMetadata | None:
+    """--challenger-model's contract, checked as the model's is (hashes, reference predictions
+    with the same runtime); None without one. Refuses, in one line, a challenger whose classes
+    are not the model's in the same order (its rows could not share the predictions schema,
+    nor its decisions be compared), and --fail-on-disagreement without a challenger."""
+    if options.fail_on_disagreement is not None and not options.challenger_model:
+        raise ValueError("--fail-on-disagreement compares two models: give --challenger-model DIR too")
+    if options.fail_on_disagreement is not None and not 0 <= options.fail_on_disagreement <= 1:
+        raise ValueError(f"--fail-on-disagreement {options.fail_on_disagreement} must be a share "
+                         "between 0 and 1 (e.g. 0.02)")
+    if not options.challenger_model:
+        return None
+    challenger = load_checked_model(options.challenger_model, options.runtime)
+    if list(challenger.class_names) != list(metadata.class_names):
+        raise ModelContractError(
+            f"--challenger-model {options.challenger_model} has classes {challenger.class_names}, the "
+            f"model {metadata.class_names}: a challenger must have the same classes in the same "
+            "order; compare models of other classes on labelled data instead (model.compare)")
+    return challenger
 
 
 def check_run(argv: list[str] | None) -> CheckedRun:
@@ -334,6 +387,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
                      "list this run's outputs as images; write them somewhere else",
                      options.output, options.input)
     metadata = load_checked_model(options.model_dir, options.runtime)
+    challenger = check_challenger(options, metadata)
     resolve_model_dependent_options(options, metadata)
     scored_files = (earlier_scored_files(options.skip_scored, metadata.model_version,
                                          input_prefix(options), exclude_run=options.output)
@@ -341,7 +395,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
     earlier = earlier_records(options.compare_to, metadata.model_version, options.output)
     delete_run_files(options.output, leftovers)  # every check passed: now --overwrite deletes
     return CheckedRun(pipeline_options, options, metadata, run_id, started, inference_hints,
-                      scored_files, earlier)
+                      scored_files, earlier, challenger)
 
 
 @contextlib.contextmanager
@@ -374,7 +428,8 @@ def execute(checked: CheckedRun) -> dict:
             build_pipeline(pipeline, options, checked.metadata, checked.run_id, checked.started,
                            checked.inference_hints, checked.scored_files, checked.earlier,
                            report_progress=report_progress,
-                           threads=thread_budget(pipeline_options, options))
+                           threads=thread_budget(pipeline_options, options),
+                           challenger=checked.challenger)
     finally:
         progress.stop()
     summary_path = output_paths(options.output)["summary"]
@@ -385,6 +440,11 @@ def execute(checked: CheckedRun) -> dict:
     _LOG.info("run summary (%s): %s", summary_path, json.dumps(
         {key: summary[key] for key in headline} | {"drift_alerts": summary["drift"].get("alerts", [])},
         sort_keys=True))
+    if "challenger" in summary:
+        block = summary["challenger"]
+        _LOG.info("challenger %s: %d of %d images change decision (%s agree), %d challenger errors",
+                  block["model_version"], block["flipped"], block["predictions"], block["agreement"],
+                  block["errors"])
     if not summary["accounted"]:
         _LOG.error("inputs (%d) != predictions (%d) + errors (%d) + skipped (%d)", summary["inputs"],
                    summary["predictions"], summary["errors"], sum(summary["skipped_by_reason"].values()))
@@ -417,7 +477,8 @@ def print_help() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: exit 1 refused before any work, 3 error rate above --max-error-rate,
-    4 drift alert with --fail-on-drift (3 wins when both apply), else 0."""
+    4 drift alert with --fail-on-drift, 5 challenger disagreement above --fail-on-disagreement
+    (the lowest code wins when several apply), else 0."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print_help()
@@ -444,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TOO_MANY_ERRORS
     if options.fail_on_drift and summary["drift"]["alert"]:
         return EXIT_DRIFT
+    if summary.get("challenger", {}).get("alert"):
+        _LOG.error("%s of the images change decision with the challenger, above "
+                   "--fail-on-disagreement %s", summary["challenger"]["disagreement"],
+                   options.fail_on_disagreement)
+        return EXIT_DISAGREEMENT
     return 0
 
 

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
-from pipeline.report import write_review_queue, write_run_report
+from pipeline.report import review_rows, write_review_queue, write_run_report
 from pipeline.rows import ALREADY_SCORED, OUT_OF_SCOPE, SKIP_REASONS, UNCERTAIN, probability_column
 from pipeline.write import write_file_atomically
 
@@ -111,6 +111,114 @@ class PredictionProfileFn(beam.CombineFn):
         return table.take(order[:self._review_size])
 
 
+class ChallengerComparisonFn(beam.CombineFn):
+    """Tables of paired rows (``inference.paired_rows``: each image the model scored, with the
+    challenger's decision and probabilities, null where its decoding refused the image) -> how the
+    two models differ, in one pass and bounded memory: ``rows``, ``compared`` (scored by both),
+    ``agreeing`` (same decision), ``flips`` ({(model's decision, challenger's): images}), per class
+    the sum and largest |difference| of the probabilities, the out-of-scope cross-count where both
+    models flag (``scope``) and the ``review_size`` flips with the largest difference of any
+    class's probability (ties by path), for the review queue and the report."""
+
+    def __init__(self, class_names: list[str], review_size: int, scope: bool):
+        self._columns = [probability_column(name) for name in class_names]
+        self._review_size = review_size
+        self._scope = scope
+
+    def create_accumulator(self):
+        return {"rows": 0, "compared": 0, "agreeing": 0, "flips": collections.Counter(),
+                "difference_sum": np.zeros(len(self._columns)),
+                "difference_max": np.zeros(len(self._columns)),
+                "scope": collections.Counter(), "flipped": []}
+
+    def add_input(self, comparison, table):
+        comparison["rows"] += table.num_rows
+        table = table.filter(pc.is_valid(table["challenger_decision"]))
+        comparison["compared"] += table.num_rows
+        difference = np.abs(np.column_stack(
+            [table[name].to_numpy() - table[f"challenger_{name}"].to_numpy() for name in self._columns]))
+        if table.num_rows:
+            comparison["difference_sum"] += difference.sum(axis=0)
+            comparison["difference_max"] = np.maximum(comparison["difference_max"], difference.max(axis=0))
+        agree = pc.equal(table["decision"], table["challenger_decision"])
+        comparison["agreeing"] += pc.sum(agree).as_py() or 0
+        if self._scope:
+            ours = pc.equal(table["decision"], OUT_OF_SCOPE).to_numpy(zero_copy_only=False)
+            theirs = pc.equal(table["challenger_decision"], OUT_OF_SCOPE).to_numpy(zero_copy_only=False)
+            comparison["scope"].update({"both": int((ours & theirs).sum()),
+                                        "model_only": int((ours & ~theirs).sum()),
+                                        "challenger_only": int((~ours & theirs).sum())})
+        flipped = table.append_column("difference", pa.array(difference.max(axis=1, initial=0.0)))
+        flipped = flipped.filter(pc.invert(agree))
+        for row in flipped.group_by(["decision", "challenger_decision"]).aggregate(
+                [("path", "count")]).to_pylist():
+            comparison["flips"][(row["decision"], row["challenger_decision"])] += row["path_count"]
+        if self._review_size and flipped.num_rows:
+            comparison["flipped"].append(self._first_flips([flipped]))
+            if len(comparison["flipped"]) > 16:  # merged now and then: bounded, and few merges
+                comparison["flipped"] = [self._first_flips(comparison["flipped"])]
+        return comparison
+
+    def merge_accumulators(self, comparisons):
+        merged = self.create_accumulator()
+        for comparison in comparisons:
+            for key in ("rows", "compared", "agreeing", "difference_sum"):
+                merged[key] += comparison[key]
+            merged["difference_max"] = np.maximum(merged["difference_max"], comparison["difference_max"])
+            merged["flips"].update(comparison["flips"])
+            merged["scope"].update(comparison["scope"])
+            merged["flipped"] += comparison["flipped"]
+        if merged["flipped"]:
+            merged["flipped"] = [self._first_flips(merged["flipped"])]
+        return merged
+
+    def extract_output(self, comparison):
+        flipped = self._first_flips(comparison["flipped"]).to_pylist() if comparison["flipped"] else []
+        return {**comparison, "flips": [[*pair, count] for pair, count in comparison["flips"].items()],
+                "scope": dict(comparison["scope"]) if self._scope else None, "flipped": flipped,
+                "difference_sum": comparison["difference_sum"].tolist(),
+                "difference_max": comparison["difference_max"].tolist()}
+
+    def _first_flips(self, tables: list[pa.Table]) -> pa.Table:
+        table = pa.concat_tables(tables)
+        order = pc.sort_indices(table, sort_keys=[("difference", "descending"), ("path", "ascending")])
+        return table.take(order[:self._review_size])
+
+
+def challenger_block(comparison: dict, challenger: dict, class_names: list[str],
+                     predictions: int) -> dict[str, Any]:
+    """The summary's ``challenger`` block: the challenger's model (``challenger``, from the run's
+    context), its counts (``predictions`` + ``errors`` = the model's ``predictions``), the share of
+    images whose decision agrees, the flips by (model's decision, challenger's decision), the mean
+    and largest |difference| of each class's probability, and out-of-scope agreement where both
+    models had a detector in use; ``alert`` when the disagreement is above its limit."""
+    compared = comparison["compared"]
+    agreement = comparison["agreeing"] / compared if compared else None
+    limit = challenger.get("disagreement_limit")
+    scope = None
+    if comparison["scope"] is not None:
+        counts = {key: comparison["scope"].get(key, 0) for key in ("both", "model_only", "challenger_only")}
+        differ = counts["model_only"] + counts["challenger_only"]
+        scope = {**counts, "agreement": round(1 - differ / compared, 6) if compared else None}
+    flips = sorted(comparison["flips"], key=lambda flip: (-flip[2], flip[0], flip[1]))
+    return {
+        **challenger,
+        "predictions": compared,
+        "errors": comparison["rows"] - compared,
+        "accounted": comparison["rows"] == predictions,
+        "agreement": None if agreement is None else round(agreement, 6),
+        "disagreement": None if agreement is None else round(1 - agreement, 6),
+        "flipped": compared - comparison["agreeing"],
+        "flips": [{"model": ours, "challenger": theirs, "images": count} for ours, theirs, count in flips],
+        "probability_difference": {
+            name: {"mean": round(total / compared, 6) if compared else None, "max": round(largest, 6)}
+            for name, total, largest in zip(class_names, comparison["difference_sum"],
+                                            comparison["difference_max"], strict=True)},
+        "out_of_scope": scope,
+        "alert": bool(limit is not None and agreement is not None and 1 - agreement > limit),
+    }
+
+
 class ErrorProfileFn(beam.CombineFn):
     """Error tables -> ``{error_type: [count, first ERROR_EXAMPLES (path, message)]}``."""
 
@@ -174,15 +282,20 @@ class ReportSettings:
     earlier: list[dict]
     thresholds: dict | None = None
     scope: bool = False  # rows carry the out-of-scope detector's score and decision
+    challenger_scope: bool = False  # the challenger's rows carry its detector's decisions too
 
 
 def build_summary(written: list[str], *, inputs: int, predictions: dict, errors: dict,
                   csv_rows: int, skipped: dict[str, int], score_label: str, started: float,
-                  context: dict[str, Any]) -> dict[str, Any]:
+                  context: dict[str, Any], challenger: dict | None = None) -> dict[str, Any]:
     """The record's fields; ``predictions`` and ``errors`` are the two profiles above,
-    ``skipped`` the ``SkippedCounts``."""
+    ``skipped`` the ``SkippedCounts``, ``challenger`` the comparison
+    (``ChallengerComparisonFn``) of a run with one."""
     error_count = sum(count for count, _ in errors.values())
     elapsed = time.time() - started
+    if challenger is not None:
+        context = {**context, "challenger": challenger_block(
+            challenger, context["challenger"], context["class_names"], predictions["count"])}
     return {
         **context,
         "inputs": inputs,
@@ -214,19 +327,26 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
 
 def commit_run(written: list[str], *, inputs: int, predictions: dict, errors: dict,
                csv_rows: int, skipped: dict[str, int], settings: ReportSettings, started: float,
-               context: dict[str, Any], path: str) -> dict[str, Any]:
+               context: dict[str, Any], path: str, challenger: dict | None = None) -> dict[str, Any]:
     """The summary, its drift, the review queue and the report, then the record listing every
-    file, last. ``predictions`` and ``errors`` are the two profiles above."""
+    file, last. ``predictions`` and ``errors`` are the two profiles above, ``challenger`` the
+    comparison of a run with one (its flips lead the review queue)."""
     summary = build_summary(written, inputs=inputs, predictions=predictions, errors=errors,
                             csv_rows=csv_rows, skipped=skipped, score_label=settings.score_label,
-                            started=started, context=context)
-    review = predictions["review"]
+                            started=started, context=context, challenger=challenger)
+    review = review_rows(predictions["review"], challenger["flipped"] if challenger else [],
+                         settings.review_size)
     output = summary["output"]
     summary["drift"] = compute_drift(summary, settings.earlier, settings.thresholds)
     if summary["drift"]["alert"]:  # on Dataflow this runs on a worker: Cloud Logging has it
         _LOG.warning("petscore drift alert for %s against %d earlier nights: %s", output,
                      len(summary["drift"]["compared_to"]), ", ".join(summary["drift"]["alerts"]))
-    written = summary["files"] + write_review_queue(output, review, settings.class_names, settings.scope)
+    if summary.get("challenger", {}).get("alert"):
+        _LOG.warning("petscore challenger alert for %s: %s of the images change decision with %s "
+                     "(limit %s)", output, summary["challenger"]["disagreement"],
+                     summary["challenger"]["model_version"], summary["challenger"]["disagreement_limit"])
+    written = summary["files"] + write_review_queue(output, review, settings.class_names, settings.scope,
+                                                    challenger=challenger is not None)
     write_run_report(output, summary, review, settings.earlier)  # a view: not in the record
     summary["files"] = listed_files(written, output)
     write_file_atomically(path, json.dumps(summary, indent=2, sort_keys=True).encode())
@@ -245,7 +365,9 @@ def combined_globally(pcoll, label: str, combine_fn: beam.CombineFn):
 class WriteRunSummary(beam.PTransform):
     """``{'written': final paths of every other output, 'inputs': input counts, 'predictions':
     prediction tables, 'errors': error tables, 'skipped': SkippedInputs, 'csv_rows'}`` in; the
-    review queue, ``report.html`` and, last, ``summary.json`` out. ``context`` goes in as it is;
+    review queue, ``report.html`` and, last, ``summary.json`` out; with a challenger, ``'pairs'``
+    (``inference.paired_rows`` tables) in too, and its comparison in the record. ``context`` goes
+    in as it is;
     its ``paths_prefix`` (what every input path starts with) tells later --skip-scored runs
     whether this run can hold their paths at all.
 
@@ -265,6 +387,11 @@ class WriteRunSummary(beam.PTransform):
 
     def expand(self, outputs):
         settings = self._settings
+        challenger = {}
+        if "pairs" in outputs:  # a run with a challenger: both models' rows, joined in each batch
+            challenger["challenger"] = combined_globally(
+                outputs["pairs"], "CompareChallenger", ChallengerComparisonFn(
+                    settings.class_names, settings.review_size, settings.scope and settings.challenger_scope))
         review_columns = ["path", "predicted_class", "decision", "confidence",
                           *[probability_column(name) for name in settings.class_names],
                           *(["scope_score"] if settings.scope else [])]
@@ -288,4 +415,5 @@ class WriteRunSummary(beam.PTransform):
                     settings=settings,
                     started=self._started,
                     context=self._context,
-                    path=self._path))
+                    path=self._path,
+                    **challenger))

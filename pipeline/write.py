@@ -1,4 +1,5 @@
-"""Stage 4: outputs under one prefix: ``submission.csv``, ``predictions/``, ``errors/``.
+"""Stage 4: outputs under one prefix: ``submission.csv``, ``predictions/``, ``errors/`` (and, with
+a challenger, ``challenger/predictions/`` and ``challenger/errors/``).
 
 The CSV is a single file sorted by id (what Kaggle accepts), written under a temporary name and
 renamed into place; the Parquet shards are finalised by Beam's file sink, which also writes to a
@@ -32,6 +33,7 @@ SUMMARY_NAME = "summary.json"
 REPORT_NAME = "report.html"
 CSV_PARTS_DIR = "csv-parts"
 REVIEW_DIR = "review"
+CHALLENGER_DIR = "challenger"  # the challenger's predictions/ and errors/ (--challenger-model)
 COPY_CHUNK_BYTES = 1 << 20
 BINARY, MULTICLASS = "binary", "multiclass"
 CSV_FORMATS = ("auto", BINARY, MULTICLASS)
@@ -41,8 +43,8 @@ def output_paths(output: str) -> dict[str, str]:
     """Where each output of a run under ``output`` lands (globs for the sharded ones)."""
     return {
         "csv": FileSystems.join(output, CSV_NAME),
-        "predictions": FileSystems.join(output, PREDICTIONS_DIR, "predictions-*.parquet"),
-        "errors": FileSystems.join(output, ERRORS_DIR, "errors-*.parquet"),
+        "predictions": FileSystems.join(output, PREDICTIONS_DIR, "*.parquet"),
+        "errors": FileSystems.join(output, ERRORS_DIR, "*.parquet"),
         "summary": FileSystems.join(output, SUMMARY_NAME),
     }
 
@@ -51,7 +53,7 @@ def run_directories(output: str) -> list[str]:
     """The directories a run writes under ``output``; Beam's sinks stage in ``beam-temp-*``
     directories inside them."""
     return [FileSystems.join(output, name)
-            for name in (PREDICTIONS_DIR, ERRORS_DIR, CSV_PARTS_DIR, REVIEW_DIR)]
+            for name in (PREDICTIONS_DIR, ERRORS_DIR, CSV_PARTS_DIR, REVIEW_DIR, CHALLENGER_DIR)]
 
 
 def find_run_files(output: str) -> list[str]:
@@ -277,17 +279,23 @@ class CoalesceTables(beam.DoFn):
 
 
 class WriteParquetTables(beam.PTransform):
-    """Arrow tables of ``schema`` in; Parquet shards ``<directory>/<name>-SSSSS-of-NNNNN.parquet``
+    """Arrow tables of ``schema`` in; Parquet shards ``<directory>/part-SSSSS-of-NNNNN.<name>.parquet``
     out (``WriteToParquetBatched``). Emits the final names of the shards once Beam has renamed
-    them into place (what the record lists)."""
+    them into place (what the record lists).
+
+    Each output's shards end in a name of their own (``.predictions.parquet``,
+    ``.challenger-predictions.parquet``, ...) so that one wildcard selects one output of every
+    night, which is all a BigQuery external table's URI allows (``gs://bkt/scores/*.errors.parquet``:
+    docs/nightly-and-drift.md)."""
 
     def __init__(self, directory: str, name: str, schema: pa.Schema):
         super().__init__()
-        self._prefix = FileSystems.join(directory, name)
+        self._prefix = FileSystems.join(directory, "part")
+        self._suffix = f".{name}.parquet"
         self._schema = schema
 
     def expand(self, tables):
         return (tables
                 | "CoalesceTables" >> beam.ParDo(CoalesceTables())
                 | "WriteToParquet" >> beam.io.WriteToParquetBatched(
-                    self._prefix, self._schema, file_name_suffix=".parquet"))
+                    self._prefix, self._schema, file_name_suffix=self._suffix))

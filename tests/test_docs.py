@@ -444,6 +444,6 @@ def test_the_scoring_page_names_every_output_column_and_no_other():
     from pipeline.rows import ERROR_SCHEMA, prediction_schema
 
     predictions = {"prob_<class>" if name.startswith("prob_") else name
-                   for name in prediction_schema(["cat", "dog"], 2, scope=True).names}
+                   for name in prediction_schema(["cat", "dog"]).names}
     assert schema_paragraph("### Predictions schema") == predictions
     assert schema_paragraph("### Errors schema") == set(ERROR_SCHEMA.names)

@@ -216,3 +216,121 @@ def test_unknown_inference_resource_hints_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="Unknown resource hint: gpus"):
         score.run(["--input", str(tmp_path / "*.jpg"), "--model-dir", str(tmp_path), "--output",
                    str(tmp_path / "out"), "--inference-resource-hint", "gpus=2"])
+
+
+# --- BigQuery tables and promotion, against recording gcloud and bq ------------------------------
+
+RECORDER = """#!{python}
+import json, os, sys
+with open(os.environ["RECORDED_CALLS"], "a") as handle:
+    handle.write(json.dumps({{"program": os.path.basename(sys.argv[0]), "argv": sys.argv[1:]}}) + "\\n")
+failing = json.loads(os.environ.get("RECORDER_FAILS", "[]"))  # substrings of calls that fail
+sys.exit(1 if any(part in " ".join(sys.argv[1:]) for part in failing) else 0)
+"""
+
+
+def run_nightly(tmp_path, command: str, fails=(), **env) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``deploy/nightly.sh COMMAND`` with ``gcloud``, ``bq`` and ``curl`` recording their calls;
+    a call holding one of ``fails`` exits 1 (``bq show`` of a table that does not exist)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for program in ("gcloud", "bq", "curl"):
+        (bin_dir / program).write_text(RECORDER.format(python=sys.executable))
+        (bin_dir / program).chmod(0o755)
+    calls = tmp_path / f"calls-{len(list(tmp_path.glob('calls-*')))}.jsonl"
+    calls.touch()
+    environment = {**{k: v for k, v in os.environ.items() if k not in ("CHALLENGER", "OUTPUT", "MODEL_DIR")},
+                   "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RECORDED_CALLS": str(calls),
+                   "RECORDER_FAILS": json.dumps(list(fails)), "PROJECT": "my-project",
+                   "BUCKET": "gs://my-bucket", "TAG": "abc123", "PYTHON": sys.executable, **env}
+    process = subprocess.run(["bash", os.path.join(DEPLOY, "nightly.sh"), command], env=environment,
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+    return process, [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def test_a_challenger_reaches_the_launch_body_as_a_template_parameter():
+    env = {**os.environ, "PROJECT": "my-project", "BUCKET": "gs://my-bucket", "TAG": "abc123",
+           "CHALLENGER": "gs://my-bucket/models/candidate"}
+    body = subprocess.run(["bash", os.path.join(DEPLOY, "nightly.sh"), "launch-body"], env=env,
+                          capture_output=True, text=True, check=True)
+    parameters = json.loads(body.stdout)["launchParameter"]["parameters"]
+    assert parameters["challenger_model"] == "gs://my-bucket/models/candidate"
+    assert set(parameters) <= {p["name"] for p in flex_parameters()}
+    regexes = next(p["regexes"] for p in flex_parameters() if p["name"] == "fail_on_disagreement")
+    assert all(re.fullmatch(r, "0.02") for r in regexes) and not all(re.fullmatch(r, "2%") for r in regexes)
+    options = PipelineOptions(["--challenger_model=gs://b/m", "--fail_on_disagreement=0.02"]).view_as(
+        ScoreOptions)
+    assert (options.challenger_model, options.fail_on_disagreement) == ("gs://b/m", 0.02)
+
+
+def test_tables_creates_the_dataset_and_one_external_table_per_output_then_updates_them(tmp_path):
+    # First time: nothing exists, and no night has had a challenger yet.
+    process, calls = run_nightly(tmp_path, "tables", fails=["show", "challenger-"])
+    assert process.returncode == 0, process.stderr
+    bq = [call["argv"] for call in calls if call["program"] == "bq"]
+    assert ["mk", "--dataset", "--location", "europe-west1", "--description", "petscore nightly outputs",
+            "my-project:petscore"] in bq
+    definitions = [argv for argv in bq if argv[0] == "mkdef"]
+    assert [argv[-1] for argv in definitions] == ["gs://my-bucket/scores/*.predictions.parquet",
+                                                  "gs://my-bucket/scores/*.errors.parquet"]
+    for argv in definitions:
+        assert {"--source_format=PARQUET", "--parquet_enable_list_inference=true",
+                "--hive_partitioning_mode=CUSTOM",
+                "--hive_partitioning_source_uri_prefix=gs://my-bucket/scores/{dt:DATE}"} <= set(argv)
+        assert argv[-1].count("*") == 1  # all a BigQuery URI allows
+    made = [argv[-1] for argv in bq if argv[:2] == ["mk", "--table"]]
+    assert made == ["my-project:petscore.predictions", "my-project:petscore.errors"]
+    assert "no night has written challenger-predictions yet" in process.stderr
+    # Again, once everything exists: the definitions are updated, nothing is made twice.
+    process, calls = run_nightly(tmp_path, "tables")
+    assert process.returncode == 0, process.stderr
+    bq = [call["argv"] for call in calls if call["program"] == "bq"]
+    assert not [argv for argv in bq if argv[0] == "mk"]
+    assert [argv[-1] for argv in bq if argv[0] == "update"] == [
+        f"my-project:petscore.{name}" for name in ("predictions", "errors", "challenger_predictions",
+                                                  "challenger_errors")]
+
+
+def write_nights(scores, sha256: str, disagreements: list[float | None]) -> None:
+    """Committed nights (their summary.json) whose challenger block changed ``disagreement``
+    of the images (None: a night without a challenger), oldest first."""
+    for day, disagreement in enumerate(disagreements, start=1):
+        night = scores / f"dt=2026-11-{day:02d}"
+        night.mkdir(parents=True)
+        record = {"run_date": f"2026-11-{day:02d}", "run_id": str(day), "model_version": "v1"}
+        if disagreement is not None:
+            record["challenger"] = {"model_sha256": sha256, "disagreement": disagreement,
+                                    "accounted": True}
+        (night / "summary.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("disagreements, compare, promoted", [
+    ([None, 0.01, 0.02, 0.0], None, True),
+    ([0.0, 0.05, 0.01, 0.01], None, False),  # one of the last three above the limit
+    ([0.01, 0.01], None, False),  # not enough nights yet
+    ([0.01, 0.01], "B better (accuracy +4.0 points, McNemar p = 0.001)", True),
+    ([0.0, 0.0, 0.0], "B worse (log loss +0.20)", False),
+])
+def test_promote_replaces_the_model_only_after_enough_nights_under_the_limit_or_a_better_verdict(
+        trained, tmp_path, disagreements, compare, promoted):
+    scores = tmp_path / "scores"
+    write_nights(scores, read_metadata(trained["model_dir"]).sha256, disagreements)
+    env = {"CHALLENGER": trained["model_dir"], "OUTPUT": f"{scores}/dt={{run_date}}", "PROMOTE_AFTER": "3",
+           "MAX_DISAGREEMENT": "0.02"}
+    if compare:
+        (tmp_path / "compare.json").write_text(json.dumps({"verdict": compare}))
+        env["COMPARE_JSON"] = str(tmp_path / "compare.json")
+    process, calls = run_nightly(tmp_path, "promote", fails=["describe"], **env)
+    rsyncs = [call["argv"] for call in calls if call["argv"][:2] == ["storage", "rsync"]]
+    if not promoted:
+        assert process.returncode != 0 and process.stdout.startswith("not yet:") and not rsyncs
+        return
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith("promote:")
+    backup, replace = rsyncs
+    assert backup[-2] == "gs://my-bucket/models/current" and backup[-1].startswith("gs://my-bucket/models/previous-")
+    assert replace[-3:] == ["--delete-unmatched-destination-objects", trained["model_dir"],
+                            "gs://my-bucket/models/current"]
+    schedule = next(call["argv"] for call in calls if call["argv"][:3] == ["scheduler", "jobs", "create"])
+    nightly = json.loads(schedule[schedule.index("--message-body") + 1])["launchParameter"]["parameters"]
+    assert "challenger_model" not in nightly and nightly["model_dir"] == "gs://my-bucket/models/current"

@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def final_outputs(output: str) -> list[str]:
-    return (glob.glob(os.path.join(output, "predictions", "predictions-*.parquet"))
-            + glob.glob(os.path.join(output, "errors", "errors-*.parquet"))
+    return (glob.glob(os.path.join(output, "predictions", "*.parquet"))
+            + glob.glob(os.path.join(output, "errors", "*.parquet"))
             + glob.glob(os.path.join(output, "submission.csv")))
 
 

@@ -346,8 +346,9 @@ def test_score_images_batches_through_run_inference_and_matches_direct_predictio
     batches = [dataclasses.replace(image_batch([f"/img/{i}.jpg" for i in range(start, start + 4)]),
                                    pixels=images[start:start + 4]) for start in (0, 4)]
     with TestPipeline() as p:
-        tables = (p | beam.Create(batches)
+        scored = (p | beam.Create(batches)
                   | ScoreImages(trained["model_dir"], metadata, min_confidence=0.0, run_id="r"))
+        tables = scored["predictions"]
         assert_that(rows_of(tables) | beam.Map(lambda r: (r["image_id"], round(r["prob_dog"], 5))),
                     equal_to([(i, round(float(want[i]), 5)) for i in range(8)]))
         assert_that(tables | beam.Map(len), equal_to([4, 4]), label="OneTablePerBatch")
