@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline.rows import METRICS_NAMESPACE, file_stem, probability_column
@@ -239,11 +239,13 @@ class WriteKaggleCsv(beam.PTransform):
                  | "SplitIntoParts" >> beam.FlatMap(split_into_parts, stats=stats)
                  | "GroupPart" >> beam.GroupByKey()
                  | "WriteSortedPart" >> beam.MapTuple(write_part))
-        # Once, when every part is written (none: a CSV of its header alone).
+        # Once, when every part is written (none: a CSV of its header alone). A str, as the
+        # Parquet sinks' file names are: flattened with them, it needs no coder conversion
+        # (which Prism runs as a stage of its own per input).
         csv = (predictions.pipeline
                | "OnceAllPartsAreWritten" >> beam.Impulse()
                | "ConcatenateParts" >> beam.Map(lambda _, parts: concatenate(parts),
-                                                parts=beam.pvalue.AsList(parts)))
+                                                parts=beam.pvalue.AsList(parts)).with_output_types(str))
         rows = (predictions.pipeline
                 | "OnceCounted" >> beam.Impulse()
                 | "RowCount" >> beam.Map(lambda _, stats: stats[0], stats=stats))
@@ -278,10 +280,25 @@ class CoalesceTables(beam.DoFn):
         return table
 
 
+def at_end_of_window(name: str) -> TimestampedValue:
+    """``name`` timestamped at the end of the global window.
+
+    Beam's file sinks emit their final file names at the end of time (``MAX_TIMESTAMP``,
+    apache_beam/io/iobase.py ``_finalize_write``), a day past the end of the global window. An
+    element that late holds back no watermark: on Prism 2.77 (and 2.78) a stage working on it
+    lets its output watermark reach the end of time before the element is handed on, the next
+    stage runs without it, and the element then waits forever ("nothing in progress and no
+    refreshes with non zero pending elements"; docs/testing.md). Inside the window it holds
+    the watermark until it is handed on, as every other element does.
+    """
+    return TimestampedValue(name, GlobalWindow().max_timestamp())
+
+
 class WriteParquetTables(beam.PTransform):
     """Arrow tables of ``schema`` in; Parquet shards ``<directory>/part-SSSSS-of-NNNNN.<name>.parquet``
     out (``WriteToParquetBatched``). Emits the final names of the shards once Beam has renamed
-    them into place (what the record lists).
+    them into place (what the record lists), at the end of the global window
+    (``at_end_of_window``).
 
     Each output's shards end in a name of their own (``.predictions.parquet``,
     ``.challenger-predictions.parquet``, ...) so that one wildcard selects one output of every
@@ -298,4 +315,5 @@ class WriteParquetTables(beam.PTransform):
         return (tables
                 | "CoalesceTables" >> beam.ParDo(CoalesceTables())
                 | "WriteToParquet" >> beam.io.WriteToParquetBatched(
-                    self._prefix, self._schema, file_name_suffix=self._suffix))
+                    self._prefix, self._schema, file_name_suffix=self._suffix)
+                | "AtEndOfWindow" >> beam.Map(at_end_of_window).with_output_types(str))

@@ -194,7 +194,9 @@ def test_readme_demo_and_test_commands_run(train, trained, tmp_path):
     block = readme_commands("petscore")
     assert block == ["scripts/demo.sh", "scripts/test.sh"]
     with open(os.path.join(REPO, ".ci", "run")) as handle:
-        assert "exec scripts/test.sh\n" in handle.read(), "CI runs the README's test command"
+        ci = handle.read().splitlines()
+    assert "scripts/test.sh" in ci, "CI runs the README's test command"
+    assert "exec scripts/test_portable.sh" in ci, "and then the portable-runner suite"
     out = tmp_path / "demo"
     if not train:
         shutil.copytree(trained["model_dir"], out / "model")

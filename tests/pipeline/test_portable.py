@@ -1,5 +1,6 @@
 """The job on a real Beam portable runner (Prism, built from Beam's Go SDK), compared with the
-DirectRunner. Marked slow; run with scripts/test_portable.sh, which builds Prism first.
+DirectRunner. Marked slow; run with scripts/test_portable.sh, which builds Prism first (CI runs
+it after the default suite: .ci/run).
 
 The SDK workers run in a separate worker-pool process (EXTERNAL environment), as on a cluster:
 nothing is shared with the submitting process but the files. Prism starts one SDK worker per
@@ -90,6 +91,8 @@ def test_prism_on_two_sdk_workers_matches_the_direct_runner(corpus, trained, wor
     assert len(set(workers)) == len(workers) == 2, workers  # decoding in one, inference in the other
     for key in ("inputs", "predictions", "errors", "errors_by_type", "csv_rows", "accounted"):
         assert prism[key] == direct[key], key
+    # the record lists every output (Prism 2.77 once wrote it before the predictions had arrived)
+    assert [f["path"] for f in prism["files"]] == [f["path"] for f in direct["files"]]
     want, got = by_path(str(tmp_path / "direct")), by_path(str(tmp_path / "prism"))
     assert got.keys() == want.keys()
     for path, (cat, dog, decision) in want.items():

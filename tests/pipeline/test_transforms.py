@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
 
 from pipeline import read
 from pipeline.decode import ERRORS, DecodeImages, ImageBatch
@@ -44,6 +45,7 @@ from pipeline.write import (
     BINARY,
     MULTICLASS,
     WriteKaggleCsv,
+    WriteParquetTables,
     csv_header,
     csv_lines,
     csv_part_boundaries,
@@ -458,6 +460,25 @@ def test_the_csv_is_sorted_in_parts_no_worker_holding_the_run(tmp_path, csv_form
     part_rows = result.metrics().query(MetricsFilter().with_name("csv_part_rows"))["distributions"]
     sizes = part_rows[0].committed
     assert sizes.count == 12 and sizes.sum == 1200 and sizes.max <= 200  # ~100 rows a part
+
+
+def test_the_sinks_hand_their_final_paths_on_inside_the_global_window(tmp_path):
+    """The paths the record lists leave their sinks at a time inside the global window, not at
+    Beam's end of time (its file sinks' own), on which Prism runs the next step without them
+    (docs/testing.md, the portable-runner suite)."""
+    table = pa.Table.from_pylist([{"path": "/n/1.jpg", "image_id": 1, "prob_cat": 0.3, "prob_dog": 0.7}])
+    pipeline = TestPipeline()
+    tables = pipeline | beam.Create([table])
+    shards = tables | WriteParquetTables(str(tmp_path / "predictions"), "predictions", table.schema)
+    csv = tables | WriteKaggleCsv(str(tmp_path / "submission.csv"), str(tmp_path / "csv-parts"),
+                                  ["cat", "dog"], BINARY, "dog", 0.0)
+    inside = ((shards, csv["csv"]) | beam.Flatten()
+              | beam.Map(lambda path, at=beam.DoFn.TimestampParam:
+                         (path, at <= GlobalWindow().max_timestamp())))
+    shard = str(tmp_path / "predictions" / "predictions-00000-of-00001.parquet")
+    assert_that(inside, equal_to([(shard, True), (str(tmp_path / "submission.csv"), True)]))
+    pipeline.run().wait_until_finish()
+    assert pq.read_table(shard).equals(table)
 
 
 def test_a_kaggle_sized_csv_is_one_part():
