@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 KAGGLE_EPS = 1e-15
+# Confidence bins of the expected calibration error: Guo et al. (ICML 2017) used 15.
+ECE_BINS = 15
 
 
 def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -30,13 +32,21 @@ def confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, num_classes:
     return matrix
 
 
-def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
-    """Confidence (top probability) vs accuracy per equal-width bin, and the expected
-    calibration error (bin-size-weighted mean |accuracy - confidence|)."""
+def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """The reliability diagram's points and the expected calibration error (ECE) of Guo et al.,
+    "On calibration of modern neural networks" (ICML 2017), eq. 3: each image's confidence (its
+    top-class probability) falls in one of ``bins`` equal-width bins ((m-1)/M, m/M]; a bin's
+    accuracy is the share of its images whose top class is the true one; the ECE is the mean
+    over bins of |accuracy - mean confidence| weighted by the bin's share of images.
+
+    ``labels`` int [n], ``probabilities`` float [n, classes]. Returns ``{"bins": [{"low",
+    "high", "count", "mean_confidence", "accuracy"}, ...] (non-empty bins only),
+    "expected_calibration_error": float, "bin_count": bins}``."""
+    probabilities = np.asarray(probabilities, np.float64)
     confidence = probabilities.max(axis=1)
-    correct = np.argmax(probabilities, axis=1) == labels
+    correct = np.argmax(probabilities, axis=1) == np.asarray(labels)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
     rows, ece = [], 0.0
     for b in range(bins):
         members = index == b
@@ -46,7 +56,13 @@ def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int =
         rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(members.sum()),
                      "mean_confidence": mean_conf, "accuracy": acc})
         ece += members.mean() * abs(acc - mean_conf)
-    return {"bins": rows, "expected_calibration_error": float(ece)}
+    return {"bins": rows, "expected_calibration_error": float(ece), "bin_count": bins}
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Guo et al.'s expected calibration error over ``bins`` equal-width confidence bins (see
+    ``reliability_curve``), in [0, 1]: 0 when every bin's accuracy equals its mean confidence."""
+    return reliability_curve(labels, probabilities, bins)["expected_calibration_error"]
 
 
 def error_analysis(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str],

@@ -39,6 +39,8 @@ FORMAT_VERSION = 1
 # and the methods this scorer knows (``model.out_of_scope``).
 SCOPE_SCORE = "scope_score"
 SCOPE_METHODS = ("knn-cosine",)
+# How a model's probabilities may have been calibrated at export (``model.calibration``).
+CALIBRATION_METHODS = ("temperature",)
 
 
 class ModelContractError(ValueError):
@@ -74,6 +76,12 @@ class ModelMetadata:
     # one (every model exported before it): {"method", "k", "bank_images", "features", "output",
     # "fit", "threshold", "share", "held_out"}; flag an image when its score is above "threshold".
     out_of_scope: dict[str, Any] | None = None
+    # The temperature fitted at export (``model.calibration``), None when none was fitted (every
+    # model exported before it, ``--no-calibration``, a package without calibration images):
+    # {"method": "temperature", "applied", "temperature", "layer", "fit", "held_out"[, "reason"]}.
+    # When "applied", the model's probabilities are already calibrated by that temperature (its
+    # last layer); scorers need nothing of it, evaluation uses it to show the model before.
+    calibration: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -118,6 +126,7 @@ class ModelMetadata:
         if not self.model_version:
             problems.append("model_version is empty")
         problems.extend(self._scope_problems())
+        problems.extend(self._calibration_problems())
         int8_references = (self.tflite_int8 or {}).get("reference_predictions", [])
         for ref in [*self.reference_predictions, *int8_references]:
             if len(ref.get("probabilities", [])) != len(self.class_names):
@@ -144,6 +153,26 @@ class ModelMetadata:
             problems.append(f"every reference prediction needs a {SCOPE_SCORE} when the model has an "
                             "out-of-scope detector")
         return problems
+
+    def _calibration_problems(self) -> list[str]:
+        entry = self.calibration
+        if entry is None:
+            return []
+        if not isinstance(entry, dict) or entry.get("method") not in CALIBRATION_METHODS:
+            return [f"calibration.method {(entry or {}).get('method')!r} is none of "
+                    f"{list(CALIBRATION_METHODS)}"]
+        if not isinstance(entry.get("applied"), bool):
+            return [f"calibration.applied must be true or false, got {entry.get('applied')!r}"]
+        temperature = entry.get("temperature")
+        if entry["applied"] and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                 or not math.isfinite(temperature) or temperature <= 0):
+            return [f"calibration.temperature must be a finite number above 0, got {temperature!r}"]
+        return []
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature inside the model (its probabilities are calibrated by it), or None."""
+        return self.calibration["temperature"] if self.calibration and self.calibration["applied"] else None
 
     @property
     def has_scope_detector(self) -> bool:
