@@ -63,6 +63,14 @@ def temperature_scale(probabilities: np.ndarray, temperature: float) -> np.ndarr
     return softmax(logits / temperature, axis=1)
 
 
+def before_calibration(views: np.ndarray, temperature: float) -> np.ndarray:
+    """What a model with ``temperature`` inside would give without it: for its probabilities
+    float [views, n, classes] (one view, or an image and its mirror: ``serving.tta``), the
+    mean over views of each view's probabilities with the temperature undone, float64
+    [n, classes]. Undone per view, since the mean of the views is not a temperature away."""
+    return np.mean([temperature_scale(view, 1.0 / temperature) for view in views], axis=0)
+
+
 def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """The temperature in ``TEMPERATURE_BOUNDS`` minimising the log loss of
     ``temperature_scale(probabilities, T)`` on ``labels`` (int [n], the true classes): SciPy's
