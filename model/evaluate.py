@@ -1,7 +1,7 @@
 """Evaluate an exported model on a labelled folder: ``python -m model.evaluate``.
 
 Scores exactly as the pipeline does (the shared preprocessing, the model's own runtime; with
-``--tta flip`` each image and its mirror, as ``pipeline.score --tta flip``) and writes
+``--tta flip`` each image and its mirror, ``serving.tta``) and writes
 ``metrics.json`` and a self-contained ``report.html`` (confusion matrix, reliability diagram
 with the expected calibration error, most confident right/wrong and least confident images
 per class). For a model calibrated at export (``metadata.json``'s ``calibration``) it reports
@@ -70,7 +70,7 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
     """``--tta``, shared by ``model.evaluate`` and ``model.compare``."""
     parser.add_argument("--tta", choices=TTA_MODES, default="none",
                         help="flip: score each image as it is and mirrored left-right and average "
-                             "the probabilities, as pipeline.score --tta flip does (one more "
+                             "the probabilities (serving.tta: one more "
                              "inference per image); none (default): as it is.")
 
 
