@@ -45,12 +45,19 @@ RESAMPLES = 2000
 # runtimes (1e-6), so that copies of one model never differ.
 LOG_LOSS_MARGIN = 0.001
 SHOWN_DISAGREEMENTS = 60
+# Image indices per vectorised call of a statistic (resamples x images): bounds the bootstrap's
+# memory (BCa's jackknife alone would hold images^2 of them) at a few tens of MB.
+BOOTSTRAP_INDICES = 4_000_000
 VERDICT_RULE = (
     "B better when at least one test favours B and none favours A: McNemar's exact test on the "
     "images exactly one model gets right (p < {alpha}, B right on more of them), or the paired "
     "bootstrap {level:.0%} interval of the log-loss difference B - A lying wholly below "
     "-{margin}; B worse the other way round; no evidence otherwise (neither test, or they "
     "disagree)")
+
+
+class NothingToCompare(ValueError):
+    """Fewer than two of the labelled images could be read by both models."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,8 +112,8 @@ def paired_interval(statistic: Callable[[np.ndarray], np.ndarray], count: int, r
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SciPy warns where BCa is undefined: then percentile
             interval = bootstrap((np.arange(count),), vectorised, vectorized=True, n_resamples=resamples,
-                                 confidence_level=1 - ALPHA, method=method,
-                                 rng=np.random.default_rng(seed)).confidence_interval
+                                 batch=max(1, BOOTSTRAP_INDICES // count), confidence_level=1 - ALPHA,
+                                 method=method, rng=np.random.default_rng(seed)).confidence_interval
         if np.isfinite(interval.low) and np.isfinite(interval.high):
             break
     return [round(float(interval.low), 6), round(float(interval.high), 6)]
@@ -177,6 +184,9 @@ def compare(args: argparse.Namespace, metadata, data) -> dict:
         scored.append((dict(zip(kept, range(len(kept)), strict=True)), views.probabilities[..., order],
                        failures))
     common = sorted(set(scored[0][0]) & set(scored[1][0]))
+    if len(common) < 2:
+        raise NothingToCompare(f"{len(common)} of the {len(data.paths)} images could be read by both "
+                               "models: nothing to compare")
     labels = np.array([data.labels[i] for i in common])
     views = [probabilities[:, [rows[i] for i in common]] for rows, probabilities, _ in scored]
     probabilities = [mean_of_views(view) for view in views]
@@ -287,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelContractError, ValueError, OSError) as refusal:
         print(f"petscore: refused before scoring anything: {refusal}", file=sys.stderr)
         return 1
-    result = compare(args, metadata, data)
+    try:
+        result = compare(args, metadata, data)
+    except NothingToCompare as failure:
+        print(f"petscore: {failure}", file=sys.stderr)
+        return 1
     for name, figures in result["models"].items():
         print(f"{name}: {figures['model_version']}: accuracy {figures['accuracy']:.4f}, log loss "
               f"{figures['log_loss']:.4f}, ECE {figures['expected_calibration_error']:.4f}")

@@ -139,13 +139,11 @@ class ModelMetadata:
         scope = self.out_of_scope
         if scope is None:
             return []
-        if not isinstance(scope, dict) or scope.get("method") not in SCOPE_METHODS:
-            return [f"out_of_scope.method {(scope or {}).get('method')!r} is none of this scorer's "
-                    f"{list(SCOPE_METHODS)}"]
+        if unknown := _unknown_method("out_of_scope", scope, SCOPE_METHODS):
+            return [unknown]
         problems = []
         threshold = scope.get("threshold")
-        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                or not math.isfinite(threshold)):
+        if not _finite_number(threshold):
             problems.append(f"out_of_scope.threshold must be a finite number, got {threshold!r}")
         if scope.get("output") != SCOPE_SCORE:
             problems.append(f"out_of_scope.output must be {SCOPE_SCORE!r}, got {scope.get('output')!r}")
@@ -158,14 +156,12 @@ class ModelMetadata:
         entry = self.calibration
         if entry is None:
             return []
-        if not isinstance(entry, dict) or entry.get("method") not in CALIBRATION_METHODS:
-            return [f"calibration.method {(entry or {}).get('method')!r} is none of "
-                    f"{list(CALIBRATION_METHODS)}"]
+        if unknown := _unknown_method("calibration", entry, CALIBRATION_METHODS):
+            return [unknown]
         if not isinstance(entry.get("applied"), bool):
             return [f"calibration.applied must be true or false, got {entry.get('applied')!r}"]
         temperature = entry.get("temperature")
-        if entry["applied"] and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                 or not math.isfinite(temperature) or temperature <= 0):
+        if entry["applied"] and not (_finite_number(temperature) and temperature > 0):
             return [f"calibration.temperature must be a finite number above 0, got {temperature!r}"]
         return []
 
@@ -190,6 +186,17 @@ class ModelMetadata:
     @property
     def width(self) -> int:
         return self.input_size[1]
+
+
+def _unknown_method(field: str, entry: Any, methods: tuple[str, ...]) -> str | None:
+    """Why ``entry`` (the metadata's ``field``) is not a dict naming one of ``methods``, or None."""
+    if isinstance(entry, dict) and entry.get("method") in methods:
+        return None
+    return f"{field}.method {(entry or {}).get('method')!r} is none of this scorer's {list(methods)}"
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def read_metadata(model_dir: str) -> ModelMetadata:
