@@ -35,10 +35,13 @@ def test_flip_is_the_mean_of_the_image_and_its_mirrored_copy(trained, runtime):
         model.predict_outputs(images, tta="rotate")
 
 
-def test_the_mirror_is_a_view_and_one_call_or_two_passes_give_the_same_views():
+def test_the_mirror_reverses_each_row_and_one_call_or_two_passes_give_the_same_views():
     images = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
-    view = mirrored(images)
-    assert np.shares_memory(view, images) and view[0, 0, 0].tolist() == images[0, 0, 3].tolist()
+    mirror = mirrored(images)
+    assert mirror.flags.c_contiguous and not np.shares_memory(mirror, images)
+    np.testing.assert_array_equal(mirror, images[:, :, ::-1])
+    assert mirror[0, 0, 0].tolist() == images[0, 0, 3].tolist()  # a pixel's channels stay in order
+    np.testing.assert_array_equal(mirrored(images[:, :, ::-1]), images)  # a view in, too
     calls = []
 
     def predict(batch):  # "probabilities" that depend on the pixels' left-right order
