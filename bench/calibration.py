@@ -11,10 +11,12 @@ Every image is decoded once and scored through ``ServingModel.predict_views(imag
 model's temperature (``model.calibration.before_calibration``, exact to float32 rounding); a
 temperature fitted at export but not applied (it did not lower the held-out log loss there) is
 applied here to show what it would have done; a model without one gives the first and third
-rows only. Averaging rules compared: the arithmetic mean of the probabilities
-(what ``serving.tta`` does) and the mean of the logits (the geometric mean of the
-probabilities, renormalised). Cost: inference seconds of ``predict_outputs`` on the decoded
-images with and without ``tta="flip"``, alternated ``--repeats`` times, the median ratio.
+rows only. Averaging rules compared: the arithmetic mean of the probabilities (what
+``serving.tta`` does) and the mean of the logits (the geometric mean of the probabilities,
+renormalised), image by image with a paired interval. For reference, the temperature that fits
+the held-out photos themselves (an oracle: the most any temperature could do). Cost: inference
+seconds of ``predict_outputs`` on the decoded images with and without ``tta="flip"``,
+alternated ``--repeats`` times, the median ratio.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.architecture import SMALLEST_NORMAL_FLOAT32  # noqa: E402
-from model.calibration import before_calibration, temperature_scale  # noqa: E402
+from model.calibration import before_calibration, fit_temperature, temperature_scale  # noqa: E402
 from model.compare import paired_interval  # noqa: E402
 from model.data import decoded_batches, labelled_images_for  # noqa: E402
 from model.metrics import headline_metrics, log_losses  # noqa: E402
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if calibrated is not None:
         rows.update({"calibrated": calibrated[0], "calibrated + mirrored": mean_of_views(calibrated),
                      "calibrated + mirrored (mean of logits)": mean_of_logits(calibrated)})
+    # For reference, not a result: the temperature that fits these very photos best (an oracle).
+    oracle = fit_temperature(labels, exported[0])
+    rows[f"temperature fitted on these photos (T = {oracle:.3f})"] = temperature_scale(exported[0], oracle)
     figures = {name: {key: round(value, 6) for key, value in headline_metrics(labels, p).items()}
                for name, p in rows.items()}
     plain = figures["as exported"]["log_loss"]
