@@ -26,14 +26,15 @@ from tests.model.test_train_export import FLOAT_RUNTIMES_AGREE
 @pytest.fixture(scope="module")
 def packaged(trained, labelled_images, tmp_path_factory) -> dict:
     """The tiny trained classifier saved alone, as a notebook saves a model, then packaged with
-    ``--calibration-images`` and without: {"calibrated": dir, "plain": dir}."""
+    ``--calibration-images`` (and an out-of-scope detector) and without either: {"calibrated":
+    dir, "plain": dir}."""
     root = tmp_path_factory.mktemp("calibration")
     notebook_file = str(root / "tiny.keras")
     load_classifier(trained["model_dir"]).save(notebook_file)
     common = ["--keras", notebook_file, "--classes", "cat,dog", "--scaling", "none"]
     dirs = {"calibrated": str(root / "calibrated"), "plain": str(root / "plain")}
-    assert package.main([*common, "--output", dirs["calibrated"],
-                         "--calibration-images", labelled_images]) == 0
+    assert package.main([*common, "--output", dirs["calibrated"], "--calibration-images", labelled_images,
+                         "--scope-images", labelled_images]) == 0
     assert package.main([*common, "--output", dirs["plain"]]) == 0
     return dirs
 
@@ -65,14 +66,21 @@ def test_calibrated_probabilities_agree_on_every_runtime_and_are_the_plain_ones_
     plain = ServingModel(packaged["plain"], read_metadata(packaged["plain"]), "saved_model").predict(images)
     want = temperature_scale(plain, temperature)
     assert np.max(np.abs(want - plain)) > 0.01, "the temperature should change the probabilities"
+    scope_scores = []
     for runtime in ("saved_model", "tflite", "keras"):
         model = ServingModel(packaged["calibrated"], metadata, runtime)
         assert model.runtime == runtime
-        np.testing.assert_allclose(model.predict(images), want, atol=FLOAT_RUNTIMES_AGREE)
+        outputs = model.predict_outputs(images)
+        np.testing.assert_allclose(outputs.probabilities, want, atol=FLOAT_RUNTIMES_AGREE)
+        scope_scores.append(outputs.scope_score)
         assert model.check_reference_predictions() < FLOAT_RUNTIMES_AGREE
+    # The detector beside the calibrated probabilities reads the head's input: untouched.
+    assert metadata.has_scope_detector and np.ptp(scope_scores[0]) > 1e-4
+    for other in scope_scores[1:]:
+        np.testing.assert_allclose(other, scope_scores[0], atol=FLOAT_RUNTIMES_AGREE)
     assert metadata.tflite["max_abs_diff_vs_saved_model"] <= 1e-4
-    layer = keras.saving.load_model(os.path.join(packaged["calibrated"], "model.keras"),
-                                    safe_mode=True).layers[-1]
+    served = keras.saving.load_model(os.path.join(packaged["calibrated"], "model.keras"), safe_mode=True)
+    layer = served.output["probabilities"]._keras_history.operation  # what makes the probabilities
     assert isinstance(layer, TemperatureScaling) and layer.temperature == temperature
 
 
