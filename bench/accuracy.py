@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 
+from model.compare import mcnemar, paired_interval  # noqa: E402
 from model.data import LabelledImages, find_labelled_images  # noqa: E402
 from model.evaluate import predict_paths  # noqa: E402
 from model.metrics import log_losses  # noqa: E402
@@ -143,26 +144,16 @@ def per_image(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray
 
 
 def paired_difference(candidate: np.ndarray, baseline: np.ndarray, seed: int) -> dict:
-    """Mean of candidate - baseline over the same images, with a 95% bootstrap interval."""
-    from scipy import stats
-
+    """Mean of candidate - baseline over the same images, with a 95% bootstrap interval
+    (``model.compare.paired_interval``, as ``model.compare`` computes its own)."""
     difference = candidate - baseline
-    if np.all(difference == difference[0]):  # no spread to resample (the baseline itself)
-        return {"mean": float(difference[0]), "low": float(difference[0]), "high": float(difference[0])}
-    interval = stats.bootstrap((difference,), np.mean, confidence_level=0.95, n_resamples=10_000,
-                               rng=np.random.default_rng(seed)).confidence_interval
-    return {"mean": float(difference.mean()), "low": float(interval.low), "high": float(interval.high)}
+    low, high = paired_interval(lambda rows: difference[rows].mean(axis=1), len(difference), 10_000, seed)
+    return {"mean": float(difference.mean()), "low": low, "high": high}
 
 
 def mcnemar_p(candidate_right: np.ndarray, baseline_right: np.ndarray) -> float:
     """Exact McNemar test: are the images only one of the two got right split evenly?"""
-    from scipy import stats
-
-    only_candidate = int(np.sum((candidate_right == 1) & (baseline_right == 0)))
-    only_baseline = int(np.sum((candidate_right == 0) & (baseline_right == 1)))
-    if only_candidate + only_baseline == 0:
-        return 1.0
-    return float(stats.binomtest(only_candidate, only_candidate + only_baseline, 0.5).pvalue)
+    return mcnemar(baseline_right, candidate_right)["p_value"]
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ sit in the model too; Keras runs them only when ``training=True``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from keras import layers
 IMAGENET_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 IMAGENET_TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_TORCH_STD_RGB = (0.229, 0.224, 0.225)
+SMALLEST_NORMAL_FLOAT32 = 1.1754944e-38  # numpy.finfo(numpy.float32).tiny
 
 
 @keras.saving.register_keras_serializable(package="petscore")
@@ -77,6 +79,35 @@ class SigmoidToTwoClasses(layers.Layer):
 
     def call(self, inputs):
         return keras.ops.concatenate([1.0 - inputs, inputs], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="petscore")
+class TemperatureScaling(layers.Layer):
+    """Calibrated probabilities: for class probabilities p float32 [batch, classes],
+    ``softmax(log(p) / temperature)``, which equals dividing the logits by ``temperature`` (the
+    logits are log(p) up to a constant per row) and, for a sigmoid made into two classes, the
+    logit log(p / (1 - p)). Temperature scaling, Guo et al., "On calibration of modern neural
+    networks" (ICML 2017): one number fitted on held-out images (``model.calibration``); it
+    changes how confident the model is, never which class is on top.
+
+    The temperature is a configuration value, not a weight: every artefact (SavedModel,
+    ``model.tflite``, ``model.keras`` on any backend) multiplies by the same constant 1 / T, and
+    the layers with weights stay those of the classifier (``final_dense_layer``). A probability
+    of 0 (float32 underflow) is read as the smallest normal float32, so no row holds -inf."""
+
+    def __init__(self, temperature: float, **kwargs):
+        super().__init__(**kwargs)
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number above 0, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def call(self, probabilities):
+        floor = keras.ops.cast(SMALLEST_NORMAL_FLOAT32, probabilities.dtype)
+        logits = keras.ops.log(keras.ops.maximum(probabilities, floor))
+        return keras.ops.softmax(logits * (1.0 / self.temperature), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
 
 
 @keras.saving.register_keras_serializable(package="petscore")

@@ -53,6 +53,18 @@ def find_labelled_images(root: str) -> LabelledImages:
     return LabelledImages([p for p, _ in pairs], [class_names.index(n) for _, n in pairs], class_names)
 
 
+def labelled_images_for(root: str, class_names: Sequence[str]) -> LabelledImages:
+    """``find_labelled_images(root)`` with each label an index into ``class_names`` (a model's
+    output order, not the folders' sorted order) and ``class_names`` as its classes. Raises
+    ``ValueError`` in one line when the images' classes are not the model's."""
+    data = find_labelled_images(root)
+    if data.class_names != sorted(class_names):
+        raise ValueError(f"{root} holds classes {data.class_names}, the model's are {list(class_names)}: "
+                         "name its folders (or file name prefixes) after the model's classes")
+    return LabelledImages(data.paths, [list(class_names).index(data.class_names[label])
+                                       for label in data.labels], list(class_names))
+
+
 def split_train_validation(data: LabelledImages, validation_fraction: float,
                            seed: int) -> tuple[LabelledImages, LabelledImages]:
     """Stratified, seeded split: each class contributes the same fraction to validation."""

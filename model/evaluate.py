@@ -1,8 +1,12 @@
 """Evaluate an exported model on a labelled folder: ``python -m model.evaluate``.
 
-Scores exactly as the pipeline does (the shared preprocessing, the SavedModel signature) and
-writes ``metrics.json`` and a self-contained ``report.html`` (confusion matrix, reliability
-curve, most confident right/wrong and least confident images per class). With
+Scores exactly as the pipeline does (the shared preprocessing, the model's own runtime; with
+``--tta flip`` each image and its mirror, ``serving.tta``) and writes
+``metrics.json`` and a self-contained ``report.html`` (confusion matrix, reliability diagram
+with the expected calibration error, most confident right/wrong and least confident images
+per class). For a model calibrated at export (``metadata.json``'s ``calibration``) it reports
+the same figures and diagram before calibration too: the model's probabilities with its
+temperature undone (``model.calibration.before_calibration``). With
 ``--out-of-scope DIR`` (images of other things) it also measures the model's out-of-scope
 detector: the AUROC between the labelled (in-scope) images and those, and the share of each
 that the model's own threshold flags.
@@ -18,23 +22,25 @@ import sys
 
 import numpy as np
 
-from model.data import decoded_batches, find_labelled_images
+from model.calibration import before_calibration
+from model.data import decoded_batches, labelled_images_for
 from model.evaluation_report import render_evaluation_report
 from model.metrics import (
+    ECE_BINS,
     KAGGLE_EPS,
-    accuracy,
     accuracy_coverage_curve,
     auroc,
     confusion_matrix,
     error_analysis,
     flagged_share,
-    log_loss,
+    headline_metrics,
     min_confidence_for_accuracy,
     reliability_curve,
 )
 from model.out_of_scope import image_paths
-from serving.metadata import read_metadata
+from serving.metadata import ModelMetadata, read_metadata
 from serving.runtimes import Outputs, ServingModel
+from serving.tta import TTA_MODES, Views, mean_of_views
 
 _LOG = logging.getLogger("petscore.evaluate")
 
@@ -56,7 +62,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Images of things the model does not classify (under DIR, any depth): "
                              "report the AUROC of the model's scope_score between --data and these "
                              "(the Mann-Whitney statistic) and the share of each its threshold flags.")
+    add_tta_argument(parser)
     return parser.parse_args(argv)
+
+
+def add_tta_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tta``, shared by ``model.evaluate`` and ``model.compare``."""
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="flip: score each image as it is and mirrored left-right and average "
+                             "the probabilities (serving.tta: one more "
+                             "inference per image); none (default): as it is.")
 
 
 def predict_paths(model: ServingModel, paths: list[str], batch_size: int):
@@ -65,20 +80,46 @@ def predict_paths(model: ServingModel, paths: list[str], batch_size: int):
     return kept, outputs.probabilities, failures
 
 
-def predict_outputs_of_paths(model: ServingModel, paths: list[str], batch_size: int):
+def predict_outputs_of_paths(model: ServingModel, paths: list[str], batch_size: int, tta: str = "none"):
     """(kept indices, ``Outputs`` of every decodable path, ``{path: error}``): probabilities
-    float32 [n, classes] and scope_score float32 [n] (None without a detector)."""
-    kept, outputs, failures = [], [], {}
+    float32 [n, classes] (with ``tta="flip"`` the mean of each image's and its mirror's) and
+    scope_score float32 [n] (None without a detector)."""
+    kept, views, failures = predict_views_of_paths(model, paths, batch_size, tta)
+    return kept, Outputs(mean_of_views(views.probabilities), views.scope_score), failures
+
+
+def predict_views_of_paths(model: ServingModel, paths: list[str], batch_size: int, tta: str = "none",
+                           ) -> tuple[list[int], Views, dict[str, str]]:
+    """(kept indices, ``Views`` of every decodable path: probabilities float32 [views, n,
+    classes] and scope_score float32 [n] or None, ``{path: error}``), each path decoded once
+    through the model's own preprocessing (``model.data.decoded_batches``)."""
+    kept, views, scopes, failures = [], [], [], {}
     for indices, pixels, errors in decoded_batches(paths, model.metadata, batch_size):
         failures.update({path: f"{type(error).__name__}: {error}" for path, error in errors.items()})
         if pixels is not None:
             kept.extend(indices)
-            outputs.append(model.predict_outputs(pixels))
-    probabilities = (np.concatenate([o.probabilities for o in outputs]) if outputs
-                     else np.zeros((0, len(model.metadata.class_names)), np.float32))
-    scope = (np.concatenate([o.scope_score for o in outputs]) if outputs else np.zeros(0, np.float32)
-             ) if model.has_scope_score else None
-    return kept, Outputs(probabilities, scope), failures
+            batch = model.predict_views(pixels, tta)
+            views.append(batch.probabilities)
+            scopes.append(batch.scope_score)
+    count = 2 if tta == "flip" else 1
+    probabilities = (np.concatenate(views, axis=1) if views
+                     else np.zeros((count, 0, len(model.metadata.class_names)), np.float32))
+    scope = (np.concatenate(scopes) if scopes else np.zeros(0, np.float32)) if model.has_scope_score else None
+    return kept, Views(probabilities, scope), failures
+
+
+def calibration_figures(metadata: ModelMetadata, labels: np.ndarray, views: np.ndarray, eps: float,
+                        ) -> tuple[dict, dict | None]:
+    """(the metrics' ``calibration`` entry, the reliability curve before calibration or None):
+    for a model with a temperature, its ``headline_metrics`` before calibration (each view's
+    probabilities float [views, n, classes] with the temperature undone, then averaged)."""
+    temperature = metadata.temperature
+    if temperature is None:
+        why = (metadata.calibration or {}).get("reason", "the model was exported without calibration")
+        return {"temperature": None, "note": why}, None
+    before = before_calibration(views, temperature)
+    figures = {name: round(value, 6) for name, value in headline_metrics(labels, before, eps).items()}
+    return {"temperature": temperature, "before_calibration": figures}, reliability_curve(labels, before)
 
 
 def out_of_scope_figures(model: ServingModel, in_scope: np.ndarray, paths: list[str], batch_size: int,
@@ -107,27 +148,26 @@ def evaluate(args: argparse.Namespace) -> dict:
                          "--scope-images, to measure one; or leave out --out-of-scope")
     other_paths = image_paths(args.out_of_scope) if args.out_of_scope else []
     model = ServingModel(args.model_dir, metadata)
-    data = find_labelled_images(args.data)
-    if data.class_names != sorted(metadata.class_names) or any(
-            name not in metadata.class_names for name in data.class_names):
-        raise ValueError(f"{args.data} has classes {data.class_names}, the model {metadata.class_names}")
-    kept, outputs, failures = predict_outputs_of_paths(model, data.paths, args.batch_size)
-    probabilities = outputs.probabilities
-    # Map the folder's class indices onto the model's output order.
-    labels = np.array([metadata.class_names.index(data.class_names[data.labels[i]]) for i in kept])
+    data = labelled_images_for(args.data, metadata.class_names)
+    kept, views, failures = predict_views_of_paths(model, data.paths, args.batch_size, args.tta)
+    probabilities = mean_of_views(views.probabilities)
+    labels = np.array([data.labels[i] for i in kept])
     paths = [data.paths[i] for i in kept]
     matrix = confusion_matrix(labels, probabilities, len(metadata.class_names))
     curve = reliability_curve(labels, probabilities)
     coverage = accuracy_coverage_curve(labels, probabilities)
+    calibration, curve_before = calibration_figures(metadata, labels, views.probabilities, args.eps)
     metrics = {
         "model_version": metadata.model_version,
         "data": os.path.abspath(args.data),
         "images": len(paths),
         "unreadable": len(failures),
-        "accuracy": round(accuracy(labels, probabilities), 6),
-        "log_loss": round(log_loss(labels, probabilities, args.eps), 6),
+        "tta": args.tta,
+        **{name: round(value, 6)
+           for name, value in headline_metrics(labels, probabilities, args.eps).items()},
         "log_loss_eps": args.eps,
-        "expected_calibration_error": round(curve["expected_calibration_error"], 6),
+        "ece_bins": ECE_BINS,
+        "calibration": calibration,
     }
     if args.target_accuracy is not None:
         metrics["withholding"] = min_confidence_for_accuracy(coverage, args.target_accuracy) or {
@@ -136,20 +176,22 @@ def evaluate(args: argparse.Namespace) -> dict:
     scope = None
     if args.out_of_scope:
         metrics["out_of_scope"], other_scores, other_kept = out_of_scope_figures(
-            model, outputs.scope_score, other_paths, args.batch_size, args.out_of_scope)
-        scope = {"in_scope": outputs.scope_score, "out_of_scope": other_scores,
+            model, views.scope_score, other_paths, args.batch_size, args.out_of_scope)
+        scope = {"in_scope": views.scope_score, "out_of_scope": other_scores,
                  "out_of_scope_paths": other_kept, "figures": metrics["out_of_scope"]}
     examples = error_analysis(labels, probabilities, metadata.class_names)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "metrics.json"), "w") as handle:
         json.dump({**metrics, "confusion_matrix": matrix.tolist(), "class_names": metadata.class_names,
-                   "reliability": curve, "accuracy_coverage": coverage, "unreadable_files": failures,
+                   "reliability": curve, "reliability_before_calibration": curve_before,
+                   "accuracy_coverage": coverage, "unreadable_files": failures,
                    "examples": {c: {g: [paths[i] for i in idx] for g, idx in groups.items()}
                                 for c, groups in examples.items()}}, handle, indent=2)
     with open(os.path.join(args.output, "report.html"), "w") as handle:
         handle.write(render_evaluation_report(
             title=f"petscore evaluation: {metadata.model_version}", metrics=metrics,
-            class_names=metadata.class_names, matrix=matrix, curve=curve, coverage=coverage,
+            class_names=metadata.class_names, matrix=matrix, curve=curve, curve_before=curve_before,
+            coverage=coverage,
             examples=examples, paths=paths, labels=labels, probabilities=probabilities, scope=scope))
     return metrics
 
@@ -158,9 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     metrics = evaluate(args)
-    print(f"{metrics['model_version']} on {metrics['images']} images: accuracy {metrics['accuracy']:.4f}, "
-          f"log loss {metrics['log_loss']:.4f}, ECE {metrics['expected_calibration_error']:.4f}, "
-          f"{metrics['unreadable']} unreadable -> {os.path.join(args.output, 'report.html')}")
+    mirrored = " (each image and its mirror)" if metrics["tta"] == "flip" else ""
+    print(f"{metrics['model_version']} on {metrics['images']} images{mirrored}: accuracy "
+          f"{metrics['accuracy']:.4f}, log loss {metrics['log_loss']:.4f}, ECE "
+          f"{metrics['expected_calibration_error']:.4f}, {metrics['unreadable']} unreadable -> "
+          f"{os.path.join(args.output, 'report.html')}")
+    before = metrics["calibration"].get("before_calibration")
+    if before:
+        print(f"before calibration (temperature {metrics['calibration']['temperature']:.4f} undone): "
+              f"accuracy {before['accuracy']:.4f}, log loss {before['log_loss']:.4f}, "
+              f"ECE {before['expected_calibration_error']:.4f}")
     withholding = metrics.get("withholding")
     if withholding and withholding["min_confidence"] is not None:
         print(f"accuracy {withholding['target_accuracy']:g} is reached with --min-confidence "

@@ -24,17 +24,18 @@ def confusion_plot(matrix: np.ndarray, class_names: list[str]) -> str:
     return png(figure)
 
 
-def reliability_plot(curve: dict) -> str:
+def reliability_plot(curve: dict, label: str = "model") -> str:
     """Accuracy against mean confidence per confidence bin (``model.metrics``'s reliability
-    curve: ``bins`` and ``expected_calibration_error``) beside the diagonal, as a base64 PNG."""
+    curve: ``bins`` and ``expected_calibration_error``) beside the diagonal, as a base64 PNG;
+    ``label`` names the model (or the state of it: before calibration) in the title."""
     figure, axis = pyplot().subplots(figsize=(3.5, 3.2))
     bins = curve["bins"]
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     axis.plot([b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins], "o-",
-              label="model")
+              label=label)
     axis.set_xlabel("confidence (top probability)")
     axis.set_ylabel("accuracy")
-    axis.set_title(f"ECE {curve['expected_calibration_error']:.3f}")
+    axis.set_title(f"{label}: ECE {curve['expected_calibration_error']:.4f}", fontsize=10)
     axis.legend(loc="upper left", fontsize=8)
     return png(figure)
 
@@ -112,8 +113,9 @@ def _scope_section(scope: dict, paths: list[str], per_group: int = 8) -> str:
 def render_evaluation_report(*, title: str, metrics: dict, class_names: list[str],
                              matrix: np.ndarray, curve: dict, coverage: list[dict], examples: dict,
                              paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
-                             scope: dict | None = None) -> str:
-    """``model.evaluate``'s report: metrics, confusion matrix, calibration, accuracy versus
+                             scope: dict | None = None, curve_before: dict | None = None) -> str:
+    """``model.evaluate``'s report: metrics, confusion matrix, calibration (the reliability
+    diagram, and ``curve_before``'s, before calibration, for a calibrated model), accuracy versus
     coverage, and thumbnails of the examples of each error group; with ``scope`` ({"in_scope",
     "out_of_scope": scores float [n], "out_of_scope_paths", "figures"}), an out-of-scope section:
     score distributions and ROC curve with the threshold, and thumbnails of the images the
@@ -134,7 +136,9 @@ def render_evaluation_report(*, title: str, metrics: dict, class_names: list[str
         key_values(metrics),
         section("Confusion matrix, calibration, accuracy versus coverage", plots(
             image(confusion_plot(matrix, class_names), "confusion matrix"),
-            image(reliability_plot(curve), "reliability curve"),
+            image(reliability_plot(curve, "as scored"), "reliability diagram"),
+            *([image(reliability_plot(curve_before, "before calibration"),
+                     "reliability diagram before calibration")] if curve_before else []),
             image(coverage_plot(coverage), "accuracy versus coverage"))),
         section("Error analysis", *groups),
         *([_scope_section(scope, paths)] if scope else []),

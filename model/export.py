@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from model.architecture import probabilities_only
+from model.calibration import CalibrationRequest, calibrate
 from model.data import readable_batches
 from model.out_of_scope import FEATURE_BATCH, ScopeRequest, attach_detector, set_threshold
 from model.quantize import Int8Request, export_int8
@@ -116,6 +117,7 @@ def export_model(
     save_keras: bool = True,
     int8: Int8Request | None = None,
     scope: ScopeRequest | None = None,
+    calibration: CalibrationRequest | None = None,
 ) -> ModelMetadata:
     """Write ``saved_model/``, ``model.keras`` (unless ``save_keras`` is false: a model wrapping
     another SavedModel), ``model.tflite``, with ``int8`` ``model_int8.tflite`` if it passes its
@@ -129,7 +131,11 @@ def export_model(
     log line, when the classifier does not end in a ``Dense`` layer): every float artefact also
     returns ``scope_score`` float32 [batch], its threshold is set on ``scope.held_out_paths`` as
     the exported SavedModel scores them, and ``metadata.json`` records it (``out_of_scope``). The
-    integer model does not carry it. Everything is written to a sibling temporary directory
+    integer model does not carry it. With ``calibration``, a temperature is fitted on its labelled
+    images and, when it lowers their log loss held out, becomes the classifier's last layer
+    (``model.calibration``), before the detector is attached (which reads the head's input, not
+    its output) and in every artefact, the integer model's too; ``metadata.json`` records the fit
+    either way (``calibration``). Everything is written to a sibling temporary directory
     first and moved into place, so a reader never sees half a model; ``check_export_dir``
     refuses a directory that holds anything else.
     """
@@ -153,6 +159,9 @@ def export_model(
             metrics=metrics or {},
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
+        calibrated = None
+        if calibration is not None:
+            classifier, calibrated = calibrate(classifier, calibration, draft)
         served, detector = attach_detector(classifier, scope, draft) if scope else (classifier, None)
         keras_entry = None
         if save_keras:
@@ -160,7 +169,7 @@ def export_model(
             keras_entry = {"sha256": file_sha256(os.path.join(staging, KERAS_FILE))}
         write_saved_model(served, os.path.join(staging, SAVED_MODEL_DIR))
         draft = dataclasses.replace(draft, sha256=saved_model_sha256(staging), keras=keras_entry,
-                                    out_of_scope=detector)
+                                    out_of_scope=detector, calibration=calibrated)
         # Reference predictions and the threshold come from the exported artefact itself, as a
         # scorer will load it.
         saved_model = ServingModel(staging, draft, runtime="saved_model")

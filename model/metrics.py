@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 KAGGLE_EPS = 1e-15
+# Confidence bins of the expected calibration error: Guo et al. (ICML 2017) used 15.
+ECE_BINS = 15
 
 
 def accuracy(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -30,23 +32,58 @@ def confusion_matrix(labels: np.ndarray, probabilities: np.ndarray, num_classes:
     return matrix
 
 
-def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict:
-    """Confidence (top probability) vs accuracy per equal-width bin, and the expected
-    calibration error (bin-size-weighted mean |accuracy - confidence|)."""
-    confidence = probabilities.max(axis=1)
-    correct = np.argmax(probabilities, axis=1) == labels
+def _confidence_bins(probabilities: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each image's confidence, its top-class probability, float64 [n]; its bin, int [n]):
+    ``bins`` equal-width bins ((m-1)/M, m/M] as Guo et al. define them (0 joins the first)."""
+    confidence = np.asarray(probabilities, np.float64).max(axis=1)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    rows, ece = [], 0.0
-    for b in range(bins):
-        members = index == b
-        if not members.any():
-            continue
-        mean_conf, acc = float(confidence[members].mean()), float(correct[members].mean())
-        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(members.sum()),
-                     "mean_confidence": mean_conf, "accuracy": acc})
-        ece += members.mean() * abs(acc - mean_conf)
-    return {"bins": rows, "expected_calibration_error": float(ece)}
+    return confidence, np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS,
+                               rows: np.ndarray | None = None) -> float | np.ndarray:
+    """The expected calibration error (ECE) of Guo et al., "On calibration of modern neural
+    networks" (ICML 2017), eq. 3: each image's confidence (its top-class probability) falls in
+    one of ``bins`` equal-width bins ((m-1)/M, m/M]; the ECE is the mean over bins of
+    |accuracy - mean confidence| weighted by the bin's share of the images, which is
+    (1/n) sum over bins of |sum over the bin's images of (correct - confidence)|. In [0, 1]: 0
+    when each bin's accuracy equals its mean confidence.
+
+    ``labels`` int [n], ``probabilities`` float [n, classes]: a float. With ``rows`` int
+    [resamples, m], indices into the images (a bootstrap's resamples), the ECE of each resample,
+    float64 [resamples]."""
+    confidence, index = _confidence_bins(probabilities, bins)
+    gap = (np.argmax(probabilities, axis=1) == np.asarray(labels)) - confidence
+    if rows is None:
+        return float(np.abs(np.bincount(index, weights=gap, minlength=bins)).sum() / len(gap))
+    rows = np.asarray(rows)
+    flat = (index[rows] + bins * np.arange(len(rows))[:, np.newaxis]).ravel()
+    sums = np.bincount(flat, weights=gap[rows].ravel(), minlength=bins * len(rows))
+    return np.abs(sums.reshape(len(rows), bins)).sum(axis=1) / rows.shape[1]
+
+
+def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """The reliability diagram: per confidence bin (``expected_calibration_error``'s bins), the
+    mean confidence and the accuracy (the share of its images whose top class is the true one).
+    ``labels`` int [n], ``probabilities`` float [n, classes]. Returns ``{"bins": [{"low", "high",
+    "count", "mean_confidence", "accuracy"}, ...] (non-empty bins only), "bin_count": bins,
+    "expected_calibration_error": float}``."""
+    confidence, index = _confidence_bins(probabilities, bins)
+    correct = np.argmax(probabilities, axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = [{"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(np.sum(index == b)),
+             "mean_confidence": float(confidence[index == b].mean()),
+             "accuracy": float(correct[index == b].mean())}
+            for b in range(bins) if np.any(index == b)]
+    return {"bins": rows, "bin_count": bins,
+            "expected_calibration_error": expected_calibration_error(labels, probabilities, bins)}
+
+
+def headline_metrics(labels: np.ndarray, probabilities: np.ndarray, eps: float = KAGGLE_EPS) -> dict:
+    """Accuracy, log loss (clipped at ``eps``) and expected calibration error (``ECE_BINS``
+    bins) of ``probabilities`` float [n, classes] against ``labels`` int [n], as floats."""
+    return {"accuracy": accuracy(labels, probabilities), "log_loss": log_loss(labels, probabilities, eps),
+            "expected_calibration_error": expected_calibration_error(labels, probabilities)}
 
 
 def error_analysis(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str],

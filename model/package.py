@@ -29,7 +29,7 @@ import warnings
 import keras
 import numpy as np
 
-from model import out_of_scope
+from model import calibration, out_of_scope
 from model.architecture import (
     FEATURE_EXTRACTORS,
     SCALINGS,
@@ -38,7 +38,7 @@ from model.architecture import (
     is_weights_file,
     weights_label,
 )
-from model.data import find_labelled_images, split_train_validation
+from model.data import LabelledImages, labelled_images_for, split_train_validation
 from model.export import check_export_dir, export_model
 from model.keras2 import RESAVE_ADVICE, Keras2ConfigError, describe_load_error, is_keras2_h5, load_keras2_h5
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
@@ -125,6 +125,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "folder) to fit the out-of-scope detector on: a seeded 80%% are the "
                              "images distances are measured to, the other 20%% set its threshold "
                              "(--out-of-scope-share). Without it the model has no detector.")
+    parser.add_argument("--calibration-images", metavar="DIR",
+                        help="Labelled images the notebook did not train on (<class>/*.jpg folders "
+                             "named as the classes, or cat.1.jpg names) to calibrate the model on: "
+                             "a temperature fitted on them (log loss minimised) goes inside the "
+                             "model, only if it lowers the log loss of the images it was not "
+                             "fitted on (two-fold cross-fit; recorded in metadata.json either "
+                             "way). Without it the probabilities stay the notebook's.")
     out_of_scope.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -375,23 +382,32 @@ def check_outputs(scores: keras.Model, units: int, class_names: list[str], size:
             "like logits. If its last layer has no softmax/sigmoid, pass --from-logits")
 
 
+def labelled_images(flag: str, images: str, class_names: list[str]) -> LabelledImages:
+    """``images`` (``--int8-images``, ``--calibration-images``) labelled in the model's class
+    order; a folder whose classes are not the model's is refused, naming ``flag``."""
+    try:
+        return labelled_images_for(images, class_names)
+    except (OSError, ValueError) as error:
+        raise PackagingError(f"{flag}: {error}") from error
+
+
 def int8_request(images: str, class_names: list[str]) -> Int8Request:
     """Calibration and validation halves of ``--int8-images``, whose classes must be the model's."""
-    try:
-        data = find_labelled_images(images)
-    except (OSError, ValueError) as error:
-        raise PackagingError(f"--int8-images: {error}") from error
-    if data.class_names != sorted(class_names):
-        raise PackagingError(f"--int8-images {images} holds classes {data.class_names}, the model's "
-                             f"are {class_names}: name its folders after the model's classes")
-    # A label is the index into the model's own class order, not the folders' sorted order.
-    data.labels = [class_names.index(data.class_names[label]) for label in data.labels]
+    data = labelled_images("--int8-images", images, class_names)
     calibration, validation = split_train_validation(data, validation_fraction=0.5, seed=0)
     return Int8Request(calibration_paths=calibration_sample(calibration.paths, seed=0),
                        validation_paths=validation.paths, validation_labels=validation.labels,
                        calibration_source=f"{images} (seeded half)",
                        validation_source=f"{images} (the other half)",
                        head_paths=calibration.paths, head_labels=calibration.labels)
+
+
+def calibration_request(images: str | None, class_names: list[str]) -> calibration.CalibrationRequest | None:
+    """The temperature fit ``--calibration-images`` asks for (None without them)."""
+    if not images:
+        return None
+    data = labelled_images("--calibration-images", images, class_names)
+    return calibration.CalibrationRequest(data.paths, data.labels, images)
 
 
 def package(args: argparse.Namespace):
@@ -402,6 +418,7 @@ def package(args: argparse.Namespace):
         raise PackagingError(str(refusal)) from None
     class_names = resolve_class_names(args)
     int8 = int8_request(args.int8_images, class_names) if args.int8_images else None
+    calibrate = calibration_request(args.calibration_images, class_names)
     scope = scope_request(args)
     interpolation = args.interpolation or DEFAULT_INTERPOLATION[args.loader]
     preprocessing = LOADERS[args.loader]
@@ -442,7 +459,7 @@ def package(args: argparse.Namespace):
         base=args.feature_extractor or "notebook", base_weights=feature_weights if base else "notebook",
         model_version=version, resize_method=interpolation, preprocessing=preprocessing,
         training={"packaged_from": packaged_from}, save_keras=source_format != "saved_model",
-        int8=int8, scope=scope)
+        int8=int8, scope=scope, calibration=calibrate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' ...' if len(metadata.class_names) > 5 else ''}, {metadata.height}x{metadata.width}, "
           f"loader {origin['loader']} ({metadata.resize_method}), scaling {origin['scaling']}, "
           f"model.tflite {'kept' if metadata.tflite else 'not exported'}")
+    if metadata.calibration:
+        print(calibration.describe(metadata.calibration))
     if metadata.out_of_scope:
         print(out_of_scope.describe(metadata.out_of_scope))
     if metadata.tflite_int8:

@@ -17,7 +17,7 @@ import time
 
 import keras
 
-from model import out_of_scope
+from model import calibration, out_of_scope
 from model.architecture import (
     BASES,
     build_classifier,
@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--int8-calibration-images", type=int, default=CALIBRATION_IMAGES,
                         help=f"Training images to calibrate on (default {CALIBRATION_IMAGES}).")
     out_of_scope.add_arguments(parser)
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="Export the probabilities as trained. By default a temperature is "
+                             "fitted on the validation split (log loss minimised) and put inside "
+                             "the model, only if it lowers the log loss of validation images it was "
+                             "not fitted on (two-fold cross-fit; recorded in metadata.json either way).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model-version", default=None,
                         help="Version string stored with every prediction (default: base-UTC time).")
@@ -182,6 +187,8 @@ def train(args: argparse.Namespace) -> dict:
             validation_paths=val_split.paths, validation_labels=val_split.labels,
             calibration_source="training split", validation_source="validation split",
             head_paths=train_split.paths, head_labels=train_split.labels)
+    calibration_request = None if args.no_calibration else calibration.CalibrationRequest(
+        val_split.paths, val_split.labels, "validation split", seed=args.seed)
     version = args.model_version or (
         f"{args.base}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%SZ}")
     metadata = export_model(
@@ -193,7 +200,7 @@ def train(args: argparse.Namespace) -> dict:
                   "class_weights": weights, "alpha": args.alpha, "augment": not args.no_augment,
                   "epoch_seconds": timer.seconds, "phases": phases},
         metrics={"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_accuracy), 6)},
-        int8=int8, scope=scope)
+        int8=int8, scope=scope, calibration=calibration_request)
     return {"metadata": metadata, "epoch_seconds": timer.seconds}
 
 
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {metadata.model_version}: val_loss {metadata.metrics['val_loss']:.4f}, "
           f"val_accuracy {metadata.metrics['val_accuracy']:.4f}, {len(seconds)} epochs, "
           f"{sum(seconds) / len(seconds):.1f} s/epoch -> {args.output}")
+    if metadata.calibration:
+        print(calibration.describe(metadata.calibration))
     if metadata.out_of_scope:
         print(out_of_scope.describe(metadata.out_of_scope))
     if metadata.tflite_int8:

@@ -39,6 +39,8 @@ FORMAT_VERSION = 1
 # and the methods this scorer knows (``model.out_of_scope``).
 SCOPE_SCORE = "scope_score"
 SCOPE_METHODS = ("knn-cosine",)
+# How a model's probabilities may have been calibrated at export (``model.calibration``).
+CALIBRATION_METHODS = ("temperature",)
 
 
 class ModelContractError(ValueError):
@@ -74,6 +76,12 @@ class ModelMetadata:
     # one (every model exported before it): {"method", "k", "bank_images", "features", "output",
     # "fit", "threshold", "share", "held_out"}; flag an image when its score is above "threshold".
     out_of_scope: dict[str, Any] | None = None
+    # The temperature fitted at export (``model.calibration``), None when none was fitted (every
+    # model exported before it, ``--no-calibration``, a package without calibration images):
+    # {"method": "temperature", "applied", "temperature", "layer", "fit", "held_out"[, "reason"]}.
+    # When "applied", the model's probabilities are already calibrated by that temperature (its
+    # last layer); scorers need nothing of it, evaluation uses it to show the model before.
+    calibration: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -118,6 +126,7 @@ class ModelMetadata:
         if not self.model_version:
             problems.append("model_version is empty")
         problems.extend(self._scope_problems())
+        problems.extend(self._calibration_problems())
         int8_references = (self.tflite_int8 or {}).get("reference_predictions", [])
         for ref in [*self.reference_predictions, *int8_references]:
             if len(ref.get("probabilities", [])) != len(self.class_names):
@@ -130,13 +139,11 @@ class ModelMetadata:
         scope = self.out_of_scope
         if scope is None:
             return []
-        if not isinstance(scope, dict) or scope.get("method") not in SCOPE_METHODS:
-            return [f"out_of_scope.method {(scope or {}).get('method')!r} is none of this scorer's "
-                    f"{list(SCOPE_METHODS)}"]
+        if unknown := _unknown_method("out_of_scope", scope, SCOPE_METHODS):
+            return [unknown]
         problems = []
         threshold = scope.get("threshold")
-        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                or not math.isfinite(threshold)):
+        if not _finite_number(threshold):
             problems.append(f"out_of_scope.threshold must be a finite number, got {threshold!r}")
         if scope.get("output") != SCOPE_SCORE:
             problems.append(f"out_of_scope.output must be {SCOPE_SCORE!r}, got {scope.get('output')!r}")
@@ -144,6 +151,24 @@ class ModelMetadata:
             problems.append(f"every reference prediction needs a {SCOPE_SCORE} when the model has an "
                             "out-of-scope detector")
         return problems
+
+    def _calibration_problems(self) -> list[str]:
+        entry = self.calibration
+        if entry is None:
+            return []
+        if unknown := _unknown_method("calibration", entry, CALIBRATION_METHODS):
+            return [unknown]
+        if not isinstance(entry.get("applied"), bool):
+            return [f"calibration.applied must be true or false, got {entry.get('applied')!r}"]
+        temperature = entry.get("temperature")
+        if entry["applied"] and not (_finite_number(temperature) and temperature > 0):
+            return [f"calibration.temperature must be a finite number above 0, got {temperature!r}"]
+        return []
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature inside the model (its probabilities are calibrated by it), or None."""
+        return self.calibration["temperature"] if self.calibration and self.calibration["applied"] else None
 
     @property
     def has_scope_detector(self) -> bool:
@@ -161,6 +186,17 @@ class ModelMetadata:
     @property
     def width(self) -> int:
         return self.input_size[1]
+
+
+def _unknown_method(field: str, entry: Any, methods: tuple[str, ...]) -> str | None:
+    """Why ``entry`` (the metadata's ``field``) is not a dict naming one of ``methods``, or None."""
+    if isinstance(entry, dict) and entry.get("method") in methods:
+        return None
+    return f"{field}.method {(entry or {}).get('method')!r} is none of this scorer's {list(methods)}"
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def read_metadata(model_dir: str) -> ModelMetadata:

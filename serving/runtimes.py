@@ -49,6 +49,7 @@ from serving.metadata import (
     file_chunks,
 )
 from serving.reference import REFERENCE_TOLERANCE, SCOPE_REFERENCE_TOLERANCE, reference_batch
+from serving.tta import Views, mean_of_views, predict_views
 
 _LOG = logging.getLogger(__name__)
 RUNTIMES = ("auto", "saved_model", "keras", "tflite", "tflite-int8")
@@ -253,11 +254,24 @@ class ServingModel:
         """Probabilities, float32 (batch, classes), for a uint8 batch (batch, height, width, 3)."""
         return self._predict(images)[0]
 
-    def predict_outputs(self, images: np.ndarray) -> Outputs:
-        """Both outputs of one inference call for a uint8 batch (batch, height, width, 3):
-        probabilities float32 (batch, classes) and scope_score float32 (batch,) or None."""
+    def predict_outputs(self, images: np.ndarray, tta: str = "none") -> Outputs:
+        """Both outputs for a uint8 batch (batch, height, width, 3): probabilities float32
+        (batch, classes) and scope_score float32 (batch,) or None. ``tta="none"``: one inference
+        call; ``"flip"``: the mean of the probabilities of the images and of their left-right
+        mirror, the scope score of the images as they are (``serving.tta``: one call on both
+        views except on LiteRT, which runs two passes). Raises ``ValueError`` for another mode."""
+        if tta != "none":
+            views = self.predict_views(images, tta)
+            return Outputs(mean_of_views(views.probabilities), views.scope_score)
         results = self._predict(images)
         return Outputs(results[0], results[1] if self.scope_output else None)
+
+    def predict_views(self, images: np.ndarray, tta: str) -> Views:
+        """Each view's probabilities, float32 (views, batch, classes), and the scope score of the
+        images as they are, for ``tta`` (``serving.tta.TTA_MODES``): what ``predict_outputs``
+        averages, for evaluation that needs the views themselves."""
+        return predict_views(lambda batch: self.predict_outputs(batch), images, tta,
+                             one_call=self.runtime not in LITERT_FILES)
 
     def check_reference_predictions(self) -> float:
         """Re-predict the metadata's reference images (the integer model's own, within its
@@ -394,14 +408,19 @@ def load_keras_model(path: str, metadata: ModelMetadata):
     if len(classifier.inputs) != 1 or list(classifier.inputs[0].shape) != _expected_input(metadata):
         raise ModelContractError(f"{path}: takes {[list(i.shape) for i in classifier.inputs]}, but the "
                                  f"metadata promises one image input {_expected_input(metadata)}")
-    names = list(classifier.output_names)
+    # Outputs in a dict are named by its keys (what the model returns, as the SavedModel's
+    # signature does), whatever their last layers are called (a calibrated model's is its
+    # temperature); otherwise by their layers' names.
+    named = classifier.output if isinstance(classifier.output, dict) else dict(
+        zip(classifier.output_names, classifier.outputs, strict=True))
+    names = list(named)
     if len(names) > 1 and metadata.signature_output not in names:
         raise ModelContractError(f"{path}: outputs {names}, none named {metadata.signature_output!r} "
                                  "(the metadata's signature_output)")
-    index = names.index(metadata.signature_output) if len(names) > 1 else 0
     if metadata.has_scope_detector:
         _require_outputs(path, [metadata.out_of_scope["output"]], names)
-    _check_class_count(path, int(classifier.outputs[index].shape[-1]), metadata)
+    probabilities = named[metadata.signature_output] if len(names) > 1 else classifier.outputs[0]
+    _check_class_count(path, int(probabilities.shape[-1]), metadata)
     _LOG.info("%s on Keras's %s backend", path, keras.backend.backend())
     return classifier
 

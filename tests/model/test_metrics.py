@@ -9,6 +9,7 @@ from model.metrics import (
     auroc,
     confusion_matrix,
     error_analysis,
+    expected_calibration_error,
     flagged_share,
     log_loss,
     min_confidence_for_accuracy,
@@ -39,6 +40,28 @@ def test_reliability_curve_bins_and_calibration_error():
     assert [b["count"] for b in curve["bins"]] == [4]
     assert math.isclose(curve["bins"][0]["mean_confidence"], 0.825)
     assert math.isclose(curve["expected_calibration_error"], abs(0.75 - 0.825))
+
+
+def test_expected_calibration_error_by_hand_with_guo_et_als_fifteen_bins():
+    # Confidences (top probability) and right/wrong; bins of width 1/15, (m-1)/15 < c <= m/15:
+    # 0.91 (right) and 0.92 (wrong) share (13/15, 14/15]: |(1 - 0.91) + (0 - 0.92)| = 0.83;
+    # 0.62 (wrong) alone in (9/15, 10/15]: 0.62; 0.55 (right, class 1) in (8/15, 9/15]: 0.45;
+    # 1.0 (right) in the last bin: 0. ECE = (0.83 + 0.62 + 0.45 + 0) / 5 = 0.38.
+    labels = np.array([0, 1, 0, 1, 0])
+    probabilities = np.array([[0.91, 0.09], [0.92, 0.08], [0.38, 0.62], [0.45, 0.55], [1.0, 0.0]])
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.38, abs=1e-12)
+    curve = reliability_curve(labels, probabilities)
+    assert curve["bin_count"] == 15 and curve["expected_calibration_error"] == pytest.approx(0.38)
+    assert [(round(b["low"] * 15), b["count"], b["accuracy"]) for b in curve["bins"]] == [
+        (8, 1, 1.0), (9, 1, 0.0), (13, 2, 0.5), (14, 1, 1.0)]
+    # Two bins: every confidence is above 0.5, so one bin: |accuracy 3/5 - mean confidence 4/5|.
+    assert expected_calibration_error(labels, probabilities, bins=2) == pytest.approx(0.2)
+    # A bootstrap's resamples (rows of indices): each resample's own ECE.
+    rows = np.array([[0, 0, 1, 4, 4], [2, 3, 3, 1, 0]])
+    assert expected_calibration_error(labels, probabilities, rows=rows) == pytest.approx(
+        [expected_calibration_error(labels[r], probabilities[r]) for r in rows])
+    perfectly_calibrated = np.array([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(np.array([0, 0, 0, 1]), perfectly_calibrated) == 0.0
 
 
 def test_error_analysis_orders_examples():

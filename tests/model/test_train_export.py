@@ -104,13 +104,19 @@ def test_inconsistent_metadata_is_refused(trained, change, message):
 def test_epochs_is_a_cap_early_stopping_ends_training_and_the_best_epoch_is_exported(
         labelled_images, tmp_path):
     """``--epochs`` (default 30) only bounds the head phase: early stopping on validation loss
-    ends it, and the exported model is the best epoch's, not the last one's."""
-    from model.train import train
+    ends it, and the exported model is the best epoch's, not the last one's. (Trained with
+    ``--no-calibration`` too: nothing is fitted, no temperature layer is exported.)"""
+    from model.architecture import TemperatureScaling
+    from model.train import parse_args, train
     from tests.conftest import tiny_training_args
 
+    assert parse_args(["--data", "d", "--output", "o", "--no-calibration"]).no_calibration
     result = train(tiny_training_args(labelled_images, str(tmp_path / "m"), epochs=12, patience=1,
-                                      fine_tune_layers=0))
+                                      fine_tune_layers=0, no_calibration=True))
     metadata = result["metadata"]
+    assert metadata.calibration is None and read_metadata(str(tmp_path / "m")).calibration is None
+    served = keras.saving.load_model(str(tmp_path / "m" / "model.keras"), safe_mode=True)
+    assert not any(isinstance(layer, TemperatureScaling) for layer in served.layers)
     head = metadata.training["phases"]["head"]
     assert head["epochs_run"] < 12
     assert head["epochs_run"] == head["best_epoch"] + 1  # one epoch without improvement: stop
