@@ -45,12 +45,20 @@ def nights_verdict(records: list[dict], candidate_sha256: str, after: int,
     return good >= after, summary
 
 
-def compare_verdict(path: str) -> str:
-    """``model.compare``'s one-line verdict from its JSON output (its ``verdict`` field)."""
+def compare_verdict(path: str, candidate_sha256: str) -> str:
+    """``model.compare``'s verdict ("B better", "no evidence" or "B worse") from the
+    ``compare.json`` it wrote, which must have compared the candidate as model B (its SavedModel
+    hash): a verdict on another model says nothing of this one. Raises ``ValueError``."""
     with FileSystems.open(path) as handle:
-        verdict = json.loads(handle.read()).get("verdict")
+        result = json.loads(handle.read())
+    verdict = (result.get("verdict") or {}).get("verdict") if isinstance(result, dict) else None
     if not isinstance(verdict, str):
-        raise ValueError(f"{path} has no 'verdict': give the JSON that python -m model.compare writes")
+        raise ValueError(f"{path} has no verdict: give the compare.json that python -m model.compare "
+                         "writes")
+    compared = result.get("models", {}).get("B", {}).get("model_sha256")
+    if compared != candidate_sha256:
+        raise ValueError(f"{path} compared model B {compared}, not the candidate ({candidate_sha256}): "
+                         "run python -m model.compare --model <current> --model <candidate> again")
     return verdict
 
 
@@ -59,7 +67,7 @@ def decide(nights: str, candidate: str, after: int, max_disagreement: float,
     """``(promote, one line saying why)``; see the module's docstring."""
     sha256 = read_metadata(candidate).sha256
     if compare:
-        verdict = compare_verdict(compare)
+        verdict = compare_verdict(compare, sha256)
         if verdict.startswith(WORSE):
             return False, f"model.compare says {verdict!r} ({compare}): keep the model"
         if verdict.startswith(BETTER):

@@ -318,7 +318,10 @@ def test_promote_replaces_the_model_only_after_enough_nights_under_the_limit_or_
     env = {"CHALLENGER": trained["model_dir"], "OUTPUT": f"{scores}/dt={{run_date}}", "PROMOTE_AFTER": "3",
            "MAX_DISAGREEMENT": "0.02"}
     if compare:
-        (tmp_path / "compare.json").write_text(json.dumps({"verdict": compare}))
+        candidate = {"model_sha256": read_metadata(trained["model_dir"]).sha256}  # as model.compare writes
+        (tmp_path / "compare.json").write_text(json.dumps({"verdict": {"verdict": compare.split(" (")[0],
+                                                                       "line": compare},
+                                                           "models": {"B": candidate}}))
         env["COMPARE_JSON"] = str(tmp_path / "compare.json")
     process, calls = run_nightly(tmp_path, "promote", fails=["describe"], **env)
     rsyncs = [call["argv"] for call in calls if call["argv"][:2] == ["storage", "rsync"]]

@@ -14,6 +14,7 @@ from model import compare
 from model.architecture import final_dense_layer
 from model.export import export_model
 from model.out_of_scope import load_classifier
+from pipeline.promotion import compare_verdict
 from serving.metadata import METADATA_FILE, read_metadata
 
 
@@ -70,6 +71,11 @@ def test_a_clearly_worse_model_is_worse_and_the_other_way_round_better(trained, 
     better = run(overconfident, trained["model_dir"], labelled_images, str(tmp_path / "ba"))
     assert better["verdict"]["verdict"] == "B better", better["verdict"]["line"]
     assert better["differences"]["log_loss_interval"][1] < -compare.LOG_LOSS_MARGIN
+    # deploy/nightly.sh promote reads this file: the verdict on model B, and only on that model.
+    candidate = read_metadata(trained["model_dir"]).sha256
+    assert compare_verdict(str(tmp_path / "ba" / "compare.json"), candidate) == "B better"
+    with pytest.raises(ValueError, match="not the candidate"):
+        compare_verdict(str(tmp_path / "ab" / "compare.json"), candidate)
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])
