@@ -197,7 +197,8 @@ def compare(args: argparse.Namespace, metadata, data) -> dict:
                                                     losses, strict=True):
         calibration, _ = calibration_figures(meta, labels, view, args.eps)
         models[name] = {"model_dir": os.path.abspath(directory), "model_version": meta.model_version,
-                        "model_sha256": meta.sha256, "input_size": meta.input_size, "preprocessing": meta.preprocessing,
+                        "model_sha256": meta.sha256, "input_size": meta.input_size,
+                        "preprocessing": meta.preprocessing,
                         **model_figures(labels, p, loss, args), "calibration": calibration}
     count = len(labels)
     differences = {
