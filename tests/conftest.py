@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import pytest
 
@@ -35,12 +36,15 @@ def labelled_images(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def trained(labelled_images, tmp_path_factory) -> dict:
-    """``{'model_dir', 'metadata', 'epoch_seconds'}`` of a tiny model trained on generated images."""
+    """``{'model_dir', 'metadata', 'epoch_seconds', 'warnings'}`` of a tiny model trained on
+    generated images; ``warnings``: every Python warning the training raised."""
     from model.train import train
 
     model_dir = os.path.join(str(tmp_path_factory.mktemp("model")), "tiny")
-    result = train(tiny_training_args(labelled_images, model_dir))
-    return {"model_dir": model_dir, **result}
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        result = train(tiny_training_args(labelled_images, model_dir))
+    return {"model_dir": model_dir, **result, "warnings": raised}
 
 
 @pytest.fixture(scope="session")

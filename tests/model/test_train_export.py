@@ -21,6 +21,14 @@ from tests.conftest import TINY_SIZE
 FLOAT_RUNTIMES_AGREE = REFERENCE_TOLERANCE / 10
 
 
+def test_training_raises_no_user_warning(trained):
+    """Keras warned twice in every training run: ``shuffle=True`` (fit's default) ignored for a
+    tf.data.Dataset, and the input "ran out of data" at the end of the first epoch of a dataset
+    whose length tf.data did not know (unreadable images are skipped)."""
+    assert [f"{w.category.__name__}: {w.message}" for w in trained["warnings"]
+            if issubclass(w.category, UserWarning)] == []
+
+
 def test_export_writes_the_contract(trained):
     metadata = read_metadata(trained["model_dir"])
     assert metadata.class_names == ["cat", "dog"]
