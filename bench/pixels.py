@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import os
 import sys
 import time
@@ -29,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.throughput import generate, link_subset, run_mode  # noqa: E402
 from serving import preprocessing  # noqa: E402
 from serving.preprocessing import CV2_JPEG, PILLOW_DRAFT_CV2, PILLOW_DRAFT_V1, decode_and_resize  # noqa: E402
+
+CHUNK = 50  # --bounds: images decoded with one variant before switching to the other
 
 
 def time_versions(datas: list[bytes], size: tuple[int, int], rounds: int) -> dict[str, list[float]]:
@@ -44,26 +47,52 @@ def time_versions(datas: list[bytes], size: tuple[int, int], rounds: int) -> dic
 
 
 def time_bounds(datas: list[bytes], paths: list[str], args) -> dict[str, list[float]]:
-    """Milliseconds per image, per round, of each variant (module docstring)."""
+    """Milliseconds per image, per round, of each variant (module docstring), on the images as
+    they are and on the same images re-encoded as progressive JPEGs (Pillow, quality 90: the
+    scan check reads only those). Decoding with and without the scan check alternates every
+    ``CHUNK`` images (the order switching each time), so that a busy machine's changing load
+    falls on both; the check is also timed alone."""
     from serving.metadata import read_metadata
 
     metadata = read_metadata(args.model_dir)
     size, version = tuple(metadata.input_size), metadata.preprocessing
     check = preprocessing.check_jpeg_scans
+    variants = {"scan check": check, "no scan check": lambda data, limit: None}
+    sets = {"as they are": datas, "progressive": [progressive(data) for data in datas]}
     folder = link_subset(paths, os.path.join(args.work, "bounds-images"))
     stages = ["decode-stage"] + (["decode-stage@before"] if args.baseline_repo else [])
-    times = {"scan check": [], "no scan check": [], **{stage: [] for stage in stages}}
+    times = {**{f"{name}, {images}": [] for images in sets for name in ("scan check alone", *variants)},
+             **{f"{stage} {clock}": [] for stage in stages for clock in ("wall", "CPU")}}
     for _ in range(args.rounds):
-        for variant in ("scan check", "no scan check"):
-            preprocessing.check_jpeg_scans = check if variant == "scan check" else lambda data, limit: None
+        for images, data_set in sets.items():
             started = time.perf_counter()
-            for data in datas:
-                decode_and_resize(data, size, metadata.resize_method, preprocessing=version)
-            times[variant].append((time.perf_counter() - started) / len(datas) * 1e3)
-        preprocessing.check_jpeg_scans = check
+            for data in data_set:
+                check(data, preprocessing.DEFAULT_MAX_JPEG_SCANS)
+            times[f"scan check alone, {images}"].append((time.perf_counter() - started) / len(data_set) * 1e3)
+            spent = dict.fromkeys(variants, 0.0)
+            for chunk, start in enumerate(range(0, len(data_set), CHUNK)):
+                for name in sorted(variants, reverse=chunk % 2 == 1):
+                    preprocessing.check_jpeg_scans = variants[name]
+                    started = time.perf_counter()
+                    for data in data_set[start:start + CHUNK]:
+                        decode_and_resize(data, size, metadata.resize_method, preprocessing=version)
+                    spent[name] += time.perf_counter() - started
+            preprocessing.check_jpeg_scans = check
+            for name, seconds in spent.items():
+                times[f"{name}, {images}"].append(seconds / len(data_set) * 1e3)
         for stage in stages:
-            times[stage].append(run_mode(stage, folder, args)["seconds"] / len(paths) * 1e3)
+            result = run_mode(stage, folder, args)
+            times[f"{stage} wall"].append(result["seconds"] / len(paths) * 1e3)
+            times[f"{stage} CPU"].append(result["work_cpu_seconds"] / len(paths) * 1e3)
     return times
+
+
+def progressive(data: bytes) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, format="JPEG", quality=90, progressive=True)
+    return buffer.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.bounds:
         times = time_bounds(datas, paths, args)
         print(f"{len(datas)} images ({args.images or 'generated 300-500 px JPEGs'}), {args.rounds} rounds "
-              f"alternating, ms per image (decode-stage: wall time over its pool of {os.cpu_count()} cores)")
+              f"alternating, ms per image (decode-stage: its pool on {os.cpu_count()} cores; wall time, and "
+              "the CPU time of every thread)")
         for variant, rounds in times.items():
-            print(f"{variant:20s} median {sorted(rounds)[len(rounds) // 2]:.3f}  (rounds: "
+            print(f"{variant:36s} median {sorted(rounds)[len(rounds) // 2]:.3f}  (rounds: "
                   f"{', '.join(f'{s:.3f}' for s in rounds)})")
-        for new, old in (("scan check", "no scan check"), ("decode-stage", "decode-stage@before")):
+        for new, old in (("scan check, as they are", "no scan check, as they are"),
+                         ("scan check, progressive", "no scan check, progressive"),
+                         ("decode-stage wall", "decode-stage@before wall"),
+                         ("decode-stage CPU", "decode-stage@before CPU")):
             if times.get(old):
                 ratios = sorted(a / b for a, b in zip(times[new], times[old], strict=True))
                 print(f"{new} / {old}: median {ratios[len(ratios) // 2]:.3f} (per round: "

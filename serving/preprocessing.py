@@ -26,10 +26,11 @@ Four loaders, each a versioned preprocessing recorded in a model's metadata:
   size: the largest centred crop of the input's aspect ratio, resized with LANCZOS by default),
   for its ``keras_model.h5``.
 
-Every loader refuses a JPEG of more than ``max_jpeg_scans`` scans before decoding it
-(``check_jpeg_scans``): a progressive JPEG's decode costs a pass over the whole image per scan,
-and a file can carry thousands (libjpeg-turbo#284, whose maintainers leave the limit to the
-application, as TurboJPEG's ``TJPARAM_SCANLIMIT`` does).
+Every loader refuses a progressive JPEG of more than ``max_jpeg_scans`` scans before decoding
+it (``check_jpeg_scans``): its decode costs a pass over the whole image per scan, and a file can
+carry thousands (libjpeg-turbo#284, whose maintainers leave the limit to the application, as
+TurboJPEG's ``TJPARAM_SCANLIMIT`` does, for progressive JPEGs: a baseline decoder stops once the
+image is whole, whatever scans follow).
 
 Every loader opens the bytes with ``open_image``: Pillow's own formats, AVIF (Pillow 12's wheels
 carry libavif) and HEIF/HEIC, what phones save by default, through pillow-heif's plugin (libheif
@@ -76,9 +77,9 @@ PREPROCESSING_VERSIONS = {PILLOW_DRAFT_V1: RESIZE_METHODS, PILLOW_DRAFT_CV2: CV2
 CV2_REDUCED_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
                      8: "IMREAD_REDUCED_COLOR_8"}
 DEFAULT_MAX_PIXELS = 64_000_000
-# Scans per JPEG. Every one of 2,200 real photos (Kaggle's) has 1 (baseline); progressive JPEGs
-# from Pillow, cjpeg -progressive and jpegtran -progressive have 10 (6 grayscale); NVIDIA DALI
-# refuses above 500. 100 scans of a 12 MP image decode in about 3 s (docs/inputs.md).
+# Scans per progressive JPEG: Pillow's, cjpeg -progressive's and jpegtran -progressive's have 10
+# (6 in grayscale); every one of 2,200 real photos (Kaggle's) is baseline (1 scan); NVIDIA DALI
+# refuses above 500. 110 scans of a 12 MP image decode in about 3 s (docs/inputs.md).
 DEFAULT_MAX_JPEG_SCANS = 100
 JPEG_START_OF_SCAN = b"\xff\xda"
 # The marker after a scan's entropy-coded data: 0xFF (and fill 0xFFs) then a byte other than a
@@ -127,8 +128,8 @@ class ImageTooLargeError(ValueError):
 
 
 class TooManyScansError(ValueError):
-    """A JPEG holds more scans than the configured cap (a progressive JPEG that would take
-    minutes to decode)."""
+    """A progressive JPEG holds more scans than the configured cap (it could take minutes to
+    decode)."""
 
 
 def check_jpeg_scans(data: bytes, max_scans: int) -> None:
@@ -138,9 +139,9 @@ def check_jpeg_scans(data: bytes, max_scans: int) -> None:
     Every scan starts with such a marker, and no scan's data holds one: entropy-coded data
     stuffs a 0x00 after each 0xFF, and the only markers inside it are RST0-RST7 (T.81 B.1.1.5).
     So the number of 0xFF 0xDA pairs in the bytes is never below the scan count, and counting
-    them (about 10 µs for a 100 KB photo) clears every ordinary file. Only above the cap are the
-    markers walked as libjpeg-turbo reads them, so that bytes inside other segments (an EXIF
-    thumbnail, an ICC profile) or after the first image (a phone's MPO) are not counted."""
+    them (0.06 ms for a photo of the Kaggle set) clears every ordinary file. Only above the cap
+    are the markers walked as libjpeg-turbo reads them, so that bytes inside other segments (an
+    EXIF thumbnail, an ICC profile) or after the first image (a phone's MPO) are not counted."""
     if data.count(JPEG_START_OF_SCAN) <= max_scans:
         return
     scans = jpeg_scan_count(data)
@@ -239,8 +240,9 @@ def decode_and_resize(
     a batch's array, say), which OpenCV's steps write straight into and the others copy into;
     the pixels are the same either way. Raises on empty, truncated, unknown
     or oversized input (``ImageTooLargeError``, checked from the header before decoding with
-    either loader) and on a JPEG of more than ``max_jpeg_scans`` scans (``TooManyScansError``,
-    checked from the bytes before decoding); callers turn that into an error row.
+    either loader) and on a progressive JPEG of more than ``max_jpeg_scans`` scans
+    (``TooManyScansError``, checked from the bytes before decoding); callers turn that into an
+    error row.
     ``pillow-rgb-draft-v1``: EXIF orientation is applied, the first frame of an animation is
     used, grayscale/CMYK/palette/16-bit images become RGB and transparent pixels are composited
     over white.
@@ -262,7 +264,7 @@ def decode_and_resize(
             raise ImageTooLargeError(
                 f"{image.width}x{image.height} = {pixels} pixels exceeds the cap of {max_pixels}"
             )
-        if image.format in ("JPEG", "MPO"):
+        if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
             check_jpeg_scans(data, max_jpeg_scans)
         if preprocessing == KERAS_LOAD_IMG:
             return _into(out, _keras_load_img(image, width, height, methods[resize_method]))

@@ -210,13 +210,24 @@ def test_scans_are_counted_as_libjpeg_reads_them():
     assert jpeg_scan_count(encode(photo, "JPEG")) == 1
     assert jpeg_scan_count(encode(photo, "JPEG", progressive=True)) == 10
     assert jpeg_scan_count(encode(photo.convert("L"), "JPEG", progressive=True)) == 6
-    commented = encode(photo, "JPEG", comment=b"\xff\xda" * 200)
-    assert commented.count(b"\xff\xda") == 201 and jpeg_scan_count(commented) == 1
-    assert decode_and_resize(commented, (8, 8), max_jpeg_scans=1).shape == (8, 8, 3)
+    commented = encode(photo, "JPEG", progressive=True, comment=b"\xff\xda" * 200)
+    assert commented.count(b"\xff\xda") == 210 and jpeg_scan_count(commented) == 10
+    assert decode_and_resize(commented, (8, 8), max_jpeg_scans=10).shape == (8, 8, 3)
     followed = encode(photo, "JPEG", progressive=True) + many_scan_jpeg(300)
     assert jpeg_scan_count(followed) == 10
     assert decode_and_resize(followed, (8, 8), max_jpeg_scans=10).shape == (8, 8, 3)
     assert jpeg_scan_count(many_scan_jpeg(1234)) == 1234
+
+
+def test_a_baseline_jpeg_is_not_held_to_the_scan_limit():
+    """A baseline decoder stops once the image is whole: scans after it cost nothing (TurboJPEG's
+    own scan limit is for progressive JPEGs too)."""
+    data = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+    last_scan, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    repeated = data[:end] + data[last_scan:end] * 300 + data[end:]
+    assert jpeg_scan_count(repeated) == 301
+    pixels = decode_and_resize(repeated, (8, 8), preprocessing=CV2_JPEG)
+    np.testing.assert_array_equal(pixels, decode_and_resize(data, (8, 8), preprocessing=CV2_JPEG))
 
 
 def test_empty_and_unknown_inputs_are_refused(version):
