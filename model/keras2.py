@@ -189,16 +189,13 @@ def check_weights_loaded(model: keras.Model, path: str) -> None:
     optimizer's and metrics' state), one to one by shape and value. Keras 3 reads a Keras 2 file
     layer by layer, and a layer it does not find in the file keeps its fresh initial weights
     (for some layouts with only a warning): its scores would be noise."""
-    def arrays(pairs) -> dict[str, tuple]:
-        return {name: _array_key(value) for name, value in pairs}
-
-    in_model = arrays((weight.path, weight.numpy()) for weight in model.weights)
-    in_file = arrays(_file_weights(path))
-    unread = Counter(in_file.values()) - Counter(in_model.values())
-    fresh = Counter(in_model.values()) - Counter(in_file.values())
+    in_model = [(weight.path, _array_key(weight.numpy())) for weight in model.weights]
+    in_file = [(name, _array_key(value)) for name, value in _file_weights(path)]
+    unread = Counter(key for _, key in in_file) - Counter(key for _, key in in_model)
+    fresh = Counter(key for _, key in in_model) - Counter(key for _, key in in_file)
     if unread or fresh:
-        first_fresh = next((f" (first: {name})" for name, key in in_model.items() if key in fresh), "")
-        first_unread = next((f" (first: {name})" for name, key in in_file.items() if key in unread), "")
+        first_fresh = next((f" (first: {name})" for name, key in in_model if key in fresh), "")
+        first_unread = next((f" (first: {name})" for name, key in in_file if key in unread), "")
         raise Keras2ConfigError(
             f"Keras {keras.__version__} loaded the model but not all of its weights: "
             f"{fresh.total()} of the model's {len(in_model)} weights are not the file's{first_fresh} "

@@ -32,6 +32,10 @@ CODE_LAYER_ADVICE = (
     "out and pass --scaling), or export the model where its code is defined (model.export(DIR), in "
     "Keras 3 or tf.keras 2) and pass --keras DIR: a SavedModel holds the computation, not Python code")
 MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
+# Why a layer is refused
+LAMBDA = "Python code saved in the model file"
+CUSTOM_CLASS = "a custom layer class, whose code a model file does not hold"
+REMOVED_IN_KERAS3 = "a Keras 2 layer that Keras {keras} does not have"
 # A Keras error can carry the whole model config on one line: a refusal quotes its start.
 QUOTED_ERROR_CHARACTERS = 300
 NAMED_LAYERS = 3
@@ -81,26 +85,30 @@ def refuse_code_layers(config: dict, path: str, keras2: bool) -> None:
     """Raise ``PackagingError`` naming the layers of a serialised model (``config.json`` or a
     ``.h5``'s ``model_config``) that Keras would build only by running code: ``Lambda`` layers
     (Python code saved in the file) and classes that are not Keras's own layers nor registered
-    (a custom class: the file holds its name and settings, not its code). TensorFlow function
-    layers of a Keras 2 file are left to ``model.keras2``, which translates or refuses them."""
+    (a custom class: the file holds its name and settings, not its code), or, in a Keras 2 file,
+    a Keras 2 layer that Keras 3 removed. TensorFlow function layers of a Keras 2 file are left
+    to ``model.keras2``, which translates or refuses them."""
     refused = []
     for layer in _layers(config):
         class_name = layer["class_name"]
         if class_name == "Lambda":
-            refused.append((layer, "Python code saved in the model file"))
+            refused.append((layer, LAMBDA))
         elif not (_is_known_layer(layer) or (keras2 and class_name in TF_FUNCTION_LAYERS)):
-            builtin_module = str(layer.get("module") or "").startswith("keras.")
-            refused.append((layer, f"a Keras 2 layer that Keras {keras.__version__} does not have"
-                            if keras2 and builtin_module else
-                            "a custom layer class, whose code a model file does not hold"))
+            removed = keras2 and str(layer.get("module") or "").startswith("keras.")
+            refused.append((layer, REMOVED_IN_KERAS3 if removed else CUSTOM_CLASS))
     if not refused:
         return
     names = [f"'{layer['config'].get('name')}' ({layer['class_name']})" for layer, _ in refused]
-    more = " ..." if len(names) > NAMED_LAYERS + 1 else ""
-    others = f" (also {', '.join(names[1:NAMED_LAYERS + 1])}{more})"
-    raise PackagingError(
-        f"{path}: layer {names[0]}{others if len(names) > 1 else ''} is {refused[0][1]}, and petscore "
-        f"never runs code to load a model file (Keras safe_mode). {CODE_LAYER_ADVICE}")
+    named = f"layer {names[0]}"
+    if len(names) > 1:
+        more = " ..." if len(names) > NAMED_LAYERS + 1 else ""
+        named += f" (also {', '.join(names[1:NAMED_LAYERS + 1])}{more})"
+    why = refused[0][1]
+    if why == REMOVED_IN_KERAS3:
+        raise PackagingError(f"{path}: {named} is {why.format(keras=keras.__version__)}. To package it, "
+                             f"{RESAVE_ADVICE}")
+    raise PackagingError(f"{path}: {named} is {why}, and petscore never runs code to load a model "
+                         f"file (Keras safe_mode). {CODE_LAYER_ADVICE}")
 
 
 def _layers(node: dict):

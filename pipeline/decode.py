@@ -57,8 +57,9 @@ class DecodeTimeoutError(TimeoutError):
 
 
 class _BatchOnPool:
-    """One batch on the decoder pool. Any task may take its next row (``claim``), so a decode
-    that runs too long holds up its own row only: the other tasks take the rest. ``started``:
+    """One batch on the decoder pool. Any of its tasks takes the next row not yet taken
+    (``next_row``), so a decode that runs too long holds up its own row only: the other tasks
+    take the rest. ``outcomes``: each row's ``(bytes read, outcome, value)``; ``started``:
     when each row's decode began (``time.monotonic``; None before, or while its file is read:
     storage has time limits of its own and a slow read is transient, not a bad image)."""
 
@@ -168,7 +169,7 @@ class ReadAndDecodeFn(beam.DoFn):
 
     def setup(self):
         self._pool = None  # sized on the first batch, which says whether storage is local
-        self._changed = threading.Condition()  # a batch completed, or a given-up decode ended
+        self._changed = threading.Condition()  # a batch completed or failed, a given-up decode ended
         self._given_up_running = 0  # decodes given up on that still run
 
     def teardown(self):

@@ -342,15 +342,27 @@ def test_a_keras215_zip_packages_and_scores_as_its_own_predict(keras215_zip, not
     assert_parity(scored, paths, expected, ["Cats", "Dogs"], TOLERANCE["saved_model"])
 
 
-def test_a_keras215_zip_keras3_cannot_rebuild_is_refused_saying_which_keras_wrote_it(tmp_path, capsys):
+def removed_in_keras3(config):
+    """The layer called 'flatten' as a Keras 2 layer Keras 3 removed."""
+    node = next(layer for layer in config["config"]["layers"] if layer["config"]["name"] == "flatten")
+    node["class_name"] = "LocallyConnected2D"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (set_in("depthwise", groups=2), "PATH was saved by Keras 2.15.0: layer 'depthwise' (DepthwiseConv2D) "
+                                    "has groups=2"),
+    (removed_in_keras3, "PATH: layer 'flatten' (LocallyConnected2D) is a Keras 2 layer that Keras "
+                        f"{keras.__version__} does not have. To package it, load the file in tf.keras 2"),
+], ids=["groups", "removed layer"])
+def test_a_keras215_zip_keras3_cannot_rebuild_is_refused_saying_what_to_do(tmp_path, capsys, edit, message):
     tf_keras = pytest.importorskip("tf_keras")
     k2 = tf_keras.layers
     model = tf_keras.Sequential([tf_keras.Input((8, 8, 3)), k2.DepthwiseConv2D(3, name="depthwise"),
-                                 k2.Flatten(), k2.Dense(2, activation="softmax")])
+                                 k2.Flatten(name="flatten"), k2.Dense(2, activation="softmax")])
     path = str(tmp_path / "model.keras")
-    save_keras215_zip(model, path, set_in("depthwise", groups=2))
+    save_keras215_zip(model, path, edit)
     text = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "a,b", "--scaling", "none")
-    assert f"{path} was saved by Keras 2.15.0: layer 'depthwise' (DepthwiseConv2D) has groups=2" in text
+    assert message.replace("PATH", path) in text
     assert "pip install tf-keras" in text and "model.export(DIR)" in text
 
 
