@@ -30,6 +30,9 @@ then measures, each mode in its own process so peak RSS is its own:
              costs nothing. How fast petscore feeds an accelerator (a GPU worker is nearly this)
   decode     the model's own read + decode + resize alone, one process per core, nothing else:
              what the CPUs can feed at most
+  decode-stage  petscore's decode stage alone in one process (``ReadAndDecodeFn``: reads and
+             decodes 64-image batches on its thread pool, decode-ahead and per-image bounds
+             included), its output dropped: what the stage costs beyond the decoder
   litert     model.tflite alone on pixels already in memory (one interpreter, a thread per core,
              64-image batches): what the model costs at most
 A mode ending in ``@before`` runs from the checkout given by ``--baseline-repo`` (a worktree of an
@@ -218,6 +221,37 @@ def run_decode(model_dir: str, paths: list[str]) -> dict:
         return {"seconds": time.monotonic() - started}
 
 
+def run_decode_stage(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
+    """decode-stage: ``ReadAndDecodeFn`` driven as the runner drives it (one bundle of every
+    batch), its pool sized as the pipeline sizes it. Only the arguments every version of the
+    stage takes, so that ``@before`` runs an earlier checkout's stage the same way."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+    from pipeline.decode import ReadAndDecodeFn
+    from pipeline.options import ThreadBudget
+    from pipeline.rows import ListedImage, PathBatch
+    from serving.metadata import read_metadata
+
+    metadata = read_metadata(model_dir)
+    stage = ReadAndDecodeFn(tuple(metadata.input_size), metadata.resize_method, 64_000_000, 64 << 20,
+                            "bench", ThreadBudget(), metadata.preprocessing)
+    batches = [PathBatch([ListedImage(path) for path in paths[start:start + batch_size]])
+               for start in range(0, len(paths), batch_size)]
+    stage.setup()
+    stage.start_bundle()
+    started, cpu_started = time.monotonic(), time.process_time()
+    decoded = 0
+    for batch in batches:
+        decoded += sum(len(out.value) for out in stage.process(batch, GlobalWindow(), MIN_TIMESTAMP)
+                       if not hasattr(out, "tag"))
+    decoded += sum(len(out.value) for out in stage.finish_bundle() if not hasattr(out, "tag"))
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
+    stage.teardown()
+    assert decoded == len(paths), f"{len(paths) - decoded} images not decoded"
+    return {"seconds": seconds, "work_cpu_seconds": cpu_seconds}
+
+
 def run_litert(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
     """litert: model.tflite alone, a thread per core, on 256 decoded images cycled until every
     path's worth of images has been scored: what the model costs at most."""
@@ -246,6 +280,8 @@ def child(args) -> None:
     cpu_started = time.process_time()
     if args.mode == "decode":
         result = run_decode(args.model_dir, paths)
+    elif args.mode == "decode-stage":
+        result = run_decode_stage(args.model_dir, paths)
     elif args.mode == "litert":
         result = run_litert(args.model_dir, paths)
     elif args.mode == "seed":
