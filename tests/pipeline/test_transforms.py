@@ -537,7 +537,7 @@ def test_the_sinks_hand_their_final_paths_on_inside_the_global_window(tmp_path):
     inside = ((shards, csv["csv"]) | beam.Flatten()
               | beam.Map(lambda path, at=beam.DoFn.TimestampParam:
                          (path, at <= GlobalWindow().max_timestamp())))
-    shard = str(tmp_path / "predictions" / "predictions-00000-of-00001.parquet")
+    shard = str(tmp_path / "predictions" / "part-00000-of-00001.predictions.parquet")
     assert_that(inside, equal_to([(shard, True), (str(tmp_path / "submission.csv"), True)]))
     pipeline.run().wait_until_finish()
     assert pq.read_table(shard).equals(table)
