@@ -312,7 +312,8 @@ def child(args) -> None:
 
 def run_mode(mode: str, images_dir: str, args) -> dict:
     """One mode in a fresh process; its result plus the process's whole wall time. ``MODE@before``
-    runs this file's ``MODE`` with the code of ``args.baseline_repo`` (an earlier checkout)."""
+    runs this file's ``MODE`` with the code of ``args.baseline_repo`` (an earlier checkout), in
+    that checkout: every path handed to the child is absolute."""
     warm_page_cache(images_dir)
     mode, _, before = mode.partition("@")
     repo = os.path.abspath(args.baseline_repo) if before else REPO
@@ -320,8 +321,9 @@ def run_mode(mode: str, images_dir: str, args) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     process = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--mode", mode, "--model-dir", args.model_dir,
-         "--images-dir", images_dir, "--work", os.path.join(args.work, before or "now")],
+        [sys.executable, os.path.abspath(__file__), "--mode", mode,
+         "--model-dir", os.path.abspath(args.model_dir), "--images-dir", os.path.abspath(images_dir),
+         "--work", os.path.abspath(os.path.join(args.work, before or "now"))],
         capture_output=True, text=True, env=env, cwd=repo)
     job_seconds = time.monotonic() - started
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
