@@ -428,9 +428,10 @@ def read_local_file(path: str, max_bytes: int) -> bytes | None:
     file over ``max_bytes`` before reading a byte, and ``open``'s own errors (the same types and
     messages as Beam's local filesystem gives).
 
-    Beam's ``FileSystems.open`` costs ~30 us of Python per file, with the interpreter lock
-    held, beyond the read itself (a filesystem lookup, a buffered wrapper, the chunks' join):
-    on 2 cores that was a tenth of the lock-held time of a night (docs/performance.md)."""
+    Through Beam's ``FileSystems.open`` a photo took ~28 us of one thread's CPU, against ~17
+    here, most of the difference Python with the interpreter lock held (a filesystem lookup, a
+    buffered wrapper, the chunks and their join): on 2 cores, a tenth of a night's lock-held
+    time (docs/performance.md)."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > max_bytes:
