@@ -32,11 +32,12 @@ carry thousands (libjpeg-turbo#284, whose maintainers leave the limit to the app
 TurboJPEG's ``TJPARAM_SCANLIMIT`` does, for progressive JPEGs: a baseline decoder stops once the
 image is whole, whatever scans follow).
 
-Every loader opens the bytes with ``open_image``: Pillow's own formats, AVIF (Pillow 12's wheels
-carry libavif) and HEIF/HEIC, what phones save by default, through pillow-heif's plugin (libheif
-applies the file's rotation, so a phone's HEIC photo comes out upright in every loader, as its
-JPEG does in petscore's). Bytes that are no image Pillow reads are refused saying what they are
-(``describe_bytes``).
+Every loader opens the bytes with ``open_image`` (v3 a colour JPEG with ``colour_jpeg_frame``,
+which answers only where ``Image.open`` would say the same): Pillow's own formats, AVIF
+(Pillow 12's wheels carry libavif) and HEIF/HEIC, what phones save by default, through
+pillow-heif's plugin (libheif applies the file's rotation, so a phone's HEIC photo comes out
+upright in every loader, as its JPEG does in petscore's). Bytes that are no image Pillow reads
+are refused saying what they are (``describe_bytes``).
 
 Pillow does the decoding rather than ``tf.io.decode_image`` because TF cannot honour EXIF
 orientation, convert CMYK or palette-with-transparency images faithfully, decode at reduced
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import NamedTuple
 
 import numpy as np
 import pillow_heif
@@ -175,6 +177,98 @@ def jpeg_scan_count(data: bytes) -> int:
     return scans
 
 
+class JpegFrame(NamedTuple):
+    """What ``Image.open`` says of a colour JPEG that the v3 loader needs: its stored size in
+    pixels and whether its frame is progressive (Pillow's ``info["progressive"]``)."""
+
+    width: int
+    height: int
+    progressive: bool
+
+
+def colour_jpeg_frame(data: bytes) -> JpegFrame | None:
+    """The frame of ``data`` where ``Image.open(data)`` would give a ``JPEG`` (not ``MPO``)
+    image of mode ``RGB``, read without Pillow; None for anything else, and for anything this
+    reader does not take on, which ``Image.open`` then decides as before.
+
+    For a colour JPEG, the v3 loader needs only the size and progressive flag from the header
+    before OpenCV decodes; ``Image.open`` walks the same segments in Python (~45 us for a real
+    photo against ~6 us here, of a ~0.75 ms decode, all of it with the interpreter lock held,
+    where a batch's decoder threads queue for it: docs/performance.md). This walk is Pillow's own
+    (``JpegImagePlugin.JpegImageFile._open``, up to the first start-of-scan) and answers only
+    where Pillow's cannot fail: a marker where one must be (no junk bytes between segments,
+    only 0xFF fill), every segment whole, one baseline, extended or progressive Huffman
+    frame of 8-bit samples, 3 components and a size, whole quantisation tables, a JFIF or
+    Adobe segment long enough for the fields Pillow reads, ICC chunks of a whole header. It
+    leaves to Pillow a file with EXIF (Pillow parses it for the resolution), an MPF segment
+    (Pillow's MPO detection), a Photoshop segment, another kind of frame (lossless,
+    arithmetic, hierarchical) or a second one, and markers Pillow reads without a length.
+    ``tests/serving/test_jpeg_frame.py`` holds it to ``Image.open`` on generated and damaged
+    files."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    position, end, frame = 2, len(data), None
+    while True:
+        if position + 4 > end or data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker not in _JPEG_SEGMENTS:
+            return None
+        length = (data[position + 2] << 8) | data[position + 3]
+        segment = data[position + 4:position + 2 + length]
+        if length < 2 or position + 2 + length > end:
+            return None
+        position += 2 + length
+        if marker == JPEG_START_OF_SCAN_MARKER:
+            return frame
+        if marker in _JPEG_FRAMES:
+            if (marker not in _JPEG_HUFFMAN_FRAMES or frame is not None or len(segment) < 6
+                    or segment[0] != 8 or segment[5] != 3):
+                return None
+            height, width = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4]
+            if not width or not height:
+                return None
+            frame = JpegFrame(width, height, marker == 0xC2)
+        elif marker == 0xDB and not _whole_quantisation_tables(segment):
+            return None
+        elif 0xE0 <= marker <= 0xEF and not _plain_app_segment(marker, segment):
+            return None
+
+
+# Markers whose segments Pillow reads by their length; frames (SOF0-SOF15 but DHT, JPG, DAC,
+# and DHP): Pillow's SOF handler; of them only those the v3 path takes: baseline, extended and
+# progressive Huffman.
+_JPEG_FRAMES = frozenset({*range(0xC0, 0xD0), 0xDE}) - {0xC4, 0xC8, 0xCC}
+_JPEG_HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+_JPEG_SEGMENTS = _JPEG_FRAMES | {0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xDF, 0xFE, *range(0xE0, 0xF0)}
+
+
+def _whole_quantisation_tables(segment: bytes) -> bool:
+    """Pillow's DQT handler refuses a table cut short (``bad quantization table marker``)."""
+    while segment:
+        length = 1 + (64 if segment[0] < 16 else 128)
+        if len(segment) < length:
+            return False
+        segment = segment[length:]
+    return True
+
+
+def _plain_app_segment(marker: int, segment: bytes) -> bool:
+    """An application segment whose fields Pillow's APP handler reads without failing and
+    without parsing more (EXIF, MPF, Photoshop resources): see ``colour_jpeg_frame``."""
+    if marker == 0xE0 and segment.startswith(b"JFIF") or marker == 0xEE and segment.startswith(b"Adobe"):
+        return len(segment) >= 7
+    if marker == 0xE1 and segment.startswith(b"Exif\0\0"):
+        return False
+    if marker == 0xE2 and segment.startswith(b"ICC_PROFILE\0"):
+        return len(segment) >= 14
+    return not (marker == 0xE2 and segment.startswith(b"MPF\0")
+                or marker == 0xED and segment.startswith(b"Photoshop 3.0\x00"))
+
+
 def open_image(data: bytes) -> Image.Image:
     """``Image.open`` of ``data`` (lazy: the header only), with HEIF/HEIC and AVIF registered.
     Raises ``PIL.UnidentifiedImageError`` naming what the bytes are (``describe_bytes``) instead
@@ -258,12 +352,16 @@ def decode_and_resize(
         raise ValueError(f"unknown resize method {resize_method!r} for {preprocessing}; "
                          f"known: {sorted(methods)}")
     height, width = size
+    longest = max(height, width)
+    frame = colour_jpeg_frame(data) if preprocessing == CV2_JPEG else None
+    if frame is not None:  # what Image.open would say, without it (the interpreter lock)
+        _check_pixels(frame.width, frame.height, max_pixels)
+        if frame.progressive:
+            check_jpeg_scans(data, max_jpeg_scans)
+        return _cv2_jpeg(data, (frame.width, frame.height), longest, width, height,
+                         methods[resize_method], out)
     with open_image(data) as image:
-        pixels = image.width * image.height
-        if pixels > max_pixels:
-            raise ImageTooLargeError(
-                f"{image.width}x{image.height} = {pixels} pixels exceeds the cap of {max_pixels}"
-            )
+        _check_pixels(image.width, image.height, max_pixels)
         if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
             check_jpeg_scans(data, max_jpeg_scans)
         if preprocessing == KERAS_LOAD_IMG:
@@ -273,7 +371,6 @@ def decode_and_resize(
             return _into(out, np.asarray(fitted, dtype=np.uint8))
         # JPEG only: decode at the smallest DCT scale that still covers the target size (v1, v3)
         # or half of it (v2) on both sides, whatever the EXIF rotation does to the axes.
-        longest = max(height, width)
         if preprocessing == CV2_JPEG and image.format in ("JPEG", "MPO") and image.mode == "RGB":
             return _cv2_jpeg(data, image.size, longest, width, height, methods[resize_method], out)
         cover = max(1, longest // 2) if preprocessing == PILLOW_DRAFT_CV2 else longest
@@ -286,6 +383,13 @@ def decode_and_resize(
             return _into(out, np.asarray(rgb.resize((width, height), RESIZE_METHODS[resize_method]),
                                          dtype=np.uint8))
         return _cv2_resize(rgb, width, height, methods[resize_method], out)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """``ImageTooLargeError`` for a header that declares more than ``max_pixels`` pixels."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels exceeds the cap of "
+                                 f"{max_pixels}")
 
 
 def _into(out: np.ndarray | None, pixels: np.ndarray) -> np.ndarray:

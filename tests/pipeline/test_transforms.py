@@ -18,8 +18,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 
+from pipeline import decode as decode_module
 from pipeline import read
-from pipeline.decode import ERRORS, DecodeImages, ImageBatch
+from pipeline.decode import ERRORS, DecodeImages, FileTooLargeError, ImageBatch, read_local_file
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import ExportedModelHandler, ScoredBatch, ScoreImages, ToPredictionTableFn
 from pipeline.options import ThreadBudget
@@ -303,16 +304,35 @@ def test_files_over_the_byte_cap_are_error_rows(corpus):
                     equal_to([("FileTooLargeError", "file is larger than the 100-byte cap")]))
 
 
-def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows(corpus, monkeypatch):
+def test_a_local_file_is_read_whole_in_one_read_or_left_to_the_stream_reader(tmp_path):
+    """Its bytes exactly; a file over the cap refused from its size; a file that holds more than
+    its size says (as /proc's do) left to the chunked reader (None)."""
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"\xff\xd8" + bytes(range(256)) * 40)
+    assert read_local_file(str(path), 10_242) == path.read_bytes()
+    with pytest.raises(FileTooLargeError, match="larger than the 10241-byte cap"):
+        read_local_file(str(path), 10_241)
+    assert os.stat("/proc/self/status").st_size == 0 and read_local_file("/proc/self/status", 1 << 20) is None
+
+
+@pytest.mark.parametrize("where", ["local", "object store"])
+def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows(corpus, monkeypatch, where):
+    """Local files are read with ``open`` (``read_local_file``), others through Beam's filesystems:
+    a transient error from either fails the bundle."""
     root, _ = corpus
 
     def unavailable(*args, **kwargs):
         raise ConnectionResetError("storage briefly unavailable")
 
-    monkeypatch.setattr(FileSystems, "open", unavailable)
+    if where == "local":
+        path = os.path.join(root, "1.jpg")
+        monkeypatch.setattr(decode_module, "open", unavailable, raising=False)
+    else:
+        path = "gs://bucket/1.jpg"
+        monkeypatch.setattr(FileSystems, "open", unavailable)
     with pytest.raises(Exception, match="storage briefly unavailable"):
         with TestPipeline() as p:
-            (p | beam.Create([PathBatch([ListedImage(os.path.join(root, "1.jpg"))])]) | decode())
+            (p | beam.Create([PathBatch([ListedImage(path)])]) | decode())
 
 
 def test_a_jpeg_of_too_many_scans_is_an_error_row_and_its_batch_goes_on(corpus, tmp_path):
