@@ -82,8 +82,7 @@ class ImageBatch:
     ``pixels``: uint8 [n, height, width, 3], row i from ``paths[i]``; ``file_bytes``: int64 [n];
     ``file_updated_seconds``: the storage listing's update times (None for manifest inputs);
     ``challenger_pixels``: the same images decoded to a challenger's other ``DecodeSpec``, None
-    when there is no challenger or it takes these very pixels; ``human_faces``: int64 [n], the
-    faces ``pipeline.faces.CountFaces`` found in ``pixels`` (None: not counted).
+    when there is no challenger or it takes these very pixels.
     """
 
     paths: list[str]
@@ -92,7 +91,6 @@ class ImageBatch:
     file_updated_seconds: list[float | None]
     pixels: np.ndarray
     challenger_pixels: ChallengerPixels | None = None
-    human_faces: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -106,8 +104,7 @@ class ImageBatch:
         rows = np.flatnonzero(decoded)
         return ImageBatch([self.paths[row] for row in rows], [self.content_sha256[row] for row in rows],
                           self.file_bytes[rows], [self.file_updated_seconds[row] for row in rows],
-                          pixels[rows],
-                          human_faces=None if self.human_faces is None else self.human_faces[rows])
+                          pixels[rows])
 
     def without_pixels(self) -> ImageBatch:
         """What travels on once the models have scored: the rows' file facts, no pixels."""

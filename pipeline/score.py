@@ -37,7 +37,6 @@ from apache_beam.runners.runner import PipelineRunner
 
 from pipeline import progress
 from pipeline.decode import CHALLENGER_ERRORS, DECODED, ERRORS, DecodeImages, DecodeSpec
-from pipeline.faces import CountFaces
 from pipeline.incremental import SkipScored, earlier_scored_files
 from pipeline.inference import CHALLENGER, PAIRS, PREDICTIONS, ChallengerModel, ScoreImages
 from pipeline.listing import directory_glob, fixed_prefix
@@ -206,16 +205,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         challenger=challenger and other_decoding(metadata, challenger))
     skipped_parts = (listed[SKIPPED], unscored[SKIPPED], decoded[SKIPPED])
     skipped = skipped_parts | "AllSkipped" >> beam.Flatten()
-    images = decoded[DECODED]
-    faces = options.faces == "detect"
-    if faces:
-        images = images | "CountFaces" >> CountFaces(threads)
-    scored = images | "ScoreImages" >> ScoreImages(
+    scored = decoded[DECODED] | "ScoreImages" >> ScoreImages(
         options.model_dir, metadata, min_confidence=options.min_confidence, run_id=run_id,
         share_model_across_processes=options.share_model_across_processes,
         runtime=options.runtime, threads=threads, tflite_invoke_batch=options.tflite_invoke_batch,
         top_k=options.top_k, scope_threshold=scope_threshold, challenger=challenger_model,
-        tta=options.tta, faces=faces,
+        tta=options.tta, faces=options.faces,
     ).with_resource_hints(**inference_hints)
     predictions = scored[PREDICTIONS]
     error_parts = (decoded[ERRORS], listed[UNSCORED])
@@ -393,7 +388,7 @@ def check_run(argv: list[str] | None) -> CheckedRun:
         _LOG.warning("--output %s is under --input %s: a later run over the same input will "
                      "list this run's outputs as images; write them somewhere else",
                      options.output, options.input)
-    if options.faces == "detect":
+    if options.faces != "off":
         FaceDetector(threads=1)  # the package that ships it is installed, and its model loads
     metadata = load_checked_model(options.model_dir, options.runtime)
     challenger = check_challenger(options, metadata)

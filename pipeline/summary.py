@@ -313,8 +313,9 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
         # images the model's out-of-scope detector flagged; None where none was in use
         "out_of_scope": (predictions["out_of_scope"] if context.get("out_of_scope_threshold") is not None
                          else None),
-        # --faces detect: images decided 'human', and images with at least one human face
-        **{key: predictions[key] if context.get("faces") == "detect" else None
+        # --faces: images decided 'human', and images with at least one human face (of those
+        # checked: every image with detect, only the ones the model was unsure of with unsure)
+        **{key: predictions[key] if context.get("faces", "off") != "off" else None
            for key in ("human", "with_human_faces")},
         "csv_rows": csv_rows,
         "accounted": inputs == predictions["count"] + error_count + sum(skipped.values()),
