@@ -30,6 +30,9 @@ then measures, each mode in its own process so peak RSS is its own:
              costs nothing. How fast petscore feeds an accelerator (a GPU worker is nearly this)
   decode     the model's own read + decode + resize alone, one process per core, nothing else:
              what the CPUs can feed at most
+  decode-stage  petscore's decode stage alone in one process (``ReadAndDecodeFn``: reads and
+             decodes 64-image batches on its thread pool, decode-ahead and per-image bounds
+             included), its output dropped: what the stage costs beyond the decoder
   litert     model.tflite alone on pixels already in memory (one interpreter, a thread per core,
              64-image batches): what the model costs at most
 A mode ending in ``@before`` runs from the checkout given by ``--baseline-repo`` (a worktree of an
@@ -46,7 +49,8 @@ Each mode starts from a warm page cache. Two rates per mode:
   job   images / the whole process's wall time, interpreter start and imports included:
         what a user waits for (TensorFlow's import alone is seconds on a small machine)
 Prints both, the ratios petscore/seed and petscore/tf.data on both, peak RSS and model load time.
-Each mode also reports the CPU seconds of its work (every thread of the process: ``time.process_time``).
+Each mode also reports the CPU seconds of its work (every thread of the process: ``time.process_time``,
+and for ``decode`` its worker processes too, their start-up included).
 """
 
 from __future__ import annotations
@@ -90,11 +94,36 @@ def link_subset(paths: list[str], folder: str) -> str:
     return folder
 
 
+def link_photos(photos: list[str], folder: str, count: int) -> str:
+    """A folder of ``count`` hard links ``1.jpg`` ... ``<count>.jpg``, image i a link to
+    ``photos[(i - 1) % len(photos)]``: a night of any size (10^6 files) from a few real photos,
+    without the disk space or time to write that many JPEGs. Distinct Kaggle ids, so every
+    image has its CSV row. ext4 allows 65,000 links per file: 50 photos make up to 3.25 M."""
+    os.makedirs(folder, exist_ok=True)
+    with os.scandir(folder) as entries:
+        present = sum(1 for _ in entries)
+    if present != count:
+        for index in range(present + 1, count + 1):
+            os.link(photos[(index - 1) % len(photos)], os.path.join(folder, f"{index}.jpg"))
+    return folder
+
+
 def warm_page_cache(folder: str) -> None:
-    """Read every file once, so no mode pays (or is spared) a cold disk."""
-    for path in glob.glob(os.path.join(folder, "*.jpg")):
-        with open(path, "rb") as handle:
-            handle.read()
+    """Read every file once, so no mode pays (or is spared) a cold disk; a file hard-linked
+    many times (``link_photos``) is read once."""
+    seen = set()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            inode = entry.inode()
+            if entry.name.endswith(".jpg") and inode not in seen:
+                seen.add(inode)
+                with open(entry.path, "rb") as handle:
+                    handle.read()
+
+
+def count_images(folder: str) -> int:
+    with os.scandir(folder) as entries:
+        return sum(1 for entry in entries if entry.name.endswith(".jpg"))
 
 
 def run_seed(model_dir: str, paths: list[str]) -> dict:
@@ -211,11 +240,45 @@ def run_decode(model_dir: str, paths: list[str]) -> dict:
     metadata = read_metadata(model_dir)
     _DECODE_ARGS = (tuple(metadata.input_size), metadata.resize_method, 64_000_000, metadata.preprocessing)
     cores = os.cpu_count()
-    with multiprocessing.get_context("fork").Pool(cores) as pool:
-        pool.map(_read_and_decode, paths[:cores])
-        started = time.monotonic()
-        pool.map(_read_and_decode, paths, chunksize=16)
-        return {"seconds": time.monotonic() - started}
+    pool = multiprocessing.get_context("fork").Pool(cores)
+    pool.map(_read_and_decode, paths[:cores])
+    started = time.monotonic()
+    pool.map(_read_and_decode, paths, chunksize=16)
+    seconds = time.monotonic() - started
+    pool.close()
+    pool.join()  # reaped: their CPU seconds count in RUSAGE_CHILDREN (child() adds them)
+    return {"seconds": seconds}
+
+
+def run_decode_stage(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
+    """decode-stage: ``ReadAndDecodeFn`` driven as the runner drives it (one bundle of every
+    batch), its pool sized as the pipeline sizes it. Only the arguments every version of the
+    stage takes, so that ``@before`` runs an earlier checkout's stage the same way."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+
+    from pipeline.decode import ReadAndDecodeFn
+    from pipeline.options import ThreadBudget
+    from pipeline.rows import ListedImage, PathBatch
+    from serving.metadata import read_metadata
+
+    metadata = read_metadata(model_dir)
+    stage = ReadAndDecodeFn(tuple(metadata.input_size), metadata.resize_method, 64_000_000, 64 << 20,
+                            "bench", ThreadBudget(), metadata.preprocessing)
+    batches = [PathBatch([ListedImage(path) for path in paths[start:start + batch_size]])
+               for start in range(0, len(paths), batch_size)]
+    stage.setup()
+    stage.start_bundle()
+    started, cpu_started = time.monotonic(), time.process_time()
+    decoded = 0
+    for batch in batches:
+        decoded += sum(len(out.value) for out in stage.process(batch, GlobalWindow(), MIN_TIMESTAMP)
+                       if not hasattr(out, "tag"))
+    decoded += sum(len(out.value) for out in stage.finish_bundle() if not hasattr(out, "tag"))
+    seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
+    stage.teardown()
+    assert decoded == len(paths), f"{len(paths) - decoded} images not decoded"
+    return {"seconds": seconds, "work_cpu_seconds": cpu_seconds}
 
 
 def run_litert(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
@@ -241,11 +304,16 @@ def run_litert(model_dir: str, paths: list[str], batch_size: int = 64) -> dict:
 
 
 def child(args) -> None:
-    """One mode, in this process; prints a JSON line."""
-    paths = sorted(glob.glob(os.path.join(args.images_dir, "*.jpg")))
+    """One mode, in this process; prints a JSON line. The petscore modes never hold the list of
+    paths here: at a million images it alone would add ~100 MiB to the peak RSS they report."""
+    pattern = os.path.join(args.images_dir, "*.jpg")
+    paths = None if args.mode.startswith("direct") else sorted(glob.glob(pattern))
+    images = count_images(args.images_dir) if paths is None else len(paths)
     cpu_started = time.process_time()
     if args.mode == "decode":
         result = run_decode(args.model_dir, paths)
+    elif args.mode == "decode-stage":
+        result = run_decode_stage(args.model_dir, paths)
     elif args.mode == "litert":
         result = run_litert(args.model_dir, paths)
     elif args.mode == "seed":
@@ -270,16 +338,18 @@ def child(args) -> None:
                  "direct-mp-1t": ["--direct_running_mode=multi_processing",
                                   f"--direct_num_workers={os.cpu_count()}", "--tflite-threads=1"],
                  }[args.mode]
-        result = run_direct(args.model_dir, os.path.join(args.images_dir, "*.jpg"),
-                            os.path.join(args.work, f"out-{args.mode}"), extra)
-    result.update(images=len(paths), work_images_per_second=len(paths) / result["seconds"],
-                  cpu_seconds=time.process_time() - cpu_started, **peak_rss_mib())
+        result = run_direct(args.model_dir, pattern, os.path.join(args.work, f"out-{args.mode}"), extra)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result.update(images=images, work_images_per_second=images / result["seconds"],
+                  cpu_seconds=time.process_time() - cpu_started + children.ru_utime + children.ru_stime,
+                  **peak_rss_mib())
     print("RESULT " + json.dumps(result))
 
 
 def run_mode(mode: str, images_dir: str, args) -> dict:
     """One mode in a fresh process; its result plus the process's whole wall time. ``MODE@before``
-    runs this file's ``MODE`` with the code of ``args.baseline_repo`` (an earlier checkout)."""
+    runs this file's ``MODE`` with the code of ``args.baseline_repo`` (an earlier checkout), in
+    that checkout: every path handed to the child is absolute."""
     warm_page_cache(images_dir)
     mode, _, before = mode.partition("@")
     repo = os.path.abspath(args.baseline_repo) if before else REPO
@@ -287,8 +357,9 @@ def run_mode(mode: str, images_dir: str, args) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     process = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--mode", mode, "--model-dir", args.model_dir,
-         "--images-dir", images_dir, "--work", os.path.join(args.work, before or "now")],
+        [sys.executable, os.path.abspath(__file__), "--mode", mode,
+         "--model-dir", os.path.abspath(args.model_dir), "--images-dir", os.path.abspath(images_dir),
+         "--work", os.path.abspath(os.path.join(args.work, before or "now"))],
         capture_output=True, text=True, env=env, cwd=repo)
     job_seconds = time.monotonic() - started
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]

@@ -96,7 +96,10 @@ def class_weights(data: LabelledImages) -> dict[int, float] | None:
 def image_dataset(data: LabelledImages, size: tuple[int, int], resize_method: str,
                   preprocessing: str, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
     """Parallel decode (through the shared preprocessing function), cache, shuffle, batch,
-    prefetch. Unreadable images are skipped with a warning rather than ending training."""
+    prefetch. Unreadable images are skipped with a warning rather than ending training. The
+    cache is filled by a first pass that counts the readable images, so that the dataset's
+    length is known (skipping makes it unknown to tf.data, and Keras then warns at the end of
+    the first epoch that the input "ran out of data", a false alarm); the epochs read the cache."""
     height, width = size
 
     def load(path):
@@ -110,6 +113,8 @@ def image_dataset(data: LabelledImages, size: tuple[int, int], resize_method: st
     dataset = dataset.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
     dataset = dataset.ignore_errors(log_warning=True).cache()
+    readable = int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(readable))
     if shuffle:
         dataset = dataset.shuffle(len(data.paths), seed=seed, reshuffle_each_iteration=True)
     return (dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))

@@ -1,8 +1,15 @@
-"""Keras 2 (tf.keras 2.x) ``.h5`` models under Keras 3: their layer configs, translated.
+"""Keras 2 (tf.keras 2.x) ``.h5`` and ``.keras`` models under Keras 3: their configs, translated.
 
-Keras 3 reads the weights of these files (``keras.src.legacy.saving.legacy_h5_format``) but
-builds each layer with ``cls(**config)``, which rejects any key it does not know, and numbers
-nodes its own way. tf.keras 2.x wrote, at no difference in inference:
+Keras 3 reads the weights of these files (``.h5``: ``keras.src.legacy.saving.legacy_h5_format``;
+``.keras`` zips of Keras 2.13-2.15 and tf-keras: ``keras.src.saving.saving_lib``, whose
+``model.weights.h5`` layout, one group per layer named after its class, Keras 2 and 3 share) but
+builds each layer with ``cls(**config)``, which rejects any key it does not know, numbers nodes
+its own way, and in a ``.keras`` zip imports the module Keras 2 named for each class
+(``keras.src.engine.functional``: keras#19089, tensorflow#62836). tf.keras 2.x wrote, at no
+difference in inference:
+
+- the module of its engine classes (``Functional``, ``Sequential``, ``Model``, ``InputLayer``),
+  ``keras.src.engine.*`` (``tf_keras.src.engine.*`` from tf-keras), which Keras 3 keeps elsewhere;
 
 - ``groups: 1`` on depthwise, separable and transposed convolutions (their Keras 2 base class,
   ``Conv``, wrote it; Keras 3 has no grouped form of these layers), and the separable layers'
@@ -23,8 +30,9 @@ nodes its own way. tf.keras 2.x wrote, at no difference in inference:
   it), which become the ``Rescaling`` layer that computes them.
 
 Each is translated to the Keras 3 config with the same inference (checked against files tf-keras
-2.21 writes). What has no Keras 3 equivalent is refused, naming the layer, the key and what to do
-instead: ``groups`` other than 1, ``renorm=True``, ``virtual_batch_size``, a BatchNormalization
+2.21 writes), and a file is loaded only when the model's weights are then exactly the file's
+(``check_weights_loaded``). What has no Keras 3 equivalent is refused, naming the layer, the key
+and what to do instead: ``groups`` other than 1, ``renorm=True``, ``virtual_batch_size``, a BatchNormalization
 over several axes, Keras 2's ``hard_sigmoid`` (``0.2 x + 0.5``, where Keras 3's is ``x / 6 +
 0.5``) and other TensorFlow functions recorded as layers.
 """
@@ -32,16 +40,20 @@ over several axes, Keras 2's ``hard_sigmoid`` (``0.2 x + 0.5``, where Keras 3's 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 
 import h5py
 import keras
+import numpy as np
 
 _DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
 _SEPARABLE = ("SeparableConv1D", "SeparableConv2D")
@@ -71,31 +83,61 @@ SCALAR_FUNCTIONS = {
     "math.multiply": lambda y: (y, 0.0), "math.subtract": lambda y: (1.0, -y),
     "math.add": lambda y: (1.0, y), "__operators__.add": lambda y: (1.0, y),
 }
+# Keras 2's engine classes by the module a Keras 2 .keras zip names (keras.src.engine.functional,
+# tf-keras's tf_keras.src.engine.functional, Keras 2.12's keras.engine...), as Keras 3 names them.
+KERAS2_ENGINE_MODULE = re.compile(r"^(tf_)?keras(\.src)?\.engine\.")
+KERAS3_MODULES = {"Functional": "keras.src.models.functional", "Sequential": "keras", "Model": "keras",
+                  "InputLayer": "keras.layers"}
+# Groups of a .keras zip's model.weights.h5 that hold the training state, not the model's weights.
+TRAINING_STATE_GROUPS = ("optimizer", "metrics")
 RESAVE_ADVICE = ("load the file in tf.keras 2 (pip install tf-keras, TF_USE_LEGACY_KERAS=1) and "
                  "pass the SavedModel that model.export(DIR) writes from there as --keras DIR")
 
 
 class Keras2ConfigError(ValueError):
-    """A Keras 2 layer config that Keras 3 cannot build with the same inference."""
+    """A Keras 2 model file that Keras 3 cannot load with the same inference: a layer config with
+    no Keras 3 equivalent, or weights that Keras 3 did not read."""
 
 
 def keras_version(path: str) -> str | None:
-    """The ``keras_version`` attribute of a Keras ``.h5`` model file, ``""`` when it has none
-    (Keras 1 and early Keras 2), ``None`` when the file is not an HDF5 file with a model config."""
+    """The Keras version that saved a model file: ``keras_version`` in a ``.keras`` zip's
+    ``metadata.json`` or in a ``.h5``'s attributes; ``""`` when it has none (Keras 1 and early
+    Keras 2); ``None`` when the file is neither a zip with a ``config.json`` nor an HDF5 file
+    with a model config."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if "config.json" not in names:
+                return None
+            try:
+                metadata = json.loads(archive.read("metadata.json")) if "metadata.json" in names else {}
+            except ValueError:
+                metadata = {}
+        return str(metadata.get("keras_version", "")) if isinstance(metadata, dict) else ""
     try:
         with h5py.File(path, "r") as handle:
             if "model_config" not in handle.attrs:
                 return None
-            version = handle.attrs.get("keras_version", b"")
+            return _text(handle.attrs.get("keras_version", b""))
     except OSError:
         return None
-    return version.decode() if isinstance(version, bytes) else str(version)
 
 
-def is_keras2_h5(path: str) -> bool:
-    """True for a full-model ``.h5`` written by Keras 2 / tf.keras 2.x (Keras 3 writes 3.x)."""
+def is_keras2_file(path: str) -> bool:
+    """True for a full-model ``.h5`` or ``.keras`` written by Keras 2 / tf.keras 2.x (Keras 3
+    writes 3.x)."""
     version = keras_version(path)
     return version is not None and not version.startswith("3.")
+
+
+def read_model_config(path: str) -> dict:
+    """The serialised model of a ``.keras`` zip (``config.json``) or a ``.h5`` (``model_config``),
+    as Keras wrote it. Raises ``OSError``/``KeyError``/``ValueError`` for a file that has none."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    with h5py.File(path, "r") as handle:
+        return json.loads(_text(handle.attrs["model_config"]))
 
 
 def translate_config(config: dict) -> tuple[dict, Counter]:
@@ -106,6 +148,7 @@ def translate_config(config: dict) -> tuple[dict, Counter]:
     config = copy.deepcopy(config)
     changes: Counter = Counter()
     for node in _layer_nodes(config):
+        _keras3_module(node, changes)
         if node["class_name"] == "TFOpLambda":
             _tf_function_as_rescaling(node, changes)
         if node["class_name"] == "Sequential":
@@ -116,19 +159,73 @@ def translate_config(config: dict) -> tuple[dict, Counter]:
     return config, changes
 
 
-def load_keras2_h5(path: str, safe_mode: bool = True) -> tuple[keras.Model, Counter]:
-    """``(model, changes)``: a Keras 2 ``.h5`` model loaded by Keras 3's own legacy loader
-    (``keras.saving.load_model``) from a copy whose ``model_config`` is translated; the user's
-    file is not modified. Raises ``Keras2ConfigError`` (see ``translate_config``)."""
-    with h5py.File(path, "r") as handle:
-        config = json.loads(_text(handle.attrs["model_config"]))
-    translated, changes = translate_config(config)
+def load_keras2(path: str, safe_mode: bool = True) -> tuple[keras.Model, Counter]:
+    """``(model, changes)``: a Keras 2 ``.h5`` or ``.keras`` model loaded by Keras 3's own loader
+    (``keras.saving.load_model``: the legacy HDF5 loader, or ``saving_lib`` for a zip) from a
+    copy whose config (``model_config``, ``config.json``) is translated; the user's file is not
+    modified. Raises ``Keras2ConfigError`` (see ``translate_config`` and
+    ``check_weights_loaded``); Keras's own errors pass through."""
+    zipped = zipfile.is_zipfile(path)
+    translated, changes = translate_config(read_model_config(path))
     with tempfile.TemporaryDirectory(prefix="petscore-keras2-") as folder:
-        copy_path = os.path.join(folder, "model.h5")
-        shutil.copyfile(path, copy_path)
-        with h5py.File(copy_path, "r+") as handle:
-            handle.attrs["model_config"] = json.dumps(translated)
-        return keras.saving.load_model(copy_path, compile=False, safe_mode=safe_mode), changes
+        copy_path = os.path.join(folder, "model.keras" if zipped else "model.h5")
+        if zipped:
+            with zipfile.ZipFile(path) as original, zipfile.ZipFile(copy_path, "w") as copied:
+                for member in original.infolist():
+                    copied.writestr(member, json.dumps(translated) if member.filename == "config.json"
+                                    else original.read(member))
+        else:
+            shutil.copyfile(path, copy_path)
+            with h5py.File(copy_path, "r+") as handle:
+                handle.attrs["model_config"] = json.dumps(translated)
+        model = keras.saving.load_model(copy_path, compile=False, safe_mode=safe_mode)
+    check_weights_loaded(model, path)
+    return model, changes
+
+
+def check_weights_loaded(model: keras.Model, path: str) -> None:
+    """Raise ``Keras2ConfigError`` unless the model's weights are exactly the arrays of the Keras
+    file at ``path`` (``.h5``: ``model_weights``; ``.keras``: ``model.weights.h5`` without the
+    optimizer's and metrics' state), one to one by shape and value. Keras 3 reads a Keras 2 file
+    layer by layer, and a layer it does not find in the file keeps its fresh initial weights
+    (for some layouts with only a warning): its scores would be noise."""
+    in_model = [(weight.path, _array_key(weight.numpy())) for weight in model.weights]
+    in_file = [(name, _array_key(value)) for name, value in _file_weights(path)]
+    unread = Counter(key for _, key in in_file) - Counter(key for _, key in in_model)
+    fresh = Counter(key for _, key in in_model) - Counter(key for _, key in in_file)
+    if unread or fresh:
+        first_fresh = next((f" (first: {name})" for name, key in in_model if key in fresh), "")
+        first_unread = next((f" (first: {name})" for name, key in in_file if key in unread), "")
+        raise Keras2ConfigError(
+            f"Keras {keras.__version__} loaded the model but not all of its weights: "
+            f"{fresh.total()} of the model's {len(in_model)} weights are not the file's{first_fresh} "
+            f"and {unread.total()} of the file's {len(in_file)} arrays were not read{first_unread}; "
+            f"the scores would not be the model's. {RESAVE_ADVICE[0].upper()}{RESAVE_ADVICE[1:]}")
+
+
+def _file_weights(path: str) -> list[tuple[str, np.ndarray]]:
+    """``(path in the file, array)`` for each weight array of a Keras model file."""
+    found: list[tuple[str, np.ndarray]] = []
+
+    def collect(group: h5py.Group, skip: tuple[str, ...]) -> None:
+        group.visititems(lambda name, item: found.append((name, item[()])) if isinstance(item, h5py.Dataset)
+                         and name.split("/")[0] not in skip else None)
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            weights = io.BytesIO(archive.read("model.weights.h5"))
+        with h5py.File(weights, "r") as h5:
+            collect(h5, TRAINING_STATE_GROUPS)
+    else:
+        with h5py.File(path, "r") as h5:
+            collect(h5["model_weights"], ())
+    return found
+
+
+def _array_key(value) -> tuple:
+    """A weight array's identity, whatever dtype holds it: its shape and a digest of its values."""
+    values = np.ascontiguousarray(value, dtype=np.float64)
+    return values.shape, hashlib.blake2b(values.tobytes(), digest_size=16).hexdigest()
 
 
 def describe_load_error(error: BaseException) -> str | None:
@@ -177,6 +274,15 @@ def _translate_layer(class_name: str, layer: dict, changes: Counter) -> None:
             changes[f"{value.get('class_name')} initializer: dtype dropped"] += 1
 
 
+def _keras3_module(node: dict, changes: Counter) -> None:
+    """In a ``.keras`` zip's config, the module Keras 2 named for an engine class becomes Keras
+    3's (``KERAS3_MODULES``), in place: Keras 3 imports the module it names."""
+    module, class_name = node.get("module"), node["class_name"]
+    if isinstance(module, str) and KERAS2_ENGINE_MODULE.match(module) and class_name in KERAS3_MODULES:
+        node["module"] = KERAS3_MODULES[class_name]
+        changes[f"{class_name}: module {module} -> {node['module']}"] += 1
+
+
 def _tf_function_as_rescaling(node: dict, changes: Counter) -> None:
     """A ``TFOpLambda`` of one of ``SCALAR_FUNCTIONS`` with a number ``y`` becomes the
     ``Rescaling`` layer that computes it, in place (anything else is left to be refused)."""
@@ -193,6 +299,8 @@ def _tf_function_as_rescaling(node: dict, changes: Counter) -> None:
     node.update(class_name="Rescaling", inbound_nodes=[[[*call[:3], {}]]], config={
         "name": config["name"], "trainable": config.get("trainable", True),
         "dtype": config.get("dtype", "float32"), "scale": scale, "offset": offset})
+    if "module" in node:  # a .keras zip's config names where the class is, and its registration
+        node.update(module="keras.layers", registered_name=None)
     changes[f"TFOpLambda {config['function']}(x, y) -> Rescaling"] += 1
 
 

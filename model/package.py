@@ -1,10 +1,10 @@
 """Bring a model trained in a notebook under the model contract: ``python -m model.package``.
 
-A notebook-trained Keras model (``.keras``, legacy ``.h5`` from Keras 3 or from Keras 2 /
-tf.keras 2.x, Teachable Machine's ``keras_model.h5`` among them, or a SavedModel directory; or,
-for bottleneck-feature models, a head trained on a named Keras application's features) is wrapped so
-that it takes what every petscore model takes, uint8 pixels, and gives what every petscore model
-gives, class probabilities:
+A notebook-trained Keras model (``.keras`` or legacy ``.h5``, from Keras 3 or from Keras 2 /
+tf.keras 2.x, Teachable Machine's ``keras_model.h5`` among them, or a SavedModel directory,
+loaded by ``model.notebook_model``; or, for bottleneck-feature models, a head trained on a named
+Keras application's features) is wrapped so that it takes what every petscore model takes,
+uint8 pixels, and gives what every petscore model gives, class probabilities:
 
     uint8 pixels -> the notebook's pixel scaling (--scaling) -> [feature extractor] -> the model
                  -> [softmax/sigmoid with --from-logits] -> [1 - p, p] for one sigmoid output
@@ -40,7 +40,7 @@ from model.architecture import (
 )
 from model.data import LabelledImages, labelled_images_for, split_train_validation
 from model.export import check_export_dir, export_model
-from model.keras2 import RESAVE_ADVICE, Keras2ConfigError, describe_load_error, is_keras2_h5, load_keras2_h5
+from model.notebook_model import PackagingError, load_notebook_model
 from model.quantize import CALIBRATION_IMAGES, Int8Request, calibration_sample, describe_int8
 from serving.metadata import file_sha256
 from serving.preprocessing import KERAS_LOAD_IMG, PILLOW_FIT, PREPROCESSING_VERSION, PREPROCESSING_VERSIONS
@@ -56,15 +56,11 @@ PROBABILITY_TOLERANCE = 1e-3
 NUMBERED_LABEL = re.compile(r"^(\d+)\s+(\S.*)$")
 
 
-class PackagingError(ValueError):
-    """The model cannot be packaged as asked; raised before anything is written."""
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model.package", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keras", required=True, metavar="PATH",
-                        help="The notebook's model: .keras, legacy .h5 (Keras 3 or Keras 2 / "
+                        help="The notebook's model: .keras or legacy .h5 (Keras 3 or Keras 2 / "
                              "tf.keras 2.x: Teachable Machine's keras_model.h5), or a SavedModel "
                              "directory. With --feature-extractor: the head trained on the features.")
     parser.add_argument("--output", required=True,
@@ -183,62 +179,6 @@ def read_labels(path: str) -> list[str]:
                                  f"{len(lines) - 1} in order: list the names in output order")
         return [match.group(2) for match in numbered]
     return lines
-
-
-def load_notebook_model(path: str) -> tuple[keras.Model, str, dict[str, int]]:
-    """``(model, format, keras2_changes)``. Keras files load with ``safe_mode=True``: no
-    deserialised Python runs. A Keras 2 / tf.keras 2.x ``.h5`` loads with its layer configs
-    translated for Keras 3 (``model.keras2``); ``keras2_changes`` counts each translation (empty
-    for other files). A file that still cannot load is refused naming the layer and key."""
-    if not os.path.exists(path):
-        raise PackagingError(f"--keras {path} does not exist")
-    if os.path.isdir(path):
-        return _saved_model_as_keras(path), "saved_model", {}
-    keras2 = is_keras2_h5(path)
-    try:
-        if keras2:
-            model, changes = load_keras2_h5(path)
-            return model, "h5", dict(changes)
-        return keras.saving.load_model(path, compile=False, safe_mode=True), os.path.splitext(path)[1][1:], {}
-    except Keras2ConfigError as error:
-        raise PackagingError(f"{path} (Keras 2): {error}") from error
-    except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear refusal
-        text = str(error)
-        if "Lambda" in text or "safe_mode" in text:
-            raise PackagingError(
-                f"{path} holds a Lambda layer (Python code), which petscore does not load "
-                "(safe_mode=True: loading it would run code from the file). If the Lambda only "
-                "scaled pixels, rebuild the model without it, save it again and pass --scaling; "
-                "otherwise replace it with a layer subclass registered with "
-                "@keras.saving.register_keras_serializable") from error
-        if keys := describe_load_error(error):
-            advice = RESAVE_ADVICE if keras2 else "save the model again with this Keras version"
-            raise PackagingError(f"Keras {keras.__version__} cannot load {path}: {keys}. To "
-                                 f"package it, {advice}") from error
-        raise PackagingError(f"Keras cannot load {path}: {type(error).__name__}: "
-                             f"{text.splitlines()[0] if text else ''}") from error
-
-
-def _saved_model_as_keras(path: str) -> keras.Model:
-    """A SavedModel directory (``model.export``, ``tf.saved_model.save``, Keras 2's
-    ``model.save``) as a Keras model: its ``serving_default`` signature in a ``TFSMLayer``."""
-    import tensorflow as tf
-
-    try:
-        signature = tf.saved_model.load(path).signatures.get("serving_default")
-    except (OSError, ValueError) as error:
-        raise PackagingError(f"cannot load the SavedModel at {path}: {error}") from error
-    if signature is None:
-        raise PackagingError(f"{path} has no serving_default signature")
-    _, inputs = signature.structured_input_signature
-    if len(inputs) != 1 or len(signature.structured_outputs) != 1:
-        raise PackagingError(f"{path}: serving_default takes {sorted(inputs)} and returns "
-                             f"{sorted(signature.structured_outputs)}; one image input and one "
-                             "output are needed")
-    spec = next(iter(inputs.values()))
-    image = keras.Input(shape=spec.shape.as_list()[1:], dtype=spec.dtype.name)
-    outputs = keras.layers.TFSMLayer(path, call_endpoint="serving_default")(image)
-    return keras.Model(image, next(iter(outputs.values())) if isinstance(outputs, dict) else outputs)
 
 
 def resolve_input_size(args: argparse.Namespace, model: keras.Model) -> tuple[int, int]:

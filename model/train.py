@@ -129,7 +129,9 @@ def fit_phase(classifier, train_ds, val_ds, *, epochs, learning_rate, patience, 
         keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
         timer,
     ]
-    return classifier.fit(train_ds, validation_data=val_ds, epochs=epochs,
+    # shuffle=False: the dataset shuffles itself (model.data.image_dataset); Keras ignores the
+    # argument for a tf.data.Dataset, and warns when it is True, its default.
+    return classifier.fit(train_ds, validation_data=val_ds, epochs=epochs, shuffle=False,
                           class_weight=weights, callbacks=callbacks, verbose=2)
 
 

@@ -2,10 +2,11 @@
 
 A batch of paths comes in; one ``ImageBatch`` (every decoded image of the batch in one uint8
 array, and a second one for a challenger model whose decoding differs), one error table and one
-list of skipped paths go out. Permanent problems (missing file,
-empty or corrupt bytes, unsupported format, oversized image) become error rows of their own:
-one bad file never costs its batch. Anything else reading storage raises, so that the runner
-retries the bundle instead of recording a transient outage as a bad image.
+count of skipped inputs go out. Permanent problems (missing file,
+empty or corrupt bytes, unsupported format, oversized image, a JPEG of too many scans, a decode
+that runs past ``--max-decode-seconds``) become error rows of their own: one bad file never
+costs its batch. Anything else reading storage raises, so that the runner retries the bundle
+instead of recording a transient outage as a bad image.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import math
+import logging
 import pickle
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -24,13 +27,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipeline.options import ThreadBudget
+from pipeline.options import DEFAULT_MAX_DECODE_SECONDS, ThreadBudget
 from pipeline.paths import storage_path
 from pipeline.read import SKIPPED, error_table
 from pipeline.rows import ALREADY_SCORED, METRICS_NAMESPACE, ListedImage, PathBatch, SkippedInputs, error_row
 from serving.metadata import file_chunks
-from serving.preprocessing import PREPROCESSING_VERSION, decode_and_resize
+from serving.preprocessing import DEFAULT_MAX_JPEG_SCANS, PREPROCESSING_VERSION, decode_and_resize
 
+_LOG = logging.getLogger(__name__)
 ERRORS = "errors"
 DECODED = "images"
 CHALLENGER_ERRORS = "challenger_errors"  # images only the challenger's decoding refused
@@ -49,6 +53,10 @@ def is_permanent_read_error(error: Exception) -> bool:
 
 class FileTooLargeError(ValueError):
     """The file is larger than ``--max-image-bytes``."""
+
+
+class DecodeTimeoutError(TimeoutError):
+    """An image's decode ran past ``--max-decode-seconds``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,31 @@ class ChallengerPixels(NamedTuple):
 
     pixels: np.ndarray
     decoded: np.ndarray
+
+
+class _BatchOnPool:
+    """One batch on the decoder pool. Any of its tasks takes the next row not yet taken
+    (``next_row``), so a decode that runs too long holds up its own row only: the other tasks
+    take the rest. ``outcomes``: each row's ``(bytes read, outcome, value)``; ``started``:
+    when each row's decode began (``time.monotonic``; None before, or while its file is read:
+    storage has time limits of its own and a slow read is transient, not a bad image).
+    ``challenger_pixels``: the rows decoded to a challenger's other ``DecodeSpec`` (None without
+    one)."""
+
+    def __init__(self, images: list[ListedImage], size: tuple[int, int], window, timestamp,
+                 challenger: DecodeSpec | None = None):
+        self.images, self.window, self.timestamp = images, window, timestamp
+        self.pixels = np.empty((len(images), *size, 3), np.uint8)
+        self.challenger_pixels = (None if challenger is None
+                                  else np.empty((len(images), *challenger.size, 3), np.uint8))
+        self.outcomes: list[tuple | None] = [None] * len(images)
+        self.started: list[float | None] = [None] * len(images)
+        self.next_row = 0
+        self.done = 0
+        self.failure: BaseException | None = None
+
+    def complete(self) -> bool:
+        return self.failure is not None or self.done == len(self.images)
 
 
 @dataclasses.dataclass
@@ -149,37 +182,52 @@ class ReadAndDecodeFn(beam.DoFn):
     it refuses leave as error rows on ``challenger_errors``.
 
     The files of a batch are read and decoded on a thread pool (its size: ``threads``, see
-    ``pipeline.options.ThreadBudget``): storage reads wait
-    on the network and the decoders release the GIL, so one process keeps its cores and many
-    requests busy. Each image is decoded straight into its row of the batch's array, a few
-    images per task (two tasks per thread and batch). Batches
-    decode ahead: the next ``DECODE_AHEAD_BATCHES`` are on the pool while the bundle's thread
-    runs inference on the current one (on a GPU worker, the device never waits for the CPUs to
-    start the next batch). A transient error re-raises and fails the bundle, which the runner
-    retries.
+    ``pipeline.options.ThreadBudget``): storage reads wait on the network and the decoders
+    release the GIL, so one process keeps its cores and many requests busy. Each image is decoded
+    straight into its row of the batch's array; a batch's tasks (one per thread) take its rows
+    one at a time. Batches decode ahead: the next ``DECODE_AHEAD_BATCHES`` are on the pool while
+    the bundle's thread runs inference on the current one (on a GPU worker, the device never
+    waits for the CPUs to start the next batch). A transient error re-raises and fails the
+    bundle, which the runner retries.
+
+    No image holds its batch hostage: a decode that runs past ``max_decode_seconds`` becomes a
+    ``DecodeTimeoutError`` row and the batch goes on without it. A thread cannot be stopped, so
+    the stuck decode runs on, its result thrown away, using a core until it ends (bounded, as
+    the pixel, byte and scan caps bound what one decode can cost); the pool is replaced by a
+    fresh one of the same size, so that later batches get every thread, and the old one ends
+    with its last task. At most ``threads`` given-up decodes run on at once: beyond that the
+    pool is not replaced and new work waits for a thread, which bounds the threads and memory.
     """
 
     DECODE_AHEAD_BATCHES = 2
 
     def __init__(self, size: tuple[int, int], resize_method: str, max_pixels: int,
                  max_bytes: int, run_id: str, threads: ThreadBudget,
-                 preprocessing: str = PREPROCESSING_VERSION, challenger: DecodeSpec | None = None):
+                 preprocessing: str = PREPROCESSING_VERSION,
+                 max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+                 max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS,
+                 challenger: DecodeSpec | None = None):
         self._size = tuple(size)
         self._challenger = challenger
         self._resize_method = resize_method
         self._preprocessing = preprocessing
         self._max_pixels = max_pixels
         self._max_bytes = max_bytes
+        self._max_jpeg_scans = max_jpeg_scans
+        self._max_decode_seconds = max_decode_seconds
         self._run_id = run_id
         self._threads = threads
         self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
         self._decoded = Metrics.counter(METRICS_NAMESPACE, "images_decoded")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "images_failed")
+        self._timed_out = Metrics.counter(METRICS_NAMESPACE, "images_decode_timed_out")
         self._bytes = Metrics.distribution(METRICS_NAMESPACE, "image_bytes")
         self._skipped = Metrics.counter(METRICS_NAMESPACE, "images_skipped_already_scored")
 
     def setup(self):
         self._pool = None  # sized on the first batch, which says whether storage is local
+        self._changed = threading.Condition()  # a batch completed or failed, a given-up decode ended
+        self._given_up_running = 0  # decodes given up on that still run
 
     def teardown(self):
         if self._pool is not None:
@@ -195,28 +243,96 @@ class ReadAndDecodeFn(beam.DoFn):
             remote = FileSystems.get_scheme(images[0].path) not in (None, "file")
             self._threads_in_pool = self._threads.resolve(remote=remote)[0]
             self._pool = ThreadPoolExecutor(max_workers=self._threads_in_pool)
-        pixels = np.empty((len(images), *self._size, 3), np.uint8)
-        theirs = (None if self._challenger is None
-                  else np.empty((len(images), *self._challenger.size, 3), np.uint8))
-        # A few images per task: a task's overhead (submit, wake-up, result) is paid per chunk.
-        chunk = max(1, math.ceil(len(images) / (2 * self._threads_in_pool)))
-        futures = [self._pool.submit(self._handle_chunk, images[start:start + chunk],
-                                     pixels[start:start + chunk],
-                                     None if theirs is None else theirs[start:start + chunk])
-                   for start in range(0, len(images), chunk)]
-        self._in_flight.append((images, pixels, theirs, futures, window, timestamp))
+        on_pool = _BatchOnPool(images, self._size, window, timestamp, self._challenger)
+        self._in_flight.append(on_pool)
+        self._submit(on_pool)
         while len(self._in_flight) > self.DECODE_AHEAD_BATCHES:
-            yield from self._hand_on(*self._in_flight.popleft())
+            yield from self._hand_on(self._in_flight[0])
 
     def finish_bundle(self):
         while self._in_flight:
-            yield from self._hand_on(*self._in_flight.popleft())
+            yield from self._hand_on(self._in_flight[0])
 
-    def _hand_on(self, images, pixels, theirs, futures, window, timestamp):
+    def _submit(self, on_pool: _BatchOnPool) -> None:
+        for _ in range(min(len(on_pool.images) - on_pool.next_row, self._threads_in_pool)):
+            self._pool.submit(self._decode_rows, on_pool)
+
+    def _decode_rows(self, on_pool: _BatchOnPool) -> None:
+        """A pool task: decode the batch's next rows until none is left."""
+        while True:
+            with self._changed:
+                if on_pool.next_row == len(on_pool.images) or on_pool.failure is not None:
+                    return
+                row = on_pool.next_row
+                on_pool.next_row += 1
+            try:
+                outcome = self._handle(on_pool, row)
+            except BaseException as error:  # noqa: BLE001 - re-raised on the bundle's thread
+                with self._changed:
+                    on_pool.failure = on_pool.failure or error
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                if on_pool.outcomes[row] is None:
+                    on_pool.outcomes[row] = outcome
+                    on_pool.done += 1
+                    if on_pool.complete():
+                        self._changed.notify_all()
+                else:  # given up on (DecodeTimeoutError): its row is an error row already
+                    self._given_up_running -= 1
+                    self._changed.notify_all()
+
+    def _wait_for(self, on_pool: _BatchOnPool) -> None:
+        """Block until every row of the batch has an outcome, giving up on any decode in flight
+        (this batch's or one decoding ahead) that runs past the limit."""
+        limit = self._max_decode_seconds
+        with self._changed:
+            while not on_pool.complete():
+                now, next_check, gave_up = time.monotonic(), limit, False
+                for batch in self._in_flight:
+                    for row, since in enumerate(batch.started):
+                        if since is None or batch.outcomes[row] is not None:
+                            continue
+                        if now - since >= limit:
+                            self._give_up(batch, row, now - since)
+                            gave_up = True
+                        else:
+                            next_check = min(next_check, since + limit - now)
+                if gave_up and self._given_up_running <= self._threads_in_pool:
+                    self._replace_pool()
+                if not on_pool.complete():
+                    self._changed.wait(next_check)
+        if on_pool.failure is not None:
+            raise on_pool.failure
+
+    def _give_up(self, on_pool: _BatchOnPool, row: int, seconds: float) -> None:
+        path = on_pool.images[row].path
+        _LOG.warning("gave up decoding %s after %.1f s (--max-decode-seconds %g); its thread "
+                     "runs on until the decode ends, its result unused", path, seconds,
+                     self._max_decode_seconds)
+        on_pool.outcomes[row] = (None, ERRORS, error_row(path, "decode", DecodeTimeoutError(
+            f"decoding ran past the limit of {self._max_decode_seconds:g} s per image and was "
+            "given up (--max-decode-seconds raises the limit)"), self._run_id))
+        on_pool.done += 1
+        self._given_up_running += 1
+
+    def _replace_pool(self) -> None:
+        """A fresh pool for the work to come: the old one's stuck thread would cost every later
+        batch a thread. The old pool still runs what it was given and then ends."""
+        old, self._pool = self._pool, ThreadPoolExecutor(max_workers=self._threads_in_pool)
+        old.shutdown(wait=False)
+        for on_pool in self._in_flight:  # the rows no task has taken yet, on the new threads too
+            if not on_pool.complete():
+                self._submit(on_pool)
+
+    def _hand_on(self, on_pool: _BatchOnPool):
+        self._wait_for(on_pool)
+        self._in_flight.popleft()
+        images, pixels = on_pool.images, on_pool.pixels
+        window, timestamp = on_pool.window, on_pool.timestamp
         # Metrics are counted here, on the bundle's thread, where Beam's metrics container lives.
         decoded, errors, skipped, read = [], [], 0, 0
-        outcomes = [outcome for future in futures for outcome in future.result()]
-        for row, (size, outcome, value) in enumerate(outcomes):
+        for row, (size, outcome, value) in enumerate(on_pool.outcomes):
             if size is not None:
                 read += 1
                 self._bytes.update(size)
@@ -229,10 +345,13 @@ class ReadAndDecodeFn(beam.DoFn):
         self._read.inc(read)
         self._decoded.inc(len(decoded))
         self._failed.inc(len(errors))
+        self._timed_out.inc(sum(error["error_type"] == DecodeTimeoutError.__name__ for error in errors))
         self._skipped.inc(skipped)
         if decoded:
             rows = [row for row, _, _ in decoded]
             refused = [error for _, _, (_, error) in decoded if error is not None]
+            theirs = on_pool.challenger_pixels
+            # All rows, or a copy of the decoded ones: a given-up decode may still write its row.
             yield WindowedValue(ImageBatch(
                 paths=[images[row].path for row in rows],
                 content_sha256=[sha for _, _, (sha, _) in decoded],
@@ -240,7 +359,8 @@ class ReadAndDecodeFn(beam.DoFn):
                 file_updated_seconds=[images[row].updated_seconds for row in rows],
                 pixels=pixels if len(rows) == len(images) else pixels[rows],
                 challenger_pixels=None if theirs is None else ChallengerPixels(
-                    theirs[rows], np.array([error is None for _, _, (_, error) in decoded]))),
+                    theirs if len(rows) == len(images) else theirs[rows],
+                    np.array([error is None for _, _, (_, error) in decoded]))),
                 timestamp, [window])
             if refused:
                 yield beam.pvalue.TaggedOutput(CHALLENGER_ERRORS,
@@ -251,16 +371,11 @@ class ReadAndDecodeFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(SKIPPED, WindowedValue(
                 SkippedInputs(ALREADY_SCORED, skipped), timestamp, [window]))
 
-    def _handle_chunk(self, images: list[ListedImage], targets: np.ndarray,
-                      challenger_targets: np.ndarray | None) -> list[tuple]:
-        return [self._handle(image, target, None if challenger_targets is None else challenger_targets[i])
-                for i, (image, target) in enumerate(zip(images, targets, strict=True))]
-
-    def _handle(self, image: ListedImage, target: np.ndarray,
-                challenger_target: np.ndarray | None = None) -> tuple:
-        """``(bytes read or None, outcome, value)`` for one image, decoded into ``target`` (and
-        ``challenger_target``): ``(DECODED, (its content's SHA-256, the challenger decode's error
-        row or None))``, ``(SKIPPED, None)`` or ``(ERRORS, an error row)``."""
+    def _handle(self, on_pool: _BatchOnPool, row: int) -> tuple:
+        """``(bytes read or None, outcome, value)`` for one image, decoded into its row (and its
+        challenger row): ``(DECODED, (its content's SHA-256, the challenger decode's error row or
+        None))``, ``(SKIPPED, None)`` or ``(ERRORS, an error row)``."""
+        image = on_pool.images[row]
         path = image.path
         try:
             data = self._read_bytes(storage_path(path))
@@ -271,17 +386,20 @@ class ReadAndDecodeFn(beam.DoFn):
         content_sha256 = hashlib.sha256(data).hexdigest()
         if content_sha256 in image.scored_sha256:
             return len(data), SKIPPED, None
+        on_pool.started[row] = time.monotonic()
         try:
             decode_and_resize(data, self._size, self._resize_method, self._max_pixels,
-                              self._preprocessing, out=target)
+                              self._preprocessing, out=on_pool.pixels[row],
+                              max_jpeg_scans=self._max_jpeg_scans)
         except Exception as error:  # noqa: BLE001 - decoding is deterministic: never retry it
             return len(data), ERRORS, error_row(path, "decode", error, self._run_id)
         refused = None
-        if challenger_target is not None:
+        if on_pool.challenger_pixels is not None:
             spec = self._challenger
             try:
                 decode_and_resize(data, spec.size, spec.resize_method, self._max_pixels,
-                                  spec.preprocessing, out=challenger_target)
+                                  spec.preprocessing, out=on_pool.challenger_pixels[row],
+                                  max_jpeg_scans=self._max_jpeg_scans)
             except Exception as error:  # noqa: BLE001 - as above: the challenger's error row
                 refused = error_row(path, "decode", error, self._run_id)
         return len(data), DECODED, (content_sha256, refused)
@@ -302,14 +420,17 @@ class DecodeImages(beam.PTransform):
     """``PathBatch`` es in; ``{'images': ImageBatch, 'errors': error tables, 'skipped':
     SkippedInputs, 'challenger_errors': error tables}`` out. ``preprocessing``: the model's
     loader version (its metadata says which); ``threads``: sizes the decoder pool;
+    ``max_jpeg_scans``, ``max_decode_seconds``: the per-image bounds (``ReadAndDecodeFn``);
     ``challenger``: a challenger's ``DecodeSpec`` where it differs from the model's."""
 
     def __init__(self, size, resize_method: str, max_pixels: int, max_bytes: int, run_id: str,
                  threads: ThreadBudget, preprocessing: str = PREPROCESSING_VERSION,
+                 max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+                 max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS,
                  challenger: DecodeSpec | None = None):
         super().__init__()
         self._fn = ReadAndDecodeFn(size, resize_method, max_pixels, max_bytes, run_id, threads,
-                                   preprocessing, challenger)
+                                   preprocessing, max_jpeg_scans, max_decode_seconds, challenger)
 
     def expand(self, batches):
         # Reshuffle so that the batches spread across workers even though one worker listed them.

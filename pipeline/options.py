@@ -16,13 +16,17 @@ from apache_beam.options.pipeline_options import (
 from apache_beam.transforms import resources
 
 from pipeline.write import CSV_FORMATS
-from serving.preprocessing import DEFAULT_MAX_PIXELS
+from serving.preprocessing import DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS
 from serving.runtimes import LITERT_INVOKE_BATCH, RUNTIMES
 from serving.tta import TTA_MODES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
 FACES_MODES = ("off", "detect", "unsure")  # --faces
 DEFAULT_BATCH_SIZE = 64
+# Seconds one image may decode. The largest image the other caps admit (64 MP, 64 MiB) decodes in
+# 0.7-3.6 s on one core of a 2-core test machine, whatever the loader (docs/inputs.md); a minute
+# leaves room for slower and busier CPUs.
+DEFAULT_MAX_DECODE_SECONDS = 60.0
 
 
 def parse_bool(text: str) -> bool:
@@ -144,6 +148,16 @@ class ScoreOptions(PipelineOptions):
                   f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS}).")
         flag("max-image-bytes", type=int, default=64 * 1024 * 1024,
              help="Refuse files larger than this many bytes (default 64 MiB).")
+        flag("max-jpeg-scans", type=int, default=DEFAULT_MAX_JPEG_SCANS,
+             help="Refuse JPEGs of more scans than this, before decoding: a progressive JPEG's "
+                  "decode takes a pass over the whole image per scan, and a file can hold "
+                  "thousands (ordinary progressive JPEGs have about 10, baseline ones 1; "
+                  f"default {DEFAULT_MAX_JPEG_SCANS}).")
+        flag("max-decode-seconds", type=float, default=DEFAULT_MAX_DECODE_SECONDS,
+             help="Give up on an image whose decode runs longer than this: it becomes an error "
+                  "row and its batch goes on (default "
+                  f"{DEFAULT_MAX_DECODE_SECONDS:g}; the largest images the other caps admit "
+                  "decode in a few seconds).")
         flag("max-error-rate", type=float, default=0.05,
              help="Exit non-zero (after writing all outputs) when errors / inputs exceeds this "
                   "fraction (default 0.05).")

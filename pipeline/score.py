@@ -202,7 +202,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
     decoded = unscored["images"] | "DecodeImages" >> DecodeImages(
         metadata.input_size, metadata.resize_method, options.max_image_pixels,
         options.max_image_bytes, run_id, threads or ThreadBudget(), preprocessing=metadata.preprocessing,
-        challenger=challenger and other_decoding(metadata, challenger))
+        challenger=challenger and other_decoding(metadata, challenger),
+        max_jpeg_scans=options.max_jpeg_scans, max_decode_seconds=options.max_decode_seconds)
     skipped_parts = (listed[SKIPPED], unscored[SKIPPED], decoded[SKIPPED])
     skipped = skipped_parts | "AllSkipped" >> beam.Flatten()
     scored = decoded[DECODED] | "ScoreImages" >> ScoreImages(
@@ -370,6 +371,10 @@ def check_run(argv: list[str] | None) -> CheckedRun:
         raise ValueError(f"--tflite-invoke-batch {options.tflite_invoke_batch} must be 1 or more")
     if options.batch_size < 1:
         raise ValueError(f"--batch-size {options.batch_size} must be 1 or more")
+    if options.max_jpeg_scans < 1:
+        raise ValueError(f"--max-jpeg-scans {options.max_jpeg_scans} must be 1 or more")
+    if not options.max_decode_seconds > 0:
+        raise ValueError(f"--max-decode-seconds {options.max_decode_seconds:g} must be more than 0")
     if options.min_batch_size is not None:
         _LOG.warning("--min-batch-size has no effect since batches are made when the paths are "
                      "listed: each holds --batch-size (%d) images", options.batch_size)

@@ -26,6 +26,12 @@ Four loaders, each a versioned preprocessing recorded in a model's metadata:
   size: the largest centred crop of the input's aspect ratio, resized with LANCZOS by default),
   for its ``keras_model.h5``.
 
+Every loader refuses a progressive JPEG of more than ``max_jpeg_scans`` scans before decoding
+it (``check_jpeg_scans``): its decode costs a pass over the whole image per scan, and a file can
+carry thousands (libjpeg-turbo#284, whose maintainers leave the limit to the application, as
+TurboJPEG's ``TJPARAM_SCANLIMIT`` does, for progressive JPEGs: a baseline decoder stops once the
+image is whole, whatever scans follow).
+
 Every loader opens the bytes with ``open_image``: Pillow's own formats, AVIF (Pillow 12's wheels
 carry libavif) and HEIF/HEIC, what phones save by default, through pillow-heif's plugin (libheif
 applies the file's rotation, so a phone's HEIC photo comes out upright in every loader, as its
@@ -43,6 +49,7 @@ and recorded in each model's metadata.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pillow_heif
@@ -70,6 +77,17 @@ PREPROCESSING_VERSIONS = {PILLOW_DRAFT_V1: RESIZE_METHODS, PILLOW_DRAFT_CV2: CV2
 CV2_REDUCED_FLAGS = {1: "IMREAD_COLOR", 2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4",
                      8: "IMREAD_REDUCED_COLOR_8"}
 DEFAULT_MAX_PIXELS = 64_000_000
+# Scans per progressive JPEG: Pillow's, cjpeg -progressive's and jpegtran -progressive's have 10
+# (6 in grayscale); every one of 2,200 real photos (Kaggle's) is baseline (1 scan); NVIDIA DALI
+# refuses above 500. 110 scans of a 12 MP image decode in about 3 s (docs/inputs.md).
+DEFAULT_MAX_JPEG_SCANS = 100
+JPEG_START_OF_SCAN = b"\xff\xda"
+# The marker after a scan's entropy-coded data: 0xFF (and fill 0xFFs) then a byte other than a
+# stuffed 0x00 or a restart marker RST0-RST7 (T.81 B.1.1.5; libjpeg-turbo's jpeg_fill_bit_buffer).
+JPEG_MARKER_AFTER_SCAN = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-RST7
+JPEG_END_OF_IMAGE = 0xD9
+JPEG_START_OF_SCAN_MARKER = 0xDA
 EXIF_ORIENTATION = 0x0112
 # Pillow warns above its own bomb limit; we enforce ours from the header instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -107,6 +125,54 @@ class EmptyImageError(ValueError):
 
 class ImageTooLargeError(ValueError):
     """The header declares more pixels than the configured cap (a likely decompression bomb)."""
+
+
+class TooManyScansError(ValueError):
+    """A progressive JPEG holds more scans than the configured cap (it could take minutes to
+    decode)."""
+
+
+def check_jpeg_scans(data: bytes, max_scans: int) -> None:
+    """Raise ``TooManyScansError`` when the first image of the JPEG ``data`` holds more than
+    ``max_scans`` scans (start-of-scan markers, 0xFF 0xDA).
+
+    Every scan starts with such a marker, and no scan's data holds one: entropy-coded data
+    stuffs a 0x00 after each 0xFF, and the only markers inside it are RST0-RST7 (T.81 B.1.1.5).
+    So the number of 0xFF 0xDA pairs in the bytes is never below the scan count, and counting
+    them (0.06 ms for a photo of the Kaggle set) clears every ordinary file. Only above the cap
+    are the markers walked as libjpeg-turbo reads them, so that bytes inside other segments (an
+    EXIF thumbnail, an ICC profile) or after the first image (a phone's MPO) are not counted."""
+    if data.count(JPEG_START_OF_SCAN) <= max_scans:
+        return
+    scans = jpeg_scan_count(data)
+    if scans > max_scans:
+        raise TooManyScansError(f"a JPEG of {scans} scans exceeds the limit of {max_scans} scans per "
+                                "image: decoding it would take a pass over the whole image per scan "
+                                "(--max-jpeg-scans raises the limit)")
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """The scans of the first image of a JPEG (up to its end-of-image marker), counted as
+    libjpeg-turbo's reader meets them: bytes before a marker are skipped to the next 0xFF, a
+    segment's length field skips its payload, and a scan's entropy-coded data ends at the
+    first marker that is not a restart marker (``JPEG_MARKER_AFTER_SCAN``)."""
+    position, scans = 2, 0  # past the start-of-image marker
+    while (marker_at := data.find(b"\xff", position)) >= 0:
+        position = marker_at + 1
+        while position < len(data) and data[position] == 0xFF:  # fill bytes
+            position += 1
+        if position >= len(data) or data[position] == JPEG_END_OF_IMAGE:
+            break
+        marker = data[position]
+        position += 1
+        if marker in JPEG_MARKERS_WITHOUT_LENGTH or marker == 0x00:
+            continue
+        position += int.from_bytes(data[position:position + 2], "big")  # the length counts itself
+        if marker == JPEG_START_OF_SCAN_MARKER:
+            scans += 1
+            following = JPEG_MARKER_AFTER_SCAN.search(data, position)
+            position = following.start() if following else len(data)
+    return scans
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -165,6 +231,7 @@ def decode_and_resize(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     preprocessing: str = PREPROCESSING_VERSION,
     out: np.ndarray | None = None,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
 ) -> np.ndarray:
     """Decode any Pillow-readable image and stretch it to ``size`` = (height, width) the way
     the ``preprocessing`` version says.
@@ -173,9 +240,12 @@ def decode_and_resize(
     a batch's array, say), which OpenCV's steps write straight into and the others copy into;
     the pixels are the same either way. Raises on empty, truncated, unknown
     or oversized input (``ImageTooLargeError``, checked from the header before decoding with
-    either loader); callers turn that into an error row. ``pillow-rgb-draft-v1``: EXIF
-    orientation is applied, the first frame of an animation is used, grayscale/CMYK/palette/
-    16-bit images become RGB and transparent pixels are composited over white.
+    either loader) and on a progressive JPEG of more than ``max_jpeg_scans`` scans
+    (``TooManyScansError``, checked from the bytes before decoding); callers turn that into an
+    error row.
+    ``pillow-rgb-draft-v1``: EXIF orientation is applied, the first frame of an animation is
+    used, grayscale/CMYK/palette/16-bit images become RGB and transparent pixels are composited
+    over white.
     ``keras-load-img-v1``: whatever ``keras.utils.load_img`` + ``img_to_array`` give, to the bit;
     ``pillow-fit-v1``: whatever ``ImageOps.fit(image.convert("RGB"), size, method)`` gives.
     """
@@ -194,6 +264,8 @@ def decode_and_resize(
             raise ImageTooLargeError(
                 f"{image.width}x{image.height} = {pixels} pixels exceeds the cap of {max_pixels}"
             )
+        if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+            check_jpeg_scans(data, max_jpeg_scans)
         if preprocessing == KERAS_LOAD_IMG:
             return _into(out, _keras_load_img(image, width, height, methods[resize_method]))
         if preprocessing == PILLOW_FIT:

@@ -24,7 +24,6 @@ A model with an out-of-scope detector (``metadata.out_of_scope``) has a second o
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib
 import json
 import logging
@@ -49,6 +48,7 @@ from serving.metadata import (
     file_chunks,
 )
 from serving.reference import REFERENCE_TOLERANCE, SCOPE_REFERENCE_TOLERANCE, reference_batch
+from serving.tf_logs import gpu_possible
 from serving.tta import Views, mean_of_views, predict_views
 
 _LOG = logging.getLogger(__name__)
@@ -67,15 +67,6 @@ CUSTOM_LAYER_MODULES = ("model.architecture",)
 # power of two (at least KERAS_MIN_PADDED images), so the batch sizes a run sends (--batch-size,
 # smaller last batches, the reference check's 4) compile a handful of programs, once each.
 KERAS_MIN_PADDED = 8
-
-
-def gpu_possible() -> bool:
-    """False when TensorFlow cannot see a GPU here: on Linux, no ``/dev/nvidiaN`` device node.
-
-    Answering that without importing TensorFlow spares CPU workers on the LiteRT runtime
-    TensorFlow's import: seconds of start-up and about 500 MiB per process.
-    """
-    return sys.platform != "linux" or bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def configure_devices() -> str:

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from model.synthetic import synthetic_pet
+from serving.preprocessing import jpeg_scan_count
 
 # name -> expected outcome: "prediction", or the error row's (stage, error_type)
 GOOD = "prediction"
@@ -21,6 +22,15 @@ def _jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90, **kwargs)
     return buffer.getvalue()
+
+
+def many_scan_jpeg(scans: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A progressive JPEG of ``scans`` scans: Pillow's (10 scans) with its last scan repeated
+    before the end-of-image marker, as the files of libjpeg-turbo#284 repeat scans. Decoders
+    accept it (warning of an inconsistent progression) and spend a pass over the image per scan."""
+    data = _jpeg_bytes(synthetic_pet("cat", 3, size), progressive=True)
+    last_scan, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last_scan:end] * (scans - jpeg_scan_count(data)) + data[end:]
 
 
 def _png_with_declared_size(width: int, height: int) -> bytes:

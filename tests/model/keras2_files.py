@@ -1,5 +1,16 @@
-"""Keras 2 (tf.keras 2.x) ``.h5`` model files, written as tf.keras 2.x writes them.
+"""Keras 2 (tf.keras 2.x) ``.h5`` and ``.keras`` model files, written as tf.keras 2.x writes them.
 
+``.keras`` (``save_keras215_zip``): a model built and saved by tf-keras 2.21, rewritten as Keras
+2.15 wrote the same model. tf-keras is Keras 2.15's code under the package name ``tf_keras``
+(it was forked from Keras 2.15 when Keras 3 took the name ``keras``), and its ``.keras`` writer is
+Keras 2.15's: the zip holds ``metadata.json``, ``config.json`` and ``model.weights.h5`` (one group
+per layer named after its class; its saving_lib and serialization_lib differ from Keras 2.15's
+in comments and usage gauges only). Three things differ: the module of classes Keras 2 does not
+export (``tf_keras.src.engine.functional`` where Keras 2.15 wrote ``keras.src.engine.functional``,
+as keras#19089 quotes it), ``metadata.json``'s ``keras_version``, and ``optional``, which
+tf-keras added to ``InputLayer``'s config after 2.15.
+
+``.h5``:
 A model built and saved by Keras 3 (so its weights are real and its predictions known) whose
 ``model_config`` is rewritten into tf.keras 2.x's serialisation of the same layers, as tf-keras
 2.21's ``model.save("x.h5")`` writes it: no ``module``/``registered_name``/``build_config``,
@@ -12,6 +23,7 @@ layers' unused ``kernel_*``, ``BatchNormalization``'s built ``axis`` as a list, 
 from __future__ import annotations
 
 import json
+import zipfile
 
 import h5py
 import keras
@@ -30,6 +42,37 @@ def save_keras2_h5(model: keras.Model, path: str, edit=None) -> None:
             edit(config)
         handle.attrs["model_config"] = json.dumps(config)
         handle.attrs["keras_version"] = KERAS2_VERSION
+
+
+def save_keras215_zip(tf_keras_model, path: str, edit=None) -> None:
+    """Save a ``tf_keras`` model as Keras 2.15's ``model.save("x.keras")`` writes it (module
+    docstring); ``edit(config)`` may change its ``config.json`` further."""
+    written = f"{path}.tf-keras.keras"
+    tf_keras_model.save(written)
+    with zipfile.ZipFile(written) as original, zipfile.ZipFile(path, "w") as keras215:
+        for member in original.infolist():
+            data = original.read(member)
+            if member.filename == "config.json":
+                config = json.loads(data.replace(b'"tf_keras.src.', b'"keras.src.'))
+                for layer in _input_layers(config):
+                    layer["config"].pop("optional", None)
+                if edit is not None:
+                    edit(config)
+                data = json.dumps(config).encode()
+            elif member.filename == "metadata.json":
+                data = json.dumps({**json.loads(data), "keras_version": KERAS2_VERSION}).encode()
+            keras215.writestr(member, data)
+
+
+def _input_layers(node):
+    if isinstance(node, dict):
+        if node.get("class_name") == "InputLayer":
+            yield node
+        for value in node.values():
+            yield from _input_layers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _input_layers(value)
 
 
 def keras2_config(node):

@@ -16,6 +16,7 @@ from keras.src.legacy.preprocessing.image import ImageDataGenerator
 from model import package
 from model.architecture import calibrate_batchnorm
 from model.export import TFLITE_TOLERANCE
+from model.notebook_model import load_notebook_model
 from pipeline import score
 from serving.metadata import read_metadata
 from serving.preprocessing import KERAS_LOAD_IMG
@@ -327,14 +328,48 @@ def test_a_grayscale_model_is_refused(tmp_path, capsys):
     assert "(None, 32, 32, 1)" in message and "RGB" in message
 
 
+def pixels_over_255(x):
+    return x / 255.0
+
+
+def model_with_code(kind: str, writer: str):
+    """A model whose second layer Keras builds only by running code: a ``Lambda`` of a named
+    function (``Could not locate function 'pixels_over_255'`` from Keras 3 alone) or a custom
+    layer class this process does not know, built by Keras 3 or by tf-keras (Keras 2)."""
+    k = keras if writer == "keras 3" else pytest.importorskip("tf_keras")
+
+    class Doubling(k.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    middle = k.layers.Lambda(pixels_over_255, name="scale") if kind == "Lambda" else Doubling(name="doubling")
+    return k.Sequential([k.Input((8, 8, 3)), middle, k.layers.Flatten(),
+                         k.layers.Dense(2, activation="softmax")])
+
+
+@pytest.mark.parametrize("writer", ["keras 3", "tf-keras"])
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
-def test_a_lambda_layer_is_refused_with_what_to_do(tmp_path, capsys, suffix):
-    path = str(tmp_path / f"lambda{suffix}")
-    keras.Sequential([keras.Input((32, 32, 3)), layers.Lambda(lambda x: x / 255.0), layers.Flatten(),
-                      layers.Dense(2, activation="softmax")]).save(path)
+@pytest.mark.parametrize("kind, named", [
+    ("Lambda", "layer 'scale' (Lambda) is Python code saved in the model file"),
+    ("custom", "layer 'doubling' (Doubling) is a custom layer class, whose code a model file does not hold"),
+], ids=["Lambda", "custom"])
+def test_a_lambda_or_custom_layer_is_refused_naming_it_with_what_to_do(
+        tmp_path, capsys, writer, suffix, kind, named):
+    path = str(tmp_path / f"model{suffix}")
+    model_with_code(kind, writer).save(path)
     message = refused(capsys, str(tmp_path / "m"), "--keras", path, "--classes", "cat,dog",
                       "--scaling", "none")
-    assert "Lambda layer" in message and "safe_mode=True" in message and "--scaling" in message
+    assert f"{path}: {named}, and petscore never runs code to load a model file (Keras safe_mode)" in message
+    assert "pass --scaling" in message and "model.export(DIR)" in message and "--keras DIR" in message
+
+
+def test_the_savedmodel_a_code_layer_refusal_advises_loads_with_the_layers_computation(tmp_path):
+    model = model_with_code("Lambda", "keras 3")
+    model.export(str(tmp_path / "exported"), verbose=False)
+    loaded, source_format, _ = load_notebook_model(str(tmp_path / "exported"))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype("float32")
+    assert source_format == "saved_model"
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
 
 
 def test_a_missing_feature_extractor_weights_file_is_refused(logits_model, tmp_path, capsys):

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -14,11 +16,37 @@ from serving.metadata import ModelContractError, ModelMetadata, read_metadata, s
 from serving.preprocessing import CV2_JPEG, PREPROCESSING_VERSION
 from serving.reference import REFERENCE_SEEDS, REFERENCE_TOLERANCE, reference_batch
 from serving.runtimes import ServingModel
-from tests.conftest import TINY_SIZE
+from tests.conftest import TINY_SIZE, TINY_TRAINING_FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # float32 kernels (LiteRT's XNNPACK, TF's and Keras's oneDNN) differ in the last bits: 2e-6 to
 # 1.3e-5 in probability for the tiny models trained so far, ten times inside the contract's tolerance.
 FLOAT_RUNTIMES_AGREE = REFERENCE_TOLERANCE / 10
+
+
+def test_training_raises_no_user_warning(trained):
+    """Keras warned twice in every training run: ``shuffle=True`` (fit's default) ignored for a
+    tf.data.Dataset, and the input "ran out of data" at the end of the first epoch of a dataset
+    whose length tf.data did not know (unreadable images are skipped)."""
+    assert [f"{w.category.__name__}: {w.message}" for w in trained["warnings"]
+            if issubclass(w.category, UserWarning)] == []
+
+
+@pytest.mark.slow
+def test_the_training_command_prints_no_false_alarm(labelled_images, tmp_path):
+    """``python -m model.train`` as the demo runs it, on the tiny configuration, with the log
+    level a new user has (unset): no TensorFlow error line (cuInit on a machine without a GPU)
+    and no Python warning, only Keras's progress and petscore's own lines."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    process = subprocess.run([sys.executable, "-m", "model.train", "--data", labelled_images, "--output",
+                              str(tmp_path / "model"), *TINY_TRAINING_FLAGS], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:]
+    output = process.stdout + process.stderr
+    assert "trained tiny-test-1" in process.stdout
+    for alarm in ("E0000", "cuInit", "Warning", "ERROR", "Traceback"):
+        assert alarm not in output, output[-3000:]
 
 
 def test_export_writes_the_contract(trained):

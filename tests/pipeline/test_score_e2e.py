@@ -293,6 +293,50 @@ def test_a_night_of_nothing_but_bad_files_is_still_a_complete_run(corpus, traine
     assert os.path.exists(os.path.join(output, "report.html"))
 
 
+def test_a_many_scan_jpeg_and_a_stuck_decode_are_error_rows_naming_their_bound(corpus, trained, tmp_path,
+                                                                              monkeypatch):
+    """Through the CLI: a progressive JPEG of 300 scans is refused before decoding, and a decode
+    that blocks (until the test ends) is given up after --max-decode-seconds; the run ends, the
+    other images scored, while that decode is still stuck."""
+    import threading
+
+    from pipeline import decode
+    from tests.corpus import many_scan_jpeg
+
+    root, _ = corpus
+    night = tmp_path / "night"
+    night.mkdir()
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        shutil.copy(os.path.join(root, name), night / name)
+    (night / "many_scans.jpg").write_bytes(many_scan_jpeg(300))
+    shutil.copy(os.path.join(root, "13.png"), night / "stuck.png")
+    stuck = (night / "stuck.png").read_bytes()
+    release, returned = threading.Event(), threading.Event()
+    real_decode = decode.decode_and_resize
+
+    def decode_and_resize(data, *args, **kwargs):
+        if data == stuck:
+            release.wait(120)
+            returned.set()
+        return real_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_and_resize", decode_and_resize)
+    output = str(tmp_path / "o")
+    try:
+        summary = score.run(score_args(str(night), trained["model_dir"], output, "--max-error-rate", "1",
+                                       "--max-decode-seconds", "1"))
+        assert not returned.is_set()  # the run ended while the decode was stuck
+    finally:
+        release.set()
+    assert (summary["inputs"], summary["predictions"], summary["accounted"]) == (5, 3, True)
+    assert summary["errors_by_type"] == {"DecodeTimeoutError": 1, "TooManyScansError": 1}
+    messages = {os.path.basename(r["path"]): r["message"] for r in read_run(output)["errors"].to_pylist()}
+    assert messages["stuck.png"] == ("decoding ran past the limit of 1 s per image and was given up "
+                                     "(--max-decode-seconds raises the limit)")
+    assert messages["many_scans.jpg"].startswith("a JPEG of 300 scans exceeds the limit of 100 scans")
+    assert "--max-jpeg-scans" in messages["many_scans.jpg"]
+
+
 def test_bad_model_directories_are_refused_before_any_work(corpus, trained, tmp_path):
     root, _ = corpus
     broken = str(tmp_path / "model")

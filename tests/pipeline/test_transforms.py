@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 
 import apache_beam as beam
 import numpy as np
@@ -59,7 +60,7 @@ from pipeline.write import (
     csv_part_boundaries,
 )
 from serving.metadata import ModelContractError, read_metadata
-from tests.corpus import GOOD
+from tests.corpus import GOOD, many_scan_jpeg
 
 
 def rows_of(tables):
@@ -195,8 +196,8 @@ def image_rows(batch):
                 batch.pixels, strict=True)]
 
 
-def decode(size=(8, 8), max_pixels=10**6, max_bytes=10**6):
-    return DecodeImages(size, "bilinear", max_pixels, max_bytes, "run", ThreadBudget())
+def decode(size=(8, 8), max_pixels=10**6, max_bytes=10**6, threads=None, **limits):
+    return DecodeImages(size, "bilinear", max_pixels, max_bytes, "run", threads or ThreadBudget(), **limits)
 
 
 def test_a_batch_with_bad_files_among_good_ones_keeps_every_good_image_and_one_error_row_each(corpus):
@@ -320,6 +321,67 @@ def test_transient_storage_errors_fail_the_bundle_instead_of_becoming_error_rows
     with pytest.raises(Exception, match="storage briefly unavailable"):
         with TestPipeline() as p:
             (p | beam.Create([PathBatch([ListedImage(os.path.join(root, "1.jpg"))])]) | decode())
+
+
+def test_a_jpeg_of_too_many_scans_is_an_error_row_and_its_batch_goes_on(corpus, tmp_path):
+    root, _ = corpus
+    many = str(tmp_path / "many_scans.jpg")
+    with open(many, "wb") as handle:
+        handle.write(many_scan_jpeg(300))
+    good = [os.path.join(root, f"{i}.jpg") for i in (1, 2)]
+    with TestPipeline() as p:
+        out = (p | beam.Create([PathBatch([ListedImage(good[0]), ListedImage(many), ListedImage(good[1])])])
+               | decode())
+        assert_that(out["images"] | beam.Map(lambda batch: batch.paths), equal_to([good]))
+        assert_that(rows_of(out[ERRORS]) | beam.Map(error_fields), equal_to([(
+            many, "decode", "TooManyScansError", "a JPEG of 300 scans exceeds the limit of 100 scans per "
+            "image: decoding it would take a pass over the whole image per scan (--max-jpeg-scans raises "
+            "the limit)")]), label="Errors")
+
+
+STUCK_SECONDS = 120
+
+
+def error_fields(row: dict) -> tuple:
+    return row["path"], row["stage"], row["error_type"], row["message"]
+
+
+def test_a_decode_past_the_time_limit_is_an_error_row_and_the_batches_after_it_get_threads(
+        corpus, monkeypatch):
+    """One decoder thread, and one image whose decode blocks until the test ends: its row is a
+    DecodeTimeoutError, the rest of its batch and the batches after it are decoded (on a fresh
+    pool: the stuck thread was the only one), and the pipeline ends while that decode is stuck."""
+    from pipeline import decode as decode_module
+
+    root, _ = corpus
+    paths = [os.path.join(root, f"{i}.jpg") for i in range(1, 10)]
+    with open(paths[1], "rb") as handle:
+        stuck = handle.read()
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+    real_decode = decode_module.decode_and_resize
+
+    def decode_and_resize(data, *args, **kwargs):
+        if data == stuck:
+            entered.set()
+            release.wait(STUCK_SECONDS)
+            returned.set()
+        return real_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "decode_and_resize", decode_and_resize)
+    try:
+        with TestPipeline() as p:
+            out = (p | beam.Create([PathBatch([ListedImage(path) for path in paths[i:i + 3]])
+                                    for i in (0, 3, 6)])
+                   | decode(threads=ThreadBudget(decode_threads=1), max_decode_seconds=0.5))
+            assert_that(out["images"] | beam.Map(lambda batch: batch.paths),
+                        equal_to([[paths[0], paths[2]], paths[3:6], paths[6:9]]))
+            assert_that(rows_of(out[ERRORS]) | beam.Map(error_fields),
+                        equal_to([(paths[1], "decode", "DecodeTimeoutError", "decoding ran past the limit "
+                                   "of 0.5 s per image and was given up (--max-decode-seconds raises the "
+                                   "limit)")]), label="Errors")
+        assert entered.is_set() and not returned.is_set()  # the run ended while the decode was stuck
+    finally:
+        release.set()
 
 
 def image_batch(paths, sha256=None, sizes=None, updated=None):
@@ -526,7 +588,7 @@ def test_the_sinks_hand_their_final_paths_on_inside_the_global_window(tmp_path):
     inside = ((shards, csv["csv"]) | beam.Flatten()
               | beam.Map(lambda path, at=beam.DoFn.TimestampParam:
                          (path, at <= GlobalWindow().max_timestamp())))
-    shard = str(tmp_path / "predictions" / "predictions-00000-of-00001.parquet")
+    shard = str(tmp_path / "predictions" / "part-00000-of-00001.predictions.parquet")
     assert_that(inside, equal_to([(shard, True), (str(tmp_path / "submission.csv"), True)]))
     pipeline.run().wait_until_finish()
     assert pq.read_table(shard).equals(table)

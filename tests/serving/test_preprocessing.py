@@ -4,7 +4,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from serving.preprocessing import (
     CV2_JPEG,
@@ -15,10 +15,12 @@ from serving.preprocessing import (
     PILLOW_FIT,
     EmptyImageError,
     ImageTooLargeError,
+    TooManyScansError,
     decode_and_resize,
     describe_bytes,
+    jpeg_scan_count,
 )
-from tests.corpus import GOOD, write_corpus
+from tests.corpus import GOOD, many_scan_jpeg, write_corpus
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -182,6 +184,50 @@ def test_pixel_cap_is_enforced_from_the_header(version):
     with pytest.raises(ImageTooLargeError, match="10000 pixels exceeds the cap of 9999"):
         decode_and_resize(data, (8, 8), max_pixels=9_999, preprocessing=version)
     assert decode_and_resize(data, (8, 8), max_pixels=10_000, preprocessing=version).shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("loader", [PILLOW_DRAFT_V1, PILLOW_DRAFT_CV2, CV2_JPEG, KERAS_LOAD_IMG, PILLOW_FIT])
+def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding(loader, monkeypatch):
+    data = many_scan_jpeg(300)
+    with pytest.raises(TooManyScansError, match=r"^a JPEG of 300 scans exceeds the limit of 100 scans per "
+                       r"image: .* \(--max-jpeg-scans raises the limit\)$"):
+        decode_and_resize(data, (8, 8), preprocessing=loader)
+    assert decode_and_resize(data, (8, 8), preprocessing=loader, max_jpeg_scans=300).shape == (8, 8, 3)
+    def decoded(*args):
+        pytest.fail("decoded before the scan check")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    monkeypatch.setattr("cv2.imdecode", decoded)
+    with pytest.raises(TooManyScansError):
+        decode_and_resize(data, (8, 8), preprocessing=loader, max_jpeg_scans=299)
+
+
+def test_scans_are_counted_as_libjpeg_reads_them():
+    """Baseline 1, progressive 10 (6 in gray), as Pillow writes them; a comment full of 0xFF 0xDA
+    bytes is a segment, not scans, and a second picture after the first's end (a phone's MPO)
+    is not the image decoded."""
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    assert jpeg_scan_count(encode(photo, "JPEG")) == 1
+    assert jpeg_scan_count(encode(photo, "JPEG", progressive=True)) == 10
+    assert jpeg_scan_count(encode(photo.convert("L"), "JPEG", progressive=True)) == 6
+    commented = encode(photo, "JPEG", progressive=True, comment=b"\xff\xda" * 200)
+    assert commented.count(b"\xff\xda") == 210 and jpeg_scan_count(commented) == 10
+    assert decode_and_resize(commented, (8, 8), max_jpeg_scans=10).shape == (8, 8, 3)
+    followed = encode(photo, "JPEG", progressive=True) + many_scan_jpeg(300)
+    assert jpeg_scan_count(followed) == 10
+    assert decode_and_resize(followed, (8, 8), max_jpeg_scans=10).shape == (8, 8, 3)
+    assert jpeg_scan_count(many_scan_jpeg(1234)) == 1234
+
+
+def test_a_baseline_jpeg_is_not_held_to_the_scan_limit():
+    """A baseline decoder stops once the image is whole: scans after it cost nothing (TurboJPEG's
+    own scan limit is for progressive JPEGs too)."""
+    data = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+    last_scan, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    repeated = data[:end] + data[last_scan:end] * 300 + data[end:]
+    assert jpeg_scan_count(repeated) == 301
+    pixels = decode_and_resize(repeated, (8, 8), preprocessing=CV2_JPEG)
+    np.testing.assert_array_equal(pixels, decode_and_resize(data, (8, 8), preprocessing=CV2_JPEG))
 
 
 def test_empty_and_unknown_inputs_are_refused(version):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from serving.tf_logs import kept_lines
+from serving.tf_logs import gpu_possible, kept_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What `import tensorflow` printed before any usage (TF 2.21, a machine without a GPU).
@@ -39,7 +39,11 @@ def test_a_level_the_user_set_is_theirs():
     """TF_CPP_MIN_LOG_LEVEL=0 asks for everything: TensorFlow's load-time lines come through (the
     lines this guards against are really printed, and only the default holds them back)."""
     stderr = help_output("0").stderr
-    assert b"port.cc" in stderr and b"] oneDNN custom operations are on" in stderr
+    # an INFO line of TensorFlow's load (port.cc's oneDNN line on CPUs where oneDNN is on, else
+    # cudart_stub.cc's or cpu_feature_guard.cc's)
+    assert any(line.startswith(b"I0000 ") for line in stderr.splitlines()), stderr[:2000]
+    if not gpu_possible():  # the device search the import makes where there is no GPU
+        assert b"] failed call to cuInit: " in stderr
 
 
 @pytest.mark.parametrize("level, kept", [
@@ -49,6 +53,31 @@ def test_absl_lines_below_the_level_are_held_back_and_nothing_else(level, kept):
     lines = IMPORT_NOISE.splitlines(keepends=True)
     python = b"/x.py:3: UserWarning: a warning Python printed meanwhile\n"
     assert kept_lines(IMPORT_NOISE + python, level) == b"".join(lines[i] for i in kept) + python
+
+
+CUINIT = (b"E0000 00:00:1796563713.721817   11673 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+          b"CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+REAL_ERROR = b"E0000 00:00:1796563713.9   11673 op_kernel.cc:1857] OP_REQUIRES failed: out of memory\n"
+
+
+@pytest.mark.parametrize("without_gpu, kept", [(True, REAL_ERROR), (False, CUINIT + REAL_ERROR)],
+                         ids=["without a GPU", "with a GPU"])
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_failing_cuinit_is_held_back_only_without_a_gpu_and_other_errors_show(level, without_gpu, kept):
+    assert kept_lines(CUINIT + REAL_ERROR, level, without_gpu) == kept
+
+
+def test_a_real_error_of_model_train_shows_and_no_known_noise_does():
+    """A new user's first mistake, on the default log level: the error says what is wrong, and
+    no TensorFlow line says something else is (model.train imports TensorFlow, which looks for
+    devices, before it reads --data)."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    process = subprocess.run([sys.executable, "-m", "model.train", "--data", "no-such-folder", "--output",
+                              "unused"], cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert process.returncode != 0
+    assert b"FileNotFoundError: [Errno 2] No such file or directory: 'no-such-folder'" in process.stderr
+    assert b"E0000" not in process.stderr and b"cuInit" not in process.stderr, process.stderr[-2000:]
+    assert b"Warning" not in process.stderr
 
 
 def held_back_then(level: int, then: str) -> subprocess.CompletedProcess:
