@@ -130,6 +130,7 @@ README_SECTIONS = {
     "petscore": "test_readme_demo_and_test_commands_run",
     "Score the Kaggle test set": "test_readme_kaggle_commands_run",
     "Bring the model from your notebook": "test_readme_notebook_commands_run",
+    "Change the model without fear": "test_readme_change_model_commands_run",
     "Run nightly on Dataflow": "test_readme_nightly_commands_run_against_a_recording_gcloud",
 }
 
@@ -262,6 +263,30 @@ def test_readme_notebook_commands_run(tmp_path, monkeypatch):
         rows = list(csv.reader(handle))[1:]
     assert [row[0] for row in rows] == [str(i) for i in range(1, 13)]
     assert [float(label) for _, label in rows] == pytest.approx(list(expected), abs=1e-4)
+
+
+def test_readme_change_model_commands_run(trained, labelled_images, tmp_path, monkeypatch):
+    """The session's model as v1 and a variant of it (its dog logit shifted) as v2: the verdict
+    compares the two hashes it names, and the challenger night scores every image twice."""
+    from tests.pipeline.outputs import read_parquet_shards
+    from tests.pipeline.test_challenger import export_variant
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained["model_dir"], "models/v1")
+    export_variant(trained["model_dir"], "models/v2", labelled_images, dog_shift=1.0,
+                   resize_method="bilinear", version="v2")
+    write_labelled_folders("data/holdout", per_class=6, size=(48, 48), seed=11)
+    write_kaggle_test_folder("data/test", 10, seed=6, side_range=(40, 72))
+    for command in readme_commands("Change the model without fear"):
+        run_python_command(command, stand_in_model=None)
+    with open("out/v1-v2/compare.json", encoding="utf-8") as handle:
+        compared = json.load(handle)
+    assert compared["verdict"]["verdict"] in ("B better", "B worse", "no evidence")
+    assert compared["models"]["A"]["model_sha256"] != compared["models"]["B"]["model_sha256"]
+    night = read_run("out/tonight")
+    assert night["summary"]["predictions"] == 10 and night["summary"]["challenger"]["model_version"] == "v2"
+    challenger = read_parquet_shards("out/tonight/challenger/predictions")
+    assert sorted(challenger["path"].to_pylist()) == sorted(night["predictions"]["path"].to_pylist())
 
 
 RECORDER = """#!{python}
