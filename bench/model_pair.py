@@ -2,12 +2,16 @@
 or (``--challenger``) what scoring the second as the first's challenger in the same pass costs.
 
     .venv/bin/python bench/model_pair.py --model with=DIR_A --model without=DIR_B \\
-        [--input 'GLOB' | --images 2000] [--rounds 3] [--work bench_output/pair] [--challenger]
+        [--input 'GLOB' | --images 2000] [--rounds 3] [--work bench_output/pair] [--challenger] \\
+        [--flags NAME='--tta flip' ...]
 
 Runs the real CLI (``python -m pipeline.score``, default runtime) once per model per turn, in the
 order A B, B A, A B, ... so that a machine whose load drifts during the run charges both alike,
 on the same images from a warm page cache. Made for the out-of-scope detector (the same classifier
-exported with and without it); as good for a bank size or any two exports of one model.
+exported with and without it); as good for a bank size or any two exports of one model, or for
+one model scored two ways: ``--flags NAME='...'`` adds ``pipeline.score`` flags to NAME's runs
+(``--model plain=DIR --model flip=DIR --flags flip='--tta flip'``: what mirrored scoring costs a
+night; ``--flags faces='--faces detect'``: what the face detector costs).
 
 Per model it prints the sums over its runs of the process's wall-clock seconds and CPU seconds
 (user + system, every thread: ``resource.getrusage(RUSAGE_CHILDREN)``), the mean of the rate the
@@ -32,6 +36,7 @@ import glob
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -127,10 +132,13 @@ def main() -> int:
     parser.add_argument("--work", default=os.path.join("bench_output", "pair"))
     parser.add_argument("--challenger", action="store_true",
                         help="Measure the second model as the first's challenger in the same pass.")
+    parser.add_argument("--flags", action="append", default=[], metavar="NAME=FLAGS",
+                        help="pipeline.score flags for NAME's runs only, e.g. flip='--tta flip'.")
     args = parser.parse_args()
     models = [entry.split("=", 1) for entry in args.model]
     if len(models) != 2 or any(len(entry) != 2 for entry in models):
         parser.error("give --model NAME=DIR exactly twice")
+    flags = {name: shlex.split(value) for name, value in (entry.split("=", 1) for entry in args.flags)}
     if args.input:
         input_glob = args.input
         for path in glob.glob(input_glob):
@@ -151,7 +159,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {name: [] for name, _ in models}
     for turn in range(2 * args.rounds):
         for name, model_dir in (models if turn % 2 == 0 else models[::-1]):
-            run = score_once(model_dir, input_glob, os.path.join(args.work, "out"))
+            run = score_once(model_dir, input_glob, os.path.join(args.work, "out"), *flags.get(name, ()))
             runs[name].append(run)
             print(f"{name:>16}  {run['wall_seconds']:6.2f} s wall  {run['cpu_seconds']:6.2f} s CPU  "
                   f"{run['images_per_second']:7.1f} images/s (summary)", flush=True)

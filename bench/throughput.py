@@ -202,7 +202,7 @@ def free_model() -> None:
     runtimes.ServingModel.check_reference_predictions = lambda self: 0.0
     runtimes.ServingModel.predict = uniform
     if hasattr(runtimes, "Outputs"):
-        runtimes.ServingModel.predict_outputs = lambda self, images: runtimes.Outputs(
+        runtimes.ServingModel.predict_outputs = lambda self, images, tta="none": runtimes.Outputs(
             uniform(self, images), np.zeros(len(images), np.float32) if self.has_scope_score else None)
 
 

@@ -17,6 +17,12 @@ model version (``--compare-to``), so no earlier prediction is read again:
   detector in use, against the earlier nights that had one.
 - input count: z-score of tonight's count against the earlier nights' (mean, sample standard
   deviation, at least one image; at least 3 nights); alert at |z| >= 3.
+
+Only nights scored the same way are compared (``SCORING``: ``--tta`` and ``--faces``, recorded in
+each summary; records written before them scored with neither): mirrored scoring moves the
+probabilities and the uncertain rate, and ``human`` decisions take images from the uncertain and
+out-of-scope rates, so a change of settings would read as drift. Earlier nights scored otherwise
+are named in ``not_comparable``, with a note, never pooled silently.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ DEFAULT_THRESHOLDS = {
     "min_nights_for_count": 3,
 }
 SHARE_FLOOR = 1e-4
+# How a night was scored, as its record says, with the value records from before the field meant.
+SCORING = {"tta": "none", "faces": "off"}
 
 
 def shares(counts) -> np.ndarray:
@@ -110,13 +118,43 @@ def histogram_counts(profile: dict) -> dict[str, int]:
             for i, count in enumerate(profile["histogram_counts"])}
 
 
+def scoring(record: dict) -> dict[str, str]:
+    """How the run of a summary scored its images: ``{'tta': ..., 'faces': ...}`` (``SCORING``)."""
+    return {key: record.get(key) or default for key, default in SCORING.items()}
+
+
+def comparable_runs(tonight: dict, earlier: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(the earlier records scored as tonight was, the others)``, each in the given order."""
+    same = [run for run in earlier if scoring(run) == scoring(tonight)]
+    return same, [run for run in earlier if scoring(run) != scoring(tonight)]
+
+
+def _run_names(runs: list[dict], *extra: str) -> list[dict]:
+    return [{key: run.get(key) for key in ("run_date", "run_id", "output")}
+            | {key: scoring(run)[key] for key in extra} for run in runs]
+
+
 def compute_drift(tonight: dict, earlier: list[dict], thresholds: dict | None = None) -> dict:
-    """``drift`` block of tonight's summary against earlier run summaries (oldest first)."""
+    """``drift`` block of tonight's summary against earlier run summaries (oldest first): those
+    scored as tonight was (``comparable_runs``); the others are listed in ``not_comparable``
+    (with how they were scored) and a ``note``, or make the whole note when none is left."""
     limits = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    compared = [{key: run.get(key) for key in ("run_date", "run_id", "output")} for run in earlier]
     if not earlier:
         return {"compared_to": [], "alert": False, "thresholds": limits,
                 "note": "no earlier committed run of this model version to compare with"}
+    earlier, others = comparable_runs(tonight, earlier)
+    excluded = {}
+    if others:
+        def flags(run: dict) -> str:
+            return ", ".join(f"--{key} {value}" for key, value in scoring(run).items())
+
+        excluded = {"not_comparable": _run_names(others, *SCORING),
+                    "note": f"not comparable: {len(others)} earlier night(s) of this model version "
+                            f"were scored otherwise than tonight ({flags(tonight)}) and are left out: "
+                            + ", ".join(f"{run.get('run_date')} ({flags(run)})" for run in others)}
+    if not earlier:
+        return {"compared_to": [], "alert": False, "thresholds": limits, **excluded}
+    compared = _run_names(earlier)
     pooled_classes: dict[str, int] = {}
     pooled_histogram: dict[str, int] = {}
     for run in earlier:
@@ -144,6 +182,6 @@ def compute_drift(tonight: dict, earlier: list[dict], thresholds: dict | None = 
             sum(run["out_of_scope"] for run in scoped), sum(run["predictions"] for run in scoped),
             tonight["out_of_scope"], tonight["predictions"], limits["out_of_scope_rate_change"],
             limits["p_value"])
-    return {"compared_to": compared, "thresholds": limits, **checks,
+    return {"compared_to": compared, "thresholds": limits, **checks, **excluded,
             "alerts": [name for name, check in checks.items() if check["alert"]],
             "alert": any(check["alert"] for check in checks.values())}

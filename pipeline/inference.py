@@ -23,10 +23,12 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.utils import shared
 
 from pipeline.decode import ImageBatch
 from pipeline.options import ThreadBudget
 from pipeline.rows import (
+    HUMAN,
     METRICS_NAMESPACE,
     OUT_OF_SCOPE,
     UNCERTAIN,
@@ -36,6 +38,7 @@ from pipeline.rows import (
     top_k_columns,
     utc_now,
 )
+from serving.faces import FaceDetector
 from serving.metadata import ModelContractError, ModelMetadata
 from serving.runtimes import LITERT_INVOKE_BATCH, Outputs, ServingModel
 
@@ -57,7 +60,8 @@ if inference_base.resource is None:
 class ScoredBatch:
     """An ``ImageBatch``'s inference: ``probabilities`` float32 [n, classes] and, for a model
     with an out-of-scope detector, ``scope_score`` float32 [n] (else None), row i for
-    ``images.paths[i]``. The pixels are dropped: only what the rows need travels on. With a
+    ``images.paths[i]``. The pixels are dropped (only what the rows need travels on) unless the
+    human faces are still to be counted in them (``--faces``). With a
     challenger, ``challenger`` holds its scores of the same batch (less the images its own
     decoding refused, ``ImageBatch.for_challenger``)."""
 
@@ -69,17 +73,21 @@ class ScoredBatch:
 
 class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
     """An ``ImageBatch`` -> its ``ScoredBatch``, via ``serving.runtimes`` (SavedModel, LiteRT or
-    Keras runtime, see there). Use it ``with_no_batching()``: each element is a whole batch."""
+    Keras runtime, see there), each image scored as ``tta`` says (``serving.tta.TTA_MODES``).
+    Use it ``with_no_batching()``: each element is a whole batch."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *,
                  share_across_processes: bool = False, runtime: str = "auto",
-                 threads: ThreadBudget | None = None, tflite_invoke_batch: int = LITERT_INVOKE_BATCH):
+                 threads: ThreadBudget | None = None, tflite_invoke_batch: int = LITERT_INVOKE_BATCH,
+                 tta: str = "none", keep_pixels: bool = False):
         super().__init__(large_model=share_across_processes)
         self._model_dir = model_dir
         self._metadata = metadata
         self._runtime = runtime
         self._threads = threads or ThreadBudget()
         self._tflite_invoke_batch = tflite_invoke_batch
+        self.tta = tta
+        self.keep_pixels = keep_pixels  # the batch's pixels travel on in its ScoredBatch (faces)
 
     def load_model(self) -> ServingModel:
         started = time.monotonic()
@@ -92,8 +100,8 @@ class ExportedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ServingModel]):
 
     def run_inference(self, batch: ImageBatch, model: ServingModel,
                       inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
-        outputs = model.predict_outputs(batch.pixels)  # both outputs of one inference call
-        return [ScoredBatch(batch.without_pixels(), *outputs)]
+        outputs = model.predict_outputs(batch.pixels, tta=self.tta)  # both outputs, one call per view
+        return [ScoredBatch(batch if self.keep_pixels else batch.without_pixels(), *outputs)]
 
     def get_num_bytes(self, batch: ImageBatch) -> int:
         return batch.pixels.nbytes
@@ -111,10 +119,12 @@ class ModelPair:
         self.champion = champion
         self.challenger = challenger
 
-    def predict_outputs(self, pixels: np.ndarray, challenger_pixels: np.ndarray) -> tuple[Outputs, Outputs]:
+    def predict_outputs(self, pixels: np.ndarray, challenger_pixels: np.ndarray,
+                        tta: str = "none") -> tuple[Outputs, Outputs]:
         """Each model's ``Outputs`` for its uint8 batch [n, height, width, 3] (the same array
-        where the two decode alike)."""
-        return self.champion.predict_outputs(pixels), self.challenger.predict_outputs(challenger_pixels)
+        where the two decode alike), both scored as ``tta`` says."""
+        return (self.champion.predict_outputs(pixels, tta=tta),
+                self.challenger.predict_outputs(challenger_pixels, tta=tta))
 
 
 class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
@@ -133,8 +143,8 @@ class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
     def run_inference(self, batch: ImageBatch, model: ModelPair,
                       inference_args: dict[str, Any] | None = None) -> list[ScoredBatch]:
         theirs = batch.for_challenger()
-        ours, challenger = model.predict_outputs(batch.pixels, theirs.pixels)
-        return [ScoredBatch(batch.without_pixels(), *ours,
+        ours, challenger = model.predict_outputs(batch.pixels, theirs.pixels, tta=self._champion.tta)
+        return [ScoredBatch(batch if self._champion.keep_pixels else batch.without_pixels(), *ours,
                             challenger=ScoredBatch(theirs.without_pixels(), *challenger))]
 
     def get_num_bytes(self, batch: ImageBatch) -> int:
@@ -147,23 +157,41 @@ class ChallengedModelHandler(ModelHandler[ImageBatch, ScoredBatch, ModelPair]):
 @dataclasses.dataclass(frozen=True)
 class RowSettings:
     """How one model's scores become prediction rows: its classes, version and hash, the
-    ``uncertain`` cut (``min_confidence``), the ``top_k`` classes kept (0: none) and the
-    out-of-scope threshold (None: no detector in use)."""
+    ``uncertain`` cut (``min_confidence``), the ``top_k`` classes kept (0: none), the
+    out-of-scope threshold (None: no detector in use), how the images were scored (``tta``) and
+    which images' human faces are counted (``faces``: ``pipeline.options.FACES_MODES``)."""
 
     metadata: ModelMetadata
     min_confidence: float
     run_id: str
     top_k: int = 0
     scope_threshold: float | None = None
+    tta: str = "none"
+    faces: str = "off"
 
 
-def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Table, dict[str, int]]:
+def not_confident(scored: ScoredBatch, settings: RowSettings) -> np.ndarray:
+    """bool [n]: the images whose decision is not one of the model's classes, ``uncertain``
+    (top probability below ``min_confidence``) or ``out_of_scope`` (the detector's score above
+    its threshold): those a face makes ``human`` (``prediction_table``)."""
+    unsure = np.max(scored.probabilities, axis=1).astype(np.float64) < settings.min_confidence
+    if settings.scope_threshold is not None and scored.scope_score is not None:
+        unsure |= scored.scope_score.astype(np.float64) > settings.scope_threshold
+    return unsure
+
+
+def prediction_table(scored: ScoredBatch, settings: RowSettings,
+                     human_faces: np.ndarray | None = None) -> tuple[pa.Table, dict[str, int]]:
     """A ``ScoredBatch`` -> ``(one table of the predictions schema, {'scored', 'uncertain',
-    'out_of_scope'} counts)``, built column by column: the class with the highest probability
-    (the first on a tie, as ``np.argmax``), ``uncertain`` below ``min_confidence``, the ``top_k``
-    classes when asked. With a ``scope_threshold`` (the model's detector in use), each row's
-    ``scope_score`` too, and the decision ``out_of_scope`` where it is above the threshold,
-    whatever the confidence. Columns the run does not compute are null."""
+    'out_of_scope', 'human'} counts of decisions)``, built column by column: the class with the
+    highest probability (the first on a tie, as ``np.argmax``), ``uncertain`` below
+    ``min_confidence``, the ``top_k`` classes when asked. With a ``scope_threshold`` (the model's
+    detector in use), each row's ``scope_score`` too, and the decision ``out_of_scope`` where it
+    is above the threshold, whatever the confidence. With ``faces`` on, each row's
+    ``human_faces`` (int64 [n], -1 where they were not counted: null) and, in the seed app's
+    order (the model's classes, then a human, then neither), the decision ``human`` for an image
+    with a face whose decision is not a class (``not_confident``). Every row says its ``tta``.
+    Columns the run does not compute are null."""
     metadata, images, count = settings.metadata, scored.images, len(scored.images)
     class_names = list(metadata.class_names)
     probabilities = scored.probabilities.astype(np.float64)
@@ -186,6 +214,7 @@ def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Tab
         "decision": decision,
         **{name: pa.array([value] * count, pa.string()) for name, value in constants.items()},
         "scored_at": pa.array([utc_now()] * count, pa.timestamp("ms", tz="UTC")),
+        "tta": pa.array([settings.tta] * count, pa.string()),
     }
     if settings.top_k:
         columns["top_classes"], columns["top_probabilities"] = top_k_columns(
@@ -199,11 +228,20 @@ def prediction_table(scored: ScoredBatch, settings: RowSettings) -> tuple[pa.Tab
         flagged = columns["scope_score"] > settings.scope_threshold
         columns["decision"] = pc.if_else(pa.array(flagged), OUT_OF_SCOPE, decision)
         uncertain &= ~flagged
+    human = np.zeros(count, bool)
+    if settings.faces != "off":
+        faces = np.asarray(human_faces, np.int64)
+        columns["human_faces"] = pa.array(faces, pa.int64(), mask=faces < 0)
+        human = (faces > 0) & (uncertain | flagged)
+        columns["decision"] = pc.if_else(pa.array(human), HUMAN, columns["decision"])
+        uncertain &= ~human
+        flagged &= ~human
     schema = prediction_schema(class_names)
     table = pa.Table.from_arrays(
         [columns[field.name] if field.name in columns else pa.nulls(count, field.type) for field in schema],
         schema=schema)
-    return table, {"scored": count, "uncertain": int(uncertain.sum()), "out_of_scope": int(flagged.sum())}
+    return table, {"scored": count, "uncertain": int(uncertain.sum()), "out_of_scope": int(flagged.sum()),
+                   "human": int(human.sum())}
 
 
 def paired_rows(ours: pa.Table, theirs: pa.Table, class_names: list[str]) -> pa.Table:
@@ -221,26 +259,64 @@ def paired_rows(ours: pa.Table, theirs: pa.Table, class_names: list[str]) -> pa.
 class ToPredictionTableFn(beam.DoFn):
     """A ``ScoredBatch`` -> one ``pyarrow.Table`` of the predictions schema (``prediction_table``).
     With a ``challenger`` (``RowSettings`` of its model), its table of the same batch on
-    ``challenger``, and both joined by path on ``pairs`` (``paired_rows``)."""
+    ``challenger``, and both joined by path on ``pairs`` (``paired_rows``).
+
+    With ``faces`` (``--faces``), the human faces are counted in the batch's pixels (those the
+    model scored, decoded once) by ``serving.faces.FaceDetector``, one per worker process
+    (``shared.Shared``, as RunInference shares a model; its LiteRT threads the model's share of
+    the cores): ``detect``, in every image; ``unsure``, only in the images that the model, or the
+    challenger, does not confidently call one of its classes (``not_confident``: where a face
+    changes the decision), the others' counts null."""
 
     def __init__(self, metadata: ModelMetadata, min_confidence: float, run_id: str, top_k: int = 0,
-                 scope_threshold: float | None = None, challenger: RowSettings | None = None):
-        self._settings = RowSettings(metadata, min_confidence, run_id, top_k, scope_threshold)
+                 scope_threshold: float | None = None, challenger: RowSettings | None = None,
+                 tta: str = "none", faces: str = "off", threads: ThreadBudget | None = None):
+        self._settings = RowSettings(metadata, min_confidence, run_id, top_k, scope_threshold, tta, faces)
         self._challenger = challenger
+        self._threads = threads or ThreadBudget()
+        self._shared = shared.Shared()
+        self._detector: FaceDetector | None = None
         self._counters = {name: Metrics.counter(METRICS_NAMESPACE, f"images_{name}")
-                          for name in ("scored", "uncertain", "out_of_scope")}
+                          for name in ("scored", "uncertain", "out_of_scope", "human")}
         self._challenger_scored = Metrics.counter(METRICS_NAMESPACE, "images_scored_by_challenger")
+        self._face_checked = Metrics.counter(METRICS_NAMESPACE, "images_checked_for_faces")
+
+    def setup(self):
+        if self._settings.faces != "off":
+            threads = self._threads.resolve()[1]
+            self._detector = self._shared.acquire(lambda: FaceDetector(threads))
+
+    def human_faces(self, scored: ScoredBatch) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The faces of each of the model's rows and of the challenger's (int64, -1 where not
+        counted), counted once per image in the model's pixels; (None, None) with faces off."""
+        if self._detector is None:
+            return None, None
+        wanted = (np.ones(len(scored.images), bool) if self._settings.faces == "detect"
+                  else not_confident(scored, self._settings))
+        theirs = None
+        if scored.challenger is not None:  # their rows: ours, less the images their decoding refused
+            row_of = {path: row for row, path in enumerate(scored.images.paths)}
+            theirs = np.array([row_of[path] for path in scored.challenger.images.paths], np.int64)
+            if self._settings.faces != "detect":
+                wanted[theirs[not_confident(scored.challenger, self._challenger)]] = True
+        faces = np.full(len(scored.images), -1, np.int64)
+        if wanted.any():
+            faces[wanted] = self._detector.count(scored.images.pixels[wanted])
+            self._face_checked.inc(int(wanted.sum()))
+        return faces, None if theirs is None else faces[theirs]
 
     def process(self, scored: ScoredBatch):
-        table, counts = prediction_table(scored, self._settings)
+        ours, theirs = self.human_faces(scored)
+        scored = dataclasses.replace(scored, images=scored.images.without_pixels())
+        table, counts = prediction_table(scored, self._settings, ours)
         for name, count in counts.items():
             self._counters[name].inc(count)
         yield table
         if self._challenger is not None:
-            theirs, counts = prediction_table(scored.challenger, self._challenger)
+            their_table, counts = prediction_table(scored.challenger, self._challenger, theirs)
             self._challenger_scored.inc(counts["scored"])
-            yield beam.pvalue.TaggedOutput(CHALLENGER, theirs)
-            yield beam.pvalue.TaggedOutput(PAIRS, paired_rows(table, theirs,
+            yield beam.pvalue.TaggedOutput(CHALLENGER, their_table)
+            yield beam.pvalue.TaggedOutput(PAIRS, paired_rows(table, their_table,
                                                               self._settings.metadata.class_names))
 
 
@@ -257,18 +333,22 @@ class ChallengerModel:
 class ScoreImages(beam.PTransform):
     """``ImageBatch`` in; ``{'predictions': one predictions table per batch}`` out and, with a
     ``challenger``, ``'challenger'``: its table of each batch, ``'pairs'``: both joined by path.
-    Without one, the other two are empty."""
+    Without one, the other two are empty. Both models score each image as ``tta`` says; with
+    ``faces`` on, the human faces counted in the model's pixels (``ToPredictionTableFn``) go
+    into both models' rows and decisions."""
 
     def __init__(self, model_dir: str, metadata: ModelMetadata, *, min_confidence: float,
                  run_id: str, share_model_across_processes: bool = False, runtime: str = "auto",
                  threads: ThreadBudget | None = None,
                  tflite_invoke_batch: int = LITERT_INVOKE_BATCH, top_k: int = 0,
-                 scope_threshold: float | None = None, challenger: ChallengerModel | None = None):
+                 scope_threshold: float | None = None, challenger: ChallengerModel | None = None,
+                 tta: str = "none", faces: str = "off"):
         super().__init__()
         def handler(directory, contract):
             return ExportedModelHandler(
                 directory, contract, share_across_processes=share_model_across_processes,
-                runtime=runtime, threads=threads, tflite_invoke_batch=tflite_invoke_batch)
+                runtime=runtime, threads=threads, tflite_invoke_batch=tflite_invoke_batch, tta=tta,
+                keep_pixels=faces != "off")
 
         champion = handler(model_dir, metadata)
         theirs = None
@@ -276,9 +356,10 @@ class ScoreImages(beam.PTransform):
             champion = ChallengedModelHandler(champion,
                                               handler(challenger.model_dir, challenger.metadata))
             theirs = RowSettings(challenger.metadata, min_confidence, run_id, top_k,
-                                 challenger.scope_threshold)
+                                 challenger.scope_threshold, tta, faces)
         self._handler = champion.with_no_batching()
-        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold, theirs)
+        self._to_table = ToPredictionTableFn(metadata, min_confidence, run_id, top_k, scope_threshold,
+                                             theirs, tta, faces, threads)
 
     def expand(self, batches):
         return (batches

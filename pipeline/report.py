@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.drift import compute_drift
+from pipeline.drift import comparable_runs, compute_drift
 from pipeline.paths import storage_path
 from pipeline.records import committed_runs, read_record
 from pipeline.rows import OUT_OF_SCOPE, probability_column
@@ -140,9 +140,13 @@ def _share(run: dict, class_name: str) -> float:
 
 
 def drift_section(summary: dict, earlier: list[dict]) -> str:
+    """The drift checks against the earlier nights scored as tonight was (the others named in a
+    note: ``drift.comparable_runs``), with each night's series."""
     drift = summary["drift"]
     if not drift["compared_to"]:
         return html.section("Drift against earlier nights", f"<p>{html.esc(drift['note'])}</p>")
+    earlier, _ = comparable_runs(summary, earlier)
+    excluded = f"<p>{html.esc(drift['note'])}</p>" if drift.get("not_comparable") else ""
     rows = []
     for name in ("class_mix", "score_distribution", "uncertain_rate", "out_of_scope_rate", "error_rate",
                  "input_count"):
@@ -184,7 +188,7 @@ def drift_section(summary: dict, earlier: list[dict]) -> str:
                else '<p class="ok">no drift alert</p>')
     return html.section(
         f"Drift against {len(drift['compared_to'])} earlier "
-        f"night{'' if len(drift['compared_to']) == 1 else 's'}", verdict,
+        f"night{'' if len(drift['compared_to']) == 1 else 's'}", verdict, excluded,
         html.table(["check", "statistic", "value", "p-value", "alert when", "detail", "result"],
                    rows, table_id="drift"),
         html.plots(*series))
@@ -196,7 +200,7 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
     headline = {key: summary.get(key) for key in (
         "inputs", "predictions", "errors", "skipped", "uncertain", "error_rate",
         "images_per_second", "elapsed_seconds", "model_version", "run_id", "run_date", "input",
-        "output")}
+        "output", "tta", "faces")}
     headline["error_rate"] = f"{summary['error_rate']:.2%}"
     by_reason = (summary.get("skipped_by_reason")  # older records: the one count they had
                  or {"already_scored": summary.get("skipped_already_scored", 0)})
@@ -258,6 +262,7 @@ def render_run_report(summary: dict, review: list[dict], earlier: list[dict]) ->
         *([challenger_section(summary["challenger"], flips)] if summary.get("challenger") else []),
         *([out_of_scope_section(summary, [c for c, f in zip(cards, flagged, strict=True) if f])]
           if summary.get("out_of_scope") is not None else []),
+        *([human_faces_section(summary)] if summary.get("human") is not None else []),
         html.section(f"Review queue: the {len(review)} images to look at first",
                      f"<p>{shown_above} (shown above), then the least confident. " if shown_above
                      else "<p>The least confident. ",
@@ -325,6 +330,24 @@ def out_of_scope_section(summary: dict, cards: list) -> str:
         f"({summary['out_of_scope_threshold']:.4f}): none of its classes, decision "
         f"<code>out_of_scope</code>; submission.csv still holds their ids.{shown}</p>",
         html.cards(cards) if cards else "")
+
+
+def human_faces_section(summary: dict) -> str:
+    """``--faces``: how many images showed a human face, and how many of them the model did not
+    confidently call one of its classes (decision ``human``)."""
+    predictions = max(summary["predictions"], 1)
+    human, faces = summary["human"], summary["with_human_faces"]
+    checked = ("every image" if summary.get("faces") == "detect" else
+               "only the images the model does not confidently call one of its classes (--faces unsure)")
+    return html.section(
+        f"Human faces: {faces} image{'' if faces == 1 else 's'} ({faces / predictions:.1%} of predictions)",
+        html.key_values({"images with a human face": f"{faces} ({faces / predictions:.1%})",
+                         "decision human": f"{human} ({human / predictions:.1%})",
+                         "with a face, decided a class": faces - human,
+                         "looked for faces in": checked}, table_id="human-faces"),
+        "<p>An image with a face keeps the class the model confidently gives it (a pet with its "
+        "owner); one it does not (<code>uncertain</code> or <code>out_of_scope</code>) gets the "
+        "decision <code>human</code>. The human_faces column holds each checked image's count.</p>")
 
 
 def write_run_report(output: str, summary: dict, review: list[dict], earlier: list[dict],

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 UNCERTAIN = "uncertain"
 OUT_OF_SCOPE = "out_of_scope"  # the decision of an image the model's detector flags
+HUMAN = "human"  # --faces detect: a face, and not confidently one of the model's classes
 METRICS_NAMESPACE = "petscore"  # Beam metrics of the job, locally and in the Dataflow UI
 
 class ListedImage(NamedTuple):
@@ -94,6 +95,8 @@ OPTIONAL_PREDICTION_FIELDS = (
     pa.field("top_probabilities", pa.list_(pa.float64())),
     # the model's out-of-scope score (higher = further from its training images), detector in use
     pa.field("scope_score", pa.float64()),
+    pa.field("tta", pa.string()),  # how the image was scored: --tta none | flip
+    pa.field("human_faces", pa.int64()),  # --faces detect: human faces found; null when off
 )
 
 
@@ -111,7 +114,8 @@ def prediction_schema(class_names: list[str]) -> pa.Schema:
         *[pa.field(probability_column(name), pa.float64(), nullable=False) for name in class_names],
         pa.field("confidence", pa.float64(), nullable=False),
         *OPTIONAL_PREDICTION_FIELDS,
-        # a class name, 'uncertain' (below --min-confidence) or 'out_of_scope' (the detector's)
+        # a class name, 'uncertain' (below --min-confidence), 'out_of_scope' (the detector's) or
+        # 'human' (--faces detect: a face, and not confidently a class)
         pa.field("decision", pa.string(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("model_sha256", pa.string(), nullable=False),

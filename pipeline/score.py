@@ -69,6 +69,7 @@ from pipeline.write import (
     resolve_csv_format,
     run_directories,
 )
+from serving.faces import FaceDetector
 from serving.metadata import (
     INT8_TFLITE_FILE,
     KERAS_FILE,
@@ -210,6 +211,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
         share_model_across_processes=options.share_model_across_processes,
         runtime=options.runtime, threads=threads, tflite_invoke_batch=options.tflite_invoke_batch,
         top_k=options.top_k, scope_threshold=scope_threshold, challenger=challenger_model,
+        tta=options.tta, faces=options.faces,
     ).with_resource_hints(**inference_hints)
     predictions = scored[PREDICTIONS]
     error_parts = (decoded[ERRORS], listed[UNSCORED])
@@ -240,7 +242,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ScoreOptions, metadata: Mod
                "input": options.input or options.manifest,
                "paths_prefix": tonight_prefix, "output": options.output,
                "class_names": list(metadata.class_names),
-               "out_of_scope_threshold": scope_threshold}
+               "out_of_scope_threshold": scope_threshold, "tta": options.tta, "faces": options.faces}
     summary_inputs = {"written": written, "inputs": listed[INPUT_COUNT], "predictions": predictions,
                       "errors": errors, "csv_rows": csv["rows"], "skipped": skipped}
     settings = report_settings(options, metadata, earlier, scope_threshold is not None)
@@ -391,6 +393,8 @@ def check_run(argv: list[str] | None) -> CheckedRun:
         _LOG.warning("--output %s is under --input %s: a later run over the same input will "
                      "list this run's outputs as images; write them somewhere else",
                      options.output, options.input)
+    if options.faces != "off":
+        FaceDetector(threads=1)  # the package that ships it is installed, and its model loads
     metadata = load_checked_model(options.model_dir, options.runtime)
     challenger = check_challenger(options, metadata)
     resolve_model_dependent_options(options, metadata)

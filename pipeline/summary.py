@@ -30,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.drift import compute_drift
 from pipeline.report import review_rows, write_review_queue, write_run_report
-from pipeline.rows import ALREADY_SCORED, OUT_OF_SCOPE, SKIP_REASONS, UNCERTAIN, probability_column
+from pipeline.rows import ALREADY_SCORED, HUMAN, OUT_OF_SCOPE, SKIP_REASONS, UNCERTAIN, probability_column
 from pipeline.write import write_file_atomically
 
 _LOG = logging.getLogger("petscore")
@@ -50,8 +50,9 @@ ERROR_EXAMPLES = 3
 
 
 class PredictionProfileFn(beam.CombineFn):
-    """Prediction tables -> ``{'count', 'uncertain', 'class_counts', 'histogram', 'review'}`` in
-    one pass and bounded memory, a whole table at a time: counts per class, a
+    """Prediction tables -> ``{'count', 'uncertain', 'out_of_scope', 'human', 'with_human_faces',
+    'class_counts', 'histogram', 'review'}`` in one pass and bounded memory, a whole table at a
+    time: counts of decisions and of images with at least one human face, counts per class, a
     ``HISTOGRAM_BINS``-bin histogram of ``score_column`` (bins [a, b) at the edges i / 10, as
     ``bisect.bisect_right`` on those edges; 1.0 falls in the last) and the ``review_size`` rows a
     person should look at first (``review_columns``): the images flagged ``out_of_scope``,
@@ -63,13 +64,16 @@ class PredictionProfileFn(beam.CombineFn):
         self._review_size = review_size
 
     def create_accumulator(self):
-        return {"count": 0, "uncertain": 0, "out_of_scope": 0, "class_counts": collections.Counter(),
+        return {"count": 0, "uncertain": 0, "out_of_scope": 0, "human": 0, "with_human_faces": 0,
+                "class_counts": collections.Counter(),
                 "histogram": np.zeros(HISTOGRAM_BINS, np.int64), "review": []}
 
     def add_input(self, profile, table):
         profile["count"] += table.num_rows
         profile["uncertain"] += pc.sum(pc.equal(table["decision"], UNCERTAIN)).as_py() or 0
         profile["out_of_scope"] += pc.sum(pc.equal(table["decision"], OUT_OF_SCOPE)).as_py() or 0
+        profile["human"] += pc.sum(pc.equal(table["decision"], HUMAN)).as_py() or 0
+        profile["with_human_faces"] += pc.sum(pc.greater(table["human_faces"], 0)).as_py() or 0
         counts = pc.value_counts(table["predicted_class"])
         profile["class_counts"].update(dict(zip(counts.field("values").to_pylist(),
                                                 counts.field("counts").to_pylist(), strict=True)))
@@ -86,7 +90,8 @@ class PredictionProfileFn(beam.CombineFn):
         for profile in profiles:
             merged["count"] += profile["count"]
             merged["uncertain"] += profile["uncertain"]
-            merged["out_of_scope"] += profile["out_of_scope"]
+            for key in ("out_of_scope", "human", "with_human_faces"):
+                merged[key] += profile[key]
             merged["class_counts"].update(profile["class_counts"])
             merged["histogram"] += profile["histogram"]
             merged["review"] += profile["review"]
@@ -308,6 +313,10 @@ def build_summary(written: list[str], *, inputs: int, predictions: dict, errors:
         # images the model's out-of-scope detector flagged; None where none was in use
         "out_of_scope": (predictions["out_of_scope"] if context.get("out_of_scope_threshold") is not None
                          else None),
+        # --faces: images decided 'human', and images with at least one human face (of those
+        # checked: every image with detect, only the ones the model was unsure of with unsure)
+        **{key: predictions[key] if context.get("faces", "off") != "off" else None
+           for key in ("human", "with_human_faces")},
         "csv_rows": csv_rows,
         "accounted": inputs == predictions["count"] + error_count + sum(skipped.values()),
         "error_rate": error_count / inputs if inputs else 0.0,

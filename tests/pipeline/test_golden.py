@@ -78,11 +78,13 @@ def same_message(old: str, new: str) -> bool:
 
 def same_columns(old: pa.Table, new: pa.Table) -> pa.Table:
     """``new`` less the columns every run writes since issue 31 whether it computed them or not
-    (``OPTIONAL_PREDICTION_FIELDS``, null where the old run had none; nullable since), and the
-    review queue's ``reason``: it must otherwise have ``old``'s columns and types."""
+    (``OPTIONAL_PREDICTION_FIELDS``, null where the old run had none; nullable since; ``tta``
+    says ``none``, how the old run scored too), and the review queue's ``reason``: it must
+    otherwise have ``old``'s columns and types."""
     added = [name for name in new.column_names if name not in old.column_names]
     assert set(added) <= {field.name for field in OPTIONAL_PREDICTION_FIELDS} | {"reason"}, added
-    assert all(new[name].null_count == new.num_rows for name in added if name != "reason")
+    assert all(new[name].null_count == new.num_rows for name in added if name not in ("reason", "tta"))
+    assert "tta" not in added or set(new["tta"].to_pylist()) == {"none"}
     new = new.select(old.column_names)
     def types(table):
         return [(field.name, field.type) for field in table.schema]

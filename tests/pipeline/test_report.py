@@ -145,7 +145,9 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
     rng = np.random.default_rng(5)
     rows = [{"path": f"/n/{i:04d}.jpg", "prob_dog": float(p), "confidence": float(max(p, 1 - p)),
              "predicted_class": "dog" if p >= 0.5 else "cat", "prob_cat": float(1 - p),
-             "decision": "uncertain" if max(p, 1 - p) < 0.6 else ("dog" if p >= 0.5 else "cat")}
+             "human_faces": i % 4 if i % 3 else None,  # None: not looked at (--faces unsure)
+             "decision": ("uncertain" if i % 3 == 0 or i % 4 == 0 else "human") if max(p, 1 - p) < 0.6
+             else ("dog" if p >= 0.5 else "cat")}
             for i, p in enumerate(np.round(rng.random(500), 2))]  # rounded: many ties
     fn = PredictionProfileFn("prob_dog", ["path", "confidence"], review_size=7)
     parts = [fn.create_accumulator() for _ in range(3)]
@@ -154,6 +156,8 @@ def test_the_night_profile_is_exact_when_merged_from_parts():
     profile = fn.extract_output(fn.merge_accumulators(parts))
     assert profile["count"] == 500
     assert profile["uncertain"] == sum(row["decision"] == "uncertain" for row in rows)
+    assert profile["human"] == sum(row["decision"] == "human" for row in rows) > 0
+    assert profile["with_human_faces"] == sum(bool(row["human_faces"]) for row in rows)
     assert profile["class_counts"] == dict(collections.Counter(row["predicted_class"] for row in rows))
     want_histogram = np.histogram([row["prob_dog"] for row in rows], bins=HISTOGRAM_EDGES)[0]
     assert profile["histogram"] == want_histogram.tolist()

@@ -57,7 +57,7 @@ def test_a_storage_error_is_retried_not_recorded(corpus, trained, tmp_path, monk
 def test_an_inference_error_is_retried_not_recorded(corpus, trained, tmp_path, monkeypatch):
     root, expected = corpus
     failures = fail_once(monkeypatch, ServingModel, "predict_outputs", ConnectionResetError("device hiccup"),
-                         when=lambda self, images: self.runtime == "tflite")
+                         when=lambda self, images, **tta: self.runtime == "tflite")
     # The start-up check predicts too; let the injected failure reach a worker's batch instead.
     monkeypatch.setattr(ServingModel, "check_reference_predictions", lambda self: 0.0)
     summary, run = run_and_read(root, trained["model_dir"], str(tmp_path / "out"))

@@ -506,7 +506,7 @@ def test_progress_moves_while_the_images_are_scored_not_once_they_all_are(corpus
     events = []
     predict, advance = ServingModel.predict_outputs, progress.ProgressLog.advance
     monkeypatch.setattr(ServingModel, "predict_outputs",
-                        lambda self, images: events.append("batch") or predict(self, images))
+                        lambda self, images, **tta: events.append("batch") or predict(self, images, **tta))
     monkeypatch.setattr(progress.ProgressLog, "advance",
                         lambda self, count=1: events.append(count) or advance(self, count))
     score.run(score_args(root, trained["model_dir"], str(tmp_path / "o"), "--batch-size", "2",

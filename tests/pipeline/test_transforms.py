@@ -22,7 +22,15 @@ from pipeline import decode as decode_module
 from pipeline import read
 from pipeline.decode import ERRORS, DecodeImages, FileTooLargeError, ImageBatch, read_local_file
 from pipeline.incremental import SkipScored, earlier_scored_files
-from pipeline.inference import ExportedModelHandler, ScoredBatch, ScoreImages, ToPredictionTableFn
+from pipeline.inference import (
+    ExportedModelHandler,
+    RowSettings,
+    ScoredBatch,
+    ScoreImages,
+    ToPredictionTableFn,
+    not_confident,
+    prediction_table,
+)
 from pipeline.options import ThreadBudget
 from pipeline.read import (
     INPUT_COUNT,
@@ -418,6 +426,49 @@ def test_prediction_tables_carry_probabilities_and_the_uncertain_decision(traine
     assert sure["model_version"] == "tiny-test-1" and sure["model_sha256"] == metadata.sha256
     assert (sure["content_sha256"], sure["file_bytes"], sure["file_updated_seconds"]) == (
         "ab" * 32, 2048, 1.5)
+
+
+def test_a_face_makes_human_only_what_the_model_does_not_confidently_call_a_class(trained):
+    """Seed 000's order: the model's classes first, then a human, then neither. A confident
+    class keeps its decision whatever its faces (a pet with its owner); an uncertain or
+    out-of-scope image with a face is ``human``; the class columns still name the nearest class."""
+    metadata = read_metadata(trained["model_dir"])
+    settings = RowSettings(metadata, min_confidence=0.7, run_id="r", scope_threshold=0.5, tta="flip",
+                           faces="detect")
+    paths = ["/x/dog-and-owner.jpg", "/x/unsure-face.jpg", "/x/far-face.jpg", "/x/far.jpg", "/x/unsure.jpg",
+             "/x/unchecked.jpg"]
+    scored = ScoredBatch(image_batch(paths), np.array(
+        [[0.1, 0.9], [0.4, 0.6], [0.05, 0.95], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], np.float32),
+        scope_score=np.array([0.1, 0.2, 0.9, 0.9, 0.1, 0.1], np.float32))
+    table, counts = prediction_table(scored, settings, human_faces=np.array([2, 1, 3, 0, 0, -1]))
+    rows = table.to_pylist()
+    assert [row["decision"] for row in rows] == ["dog", "human", "human", "out_of_scope", "uncertain",
+                                                 "uncertain"]
+    assert [row["predicted_class"] for row in rows] == ["dog", "dog", "dog", "dog", "cat", "cat"]
+    assert [row["human_faces"] for row in rows] == [2, 1, 3, 0, 0, None]  # -1: not looked for
+    assert {row["tta"] for row in rows} == {"flip"}
+    assert counts == {"scored": 6, "uncertain": 2, "out_of_scope": 1, "human": 2}
+    assert not_confident(scored, settings).tolist() == [False, True, True, True, True, True]
+    off, = ToPredictionTableFn(metadata, min_confidence=0.7, run_id="r").process(
+        ScoredBatch(image_batch(paths[:1]), np.array([[0.4, 0.6]], np.float32)))
+    assert off.to_pylist()[0]["human_faces"] is None and off.to_pylist()[0]["tta"] == "none"
+    assert off.to_pylist()[0]["decision"] == "uncertain"
+
+
+@pytest.mark.parametrize("faces", ["detect", "unsure"])
+def test_faces_are_looked_for_in_every_image_or_only_where_they_change_the_decision(trained, faces):
+    metadata = read_metadata(trained["model_dir"])
+    fn = ToPredictionTableFn(metadata, min_confidence=0.7, run_id="r", faces=faces,
+                             threads=ThreadBudget(tflite_threads=1))
+    fn.setup()
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)  # no face
+    scored = ScoredBatch(dataclasses.replace(image_batch(["/a.png", "/b.png", "/c.png"]), pixels=pixels),
+                         np.array([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8]], np.float32))
+    ours, theirs = fn.human_faces(scored)
+    assert theirs is None
+    assert ours.tolist() == ([0, 0, 0] if faces == "detect" else [-1, 0, -1])
+    table, = fn.process(scored)
+    assert table["human_faces"].to_pylist() == ([0, 0, 0] if faces == "detect" else [None, 0, None])
 
 
 def test_score_images_batches_through_run_inference_and_matches_direct_prediction(trained):
