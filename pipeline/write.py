@@ -276,10 +276,13 @@ class WriteKaggleCsv(beam.PTransform):
 class CoalesceTables(beam.DoFn):
     """Arrow tables in; the tables of a bundle concatenated, about ``row_group_bytes`` at a
     time, out: each table a Parquet sink writes becomes at least one row group, and a batch's
-    table (tens of rows) is far too small for one. Beam's ``WriteToParquet`` buffers its rows
-    the same way (64 MiB row groups by default)."""
+    table (tens of rows) is far too small for one. 4 MiB of predictions is about 13,000 rows a
+    row group (DuckDB writes 122,880, pyarrow up to 1 Mi): the buffer and the writer's work on
+    it are what a worker holds, so they are sized for memory, not for the largest groups.
+    Beam's ``WriteToParquet`` buffers 64 MiB; that made the local runner's peak RSS grow with
+    the night up to 200,000 images (docs/performance.md, "Memory with the night")."""
 
-    def __init__(self, row_group_bytes: int = 8 * 1024 * 1024):
+    def __init__(self, row_group_bytes: int = 4 * 1024 * 1024):
         self._row_group_bytes = row_group_bytes
 
     def start_bundle(self):
