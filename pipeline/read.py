@@ -5,8 +5,10 @@ The whole listing is one element: a glob is listed by one ``pipeline.listing.lis
 launcher reads it whole too, to check and count it). So the stage sees every path at once,
 groups them into batches of ``batch_size`` paths (the unit of work from here to the sinks) and
 finds, without a shuffle, what no single image can show: manifest lines listed twice, and files
-whose Kaggle ids collide. Paths leave in their recorded form (``pipeline.paths``): the text
-every output holds, from which the readers find the file again.
+whose Kaggle ids collide. It holds them as columns (``ListedColumns``, about 85 bytes an
+image), not as Python objects: a night of a million images is listed in about 90 MiB.
+Paths leave in their recorded form (``pipeline.paths``): the text every output holds, from
+which the readers find the file again.
 """
 
 from __future__ import annotations
