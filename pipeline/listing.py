@@ -202,9 +202,19 @@ def _list_local(pattern: str, regex: re.Pattern) -> Iterator[Matched]:
     stack = [(root, len(root.rstrip("/").split("/")) if root else 0)]
     while stack:
         directory, depth = stack.pop()
+        # Names only, not os.DirEntry objects (about 250 bytes each with their two strings): a
+        # folder of a million images is listed in one go, and sorted.
+        below, chosen = [], []
         try:
             with os.scandir(directory or ".") as scan:
-                entries = sorted(scan, key=lambda entry: entry.name)
+                for entry in scan:
+                    path = _join(directory, entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        if may_hold_matches(entry.name, depth):
+                            below.append(entry.name)
+                    elif regex.match(path) or (entry.is_symlink() and may_hold_matches(entry.name, depth)
+                                               and os.path.isdir(path)):
+                        chosen.append(entry.name)
         except (FileNotFoundError, NotADirectoryError):
             continue  # nothing there: the glob's folder does not exist (or went since listed)
         except OSError as error:
@@ -213,16 +223,11 @@ def _list_local(pattern: str, regex: re.Pattern) -> Iterator[Matched]:
                                   "files under it is scored; give the job read and search "
                                   "permission on it")
             continue
-        below = []
-        for entry in entries:
-            path = _join(directory, entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                if may_hold_matches(entry.name, depth):
-                    below.append((path, depth + 1))
-            elif regex.match(path) or (entry.is_symlink() and may_hold_matches(entry.name, depth)
-                                       and os.path.isdir(path)):
-                yield _classify(path)
-        stack.extend(reversed(below))
+        chosen.sort()
+        for index, name in enumerate(chosen):
+            chosen[index] = None  # each name goes as it is listed
+            yield _classify(_join(directory, name))
+        stack.extend((_join(directory, name), depth + 1) for name in sorted(below, reverse=True))
 
 
 def _classify(path: str) -> Matched:

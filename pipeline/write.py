@@ -8,11 +8,11 @@ temporary directory first. A reader never sees a half-written file at a final pa
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 import shutil
 import uuid
+from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -105,23 +105,41 @@ def csv_header(csv_format: str, class_names: list[str]) -> bytes:
     return (",".join(map(csv_cell, names)) + "\n").encode("utf-8")
 
 
-def csv_lines(keys: list, values: np.ndarray, csv_format: str, clip: float) -> bytes:
-    """CSV lines sorted by id (``keys``, unique), ``values`` (float [n, columns]) clipped to
-    [clip, 1 - clip] when clip > 0.
+CSV_CHUNK_ROWS = 65536  # rows formatted at a time: a part's text is never whole in memory
+
+
+def csv_id_array(keys) -> np.ndarray:
+    """``submission.csv`` ids as one array: int64 for Kaggle's integer ids (8 bytes an id, not a
+    Python int's 28 and a list's pointer), object (``str``) for file stems."""
+    keys = np.asarray(keys, dtype=object if len(keys) and isinstance(keys[0], str) else None)
+    return keys.astype(np.int64) if keys.dtype != object else keys
+
+
+def csv_chunks(keys, values: np.ndarray, csv_format: str, clip: float) -> Iterator[bytes]:
+    """CSV lines sorted by id (``keys``, unique: ints or str), ``values`` (float [n, columns])
+    clipped to [clip, 1 - clip] when clip > 0, ``CSV_CHUNK_ROWS`` lines at a time.
 
     binary (Kaggle dogs-vs-cats): integer ids, one label with 6 decimals. multiclass (Kaggle Dog
     Breed Identification): ids are file stems as they are (``csv_cell``: quoted where needed, so
     a stem holding a line end stays one record), every class with 6 significant digits.
     """
+    keys = csv_id_array(keys)
     if clip > 0:
         values = np.clip(values, clip, 1.0 - clip)
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    values = values[order].tolist()
-    keys = [keys[index] for index in order]
-    if csv_format == BINARY:  # integers and numbers: nothing to quote, and a million rows a night
-        return "".join(f"{key},{row[0]:.6f}\n" for key, row in zip(keys, values, strict=True)).encode()
-    return "".join(",".join([csv_cell(key), *(f"{value:.6g}" for value in row)]) + "\n"
-                   for key, row in zip(keys, values, strict=True)).encode("utf-8")
+    order = np.argsort(keys, kind="stable")
+    for start in range(0, len(order), CSV_CHUNK_ROWS):
+        chosen = order[start:start + CSV_CHUNK_ROWS]
+        rows, ids = values[chosen].tolist(), keys[chosen].tolist()
+        if csv_format == BINARY:  # integers and numbers: nothing to quote, and a million rows a night
+            yield "".join(f"{key},{row[0]:.6f}\n" for key, row in zip(ids, rows, strict=True)).encode()
+        else:
+            yield "".join(",".join([csv_cell(key), *(f"{value:.6g}" for value in row)]) + "\n"
+                          for key, row in zip(ids, rows, strict=True)).encode("utf-8")
+
+
+def csv_lines(keys, values: np.ndarray, csv_format: str, clip: float) -> bytes:
+    """``csv_chunks`` joined: the lines of a few rows."""
+    return b"".join(csv_chunks(keys, values, csv_format, clip))
 
 
 def resolve_csv_format(csv_format: str, class_names: list[str]) -> str:
@@ -142,15 +160,15 @@ def csv_part_boundaries(quantiles: list, rows: int, rows_per_part: int) -> list:
     return [quantiles[round(i * step)] for i in range(1, parts)]
 
 
-def csv_rows(table: pa.Table, csv_format: str, columns: list[str]) -> tuple[list, np.ndarray]:
-    """A predictions table's ``submission.csv`` rows: ``(ids, values float64 [n, columns])``.
-    binary: the rows with an integer Kaggle id (``image_id``), ``columns`` = the label column;
-    multiclass: every row, id = the file stem."""
+def csv_rows(table: pa.Table, csv_format: str, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A predictions table's ``submission.csv`` rows: ``(ids, values float64 [n, columns])``,
+    ids a ``csv_id_array``. binary: the rows with an integer Kaggle id (``image_id``),
+    ``columns`` = the label column; multiclass: every row, id = the file stem."""
     if csv_format == BINARY:
         table = table.filter(pc.is_valid(table["image_id"]))
-        keys = table["image_id"].to_pylist()
+        keys = table["image_id"].to_numpy().astype(np.int64)
     else:
-        keys = [file_stem(path) for path in table["path"].to_pylist()]
+        keys = csv_id_array([file_stem(path) for path in table["path"].to_pylist()])
     values = np.column_stack([table[column].to_numpy() for column in columns])
     return keys, values
 
@@ -187,14 +205,14 @@ class WriteKaggleCsv(beam.PTransform):
                    else [probability_column(name) for name in self._class_names])
         def rows_of(table):
             keys, values = csv_rows(table, csv_format, columns)
-            if keys:
+            if len(keys):
                 yield keys, values
 
         keyed = predictions | "CsvRows" >> beam.FlatMap(rows_of)
         # One pass over the ids gives their count and approximate quantiles (a bounded sketch);
         # (0, []) for a run without a row: the combine adds no default of its own to the graph.
         count_and_quantiles = (keyed
-                               | "CountAndIds" >> beam.Map(lambda rows: (len(rows[0]), rows[0]))
+                               | "CountAndIds" >> beam.Map(lambda rows: (len(rows[0]), rows[0].tolist()))
                                | "CountAndQuantiles" >> beam.CombineGlobally(
                                    beam.combiners.TupleCombineFn(
                                        sum, ApproximateQuantilesCombineFn.create(
@@ -209,18 +227,21 @@ class WriteKaggleCsv(beam.PTransform):
             if not boundaries:  # one part: a Kaggle-sized run
                 yield 0, rows
                 return
-            parts = np.array([bisect.bisect_right(boundaries, key) for key in keys])
+            parts = np.searchsorted(csv_id_array(boundaries), keys, side="right")
             for part in np.unique(parts):
                 chosen = np.flatnonzero(parts == part)
-                yield int(part), ([keys[index] for index in chosen], values[chosen])
+                yield int(part), (keys[chosen], values[chosen])
 
         def write_part(index, pieces):
-            keys = [key for piece_keys, _ in pieces for key in piece_keys]
+            pieces = list(pieces)
+            keys = np.concatenate([piece_keys for piece_keys, _ in pieces])
             values = np.concatenate([piece_values for _, piece_values in pieces])
+            del pieces
             part_rows.update(len(keys))
             path = FileSystems.join(parts_dir, f"part-{index:05d}.csv")
             with FileSystems.create(path) as handle:  # a retried bundle rewrites the same name
-                handle.write(csv_lines(keys, values, csv_format, clip))
+                for chunk in csv_chunks(keys, values, csv_format, clip):
+                    handle.write(chunk)
             return index, path
 
         header = csv_header(csv_format, self._class_names)
@@ -255,10 +276,13 @@ class WriteKaggleCsv(beam.PTransform):
 class CoalesceTables(beam.DoFn):
     """Arrow tables in; the tables of a bundle concatenated, about ``row_group_bytes`` at a
     time, out: each table a Parquet sink writes becomes at least one row group, and a batch's
-    table (tens of rows) is far too small for one. Beam's ``WriteToParquet`` buffers its rows
-    the same way (64 MiB row groups by default)."""
+    table (tens of rows) is far too small for one. 4 MiB of predictions is about 13,000 rows a
+    row group (DuckDB writes 122,880, pyarrow up to 1 Mi): the buffer and the writer's work on
+    it are what a worker holds, so they are sized for memory, not for the largest groups.
+    Beam's ``WriteToParquet`` buffers 64 MiB; that made the local runner's peak RSS grow with
+    the night up to 200,000 images (docs/performance.md, "Memory with the night")."""
 
-    def __init__(self, row_group_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, row_group_bytes: int = 4 * 1024 * 1024):
         self._row_group_bytes = row_group_bytes
 
     def start_bundle(self):
