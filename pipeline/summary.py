@@ -49,6 +49,17 @@ HISTOGRAM_EDGES = [i / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS + 1)]  # 0.3
 ERROR_EXAMPLES = 3
 
 
+TOP_PARTS_BEFORE_MERGE = 16
+
+
+def add_to_top(parts: list[pa.Table], table: pa.Table, first) -> list[pa.Table]:
+    """A combiner's top rows (the review queue, the largest flips) in bounded memory with few
+    merges: ``parts`` with ``first([table])`` added, merged into ``[first(parts)]`` once they are
+    more than ``TOP_PARTS_BEFORE_MERGE``. ``first``: tables -> the top rows of them, one table."""
+    parts.append(first([table]))
+    return [first(parts)] if len(parts) > TOP_PARTS_BEFORE_MERGE else parts
+
+
 class PredictionProfileFn(beam.CombineFn):
     """Prediction tables -> ``{'count', 'uncertain', 'out_of_scope', 'human', 'with_human_faces',
     'class_counts', 'histogram', 'review'}`` in one pass and bounded memory, a whole table at a
@@ -80,9 +91,8 @@ class PredictionProfileFn(beam.CombineFn):
         bins = np.searchsorted(HISTOGRAM_EDGES, table[self._score_column].to_numpy(), side="right") - 1
         profile["histogram"] += np.bincount(np.clip(bins, 0, HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
         if self._review_size:
-            profile["review"].append(self._first_to_review([table.select(self._review_columns)]))
-            if len(profile["review"]) > 16:  # merged now and then: bounded, and few merges
-                profile["review"] = [self._first_to_review(profile["review"])]
+            profile["review"] = add_to_top(profile["review"], table.select(self._review_columns),
+                                           self._first_to_review)
         return profile
 
     def merge_accumulators(self, profiles):
@@ -159,9 +169,7 @@ class ChallengerComparisonFn(beam.CombineFn):
                 [("path", "count")]).to_pylist():
             comparison["flips"][(row["decision"], row["challenger_decision"])] += row["path_count"]
         if self._review_size and flipped.num_rows:
-            comparison["flipped"].append(self._first_flips([flipped]))
-            if len(comparison["flipped"]) > 16:  # merged now and then: bounded, and few merges
-                comparison["flipped"] = [self._first_flips(comparison["flipped"])]
+            comparison["flipped"] = add_to_top(comparison["flipped"], flipped, self._first_flips)
         return comparison
 
     def merge_accumulators(self, comparisons):
