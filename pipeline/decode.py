@@ -55,6 +55,11 @@ def is_permanent_read_error(error: Exception) -> bool:
 class FileTooLargeError(ValueError):
     """The file is larger than ``--max-image-bytes``."""
 
+    @classmethod
+    def over(cls, max_bytes: int) -> FileTooLargeError:
+        """The error for a file over the ``max_bytes`` cap, one message whichever way it is read."""
+        return cls(f"file is larger than the {max_bytes}-byte cap")
+
 
 class DecodeTimeoutError(TimeoutError):
     """An image's decode ran past ``--max-decode-seconds``."""
@@ -417,7 +422,7 @@ class ReadAndDecodeFn(beam.DoFn):
             chunks.append(chunk)
             size += len(chunk)
             if size > self._max_bytes:
-                raise FileTooLargeError(f"file is larger than the {self._max_bytes}-byte cap")
+                raise FileTooLargeError.over(self._max_bytes)
         return b"".join(chunks)
 
 
@@ -435,7 +440,7 @@ def read_local_file(path: str, max_bytes: int) -> bytes | None:
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > max_bytes:
-            raise FileTooLargeError(f"file is larger than the {max_bytes}-byte cap")
+            raise FileTooLargeError.over(max_bytes)
         data = handle.read(size + 1)
     return data if len(data) <= size else None
 
